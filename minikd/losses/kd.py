@@ -1,0 +1,325 @@
+"""Hinton knowledge-distillation loss: soft (temperature) term plus hard cross-entropy.
+
+Shapes: student s and teacher t are (N, C) or (B, S, C), flattened to rows (N = B*S); labels y
+are integer (N,) or (B, S); T > 0 the temperature; alpha in [0, 1].
+
+Math (one row i; DESIGN.md "Conventions")
+----------------------------------------
+    p  = softmax(s / T)         student at temperature T
+    q  = softmax(t / T)         teacher at temperature T (or given as probs / log-probs at T)
+    p1 = softmax(s)             student at T = 1, for the hard term
+    KD_i = KL(q || p) = sum_c q_c (log q_c - log p_c)        kind="kl" (0 when s = t)
+    KD_i = H(q, p)    = - sum_c q_c log p_c                  kind="ce" (Hinton's formula)
+    CE_i = - log p1_{y_i}
+    l_i  = alpha * tau * KD_i + (1 - alpha) * CE_i,          tau = T**2 (scale_t2=False: tau = 1)
+
+alpha weights the *distillation* term, as in the seed paper. Frameworks that write
+``alpha * CE + (1 - alpha) * KD`` use alpha' = 1 - alpha. The two kinds differ by the teacher's
+entropy H(q), which does not depend on s, so they have the same student gradient.
+
+Reductions over the valid rows V (label != ignore_index and mask True):
+    "batchmean": sum_{i in V} l_i / |V|     (the KL divergence per row; 0 when V is empty)
+    "sum":       sum_{i in V} l_i
+    "none":      l_i per row, 0 on rows outside V, shaped like the leading axes.
+"mean" (divide by N*C, what an element-wise mean does) is refused: it is KL / C, not the KL.
+
+Derivation of the gradient with respect to the student. d log p_c / d s_k = (delta_ck - p_k)/T
+(softmax.py), and sum_c q_c = 1, so
+    d KD_i / d s_k = - sum_c q_c (delta_ck - p_k) / T = (p_k - q_k) / T      (both kinds)
+    d CE_i / d s_k = p1_k - onehot(y_i)_k
+    d l_i / d s    = alpha * tau / T * (p - q) + (1 - alpha) * (p1 - onehot(y_i))
+With T**2 scaling the soft gradient is T * (p - q), which keeps its size comparable to the
+hard gradient as T grows (Hinton et al. 2015, section 2); as T -> infinity,
+T * (p - q) -> ((s - mean s) - (t - mean t)) / C, the logit-matching limit.
+
+Gradient with respect to teacher logits (used by mutual learning): with q = softmax(t / T),
+d q_c / d t_k = q_c (delta_ck - q_k) / T, and for a function F(q) with partials g_c,
+dF/dt_k = q_k (g_k - sum_c q_c g_c) / T. For kind="kl", g_c = log q_c - log p_c + 1 (the +1
+cancels); for kind="ce", g_c = -log p_c. For teacher log-probabilities u = log q the partial is
+q_c * g_c directly.
+
+Numerics
+--------
+Log-probabilities come from the max-shifted log-softmax (softmax.py), never from log(p + eps).
+Classes with q_c = 0 contribute exactly 0 (0 * log 0 = 0): their log q and log p are replaced by
+0 before the product, so no NaN arises from 0 * (-inf). A class where the teacher has mass but
+the student logit is -inf gives KD = +inf, which is the true value. Rows outside V are zeroed
+before any arithmetic, so padding rows may hold anything (even NaN) without effect.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
+from ..softmax import _log_softmax, check_temperature
+
+__all__ = ["kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "KDCache",
+           "check_reduction", "valid_rows", "reduce_rows", "row_weights"]
+
+KINDS = ("kl", "ce")
+TEACHER_FORMS = ("logits", "probs", "log_probs")
+REDUCTIONS = ("batchmean", "sum", "none")
+# Tolerance on the row sums of given probabilities (and logsumexp of given log-probabilities):
+# loose enough for float32/float16 soft targets written to disk, tight enough to catch logits.
+SIMPLEX_TOL = 1e-3
+
+
+# ---------------------------------------------------------------- conventions shared by all losses
+
+def check_reduction(reduction: str) -> str:
+    """The one place where reductions are named and "mean" is refused."""
+    if reduction == "mean":
+        raise ValueError(
+            "reduction='mean' divides by N*C (every element), which is the KL divergence divided "
+            "by the number of classes, not the KL divergence; use 'batchmean' (sum over valid rows "
+            "/ number of valid rows), 'sum' or 'none'")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def valid_rows(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, xp=None):
+    """Boolean (N,) of rows that count: label != ignore_index and mask True.
+
+    Validates labels (integer, shaped like the leading axes, in [0, C) or ignore_index) and
+    mask (boolean, shaped like the leading axes). Returns (valid, labels_flat or None).
+    """
+    n = 1
+    for d in lead_shape:
+        n *= d
+    valid = xp.ones(n, dtype=bool)
+    labels_flat = None
+    if labels is not None:
+        if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
+            raise TypeError(f"labels: expected an integer array, got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
+        if tuple(labels.shape) != tuple(lead_shape):
+            raise ValueError(f"labels: expected shape {tuple(lead_shape)} (the logits' leading "
+                             f"axes), got {tuple(labels.shape)}")
+        labels_flat = labels.reshape(-1)
+        valid = labels_flat != ignore_index
+        out_of_range = valid & ((labels_flat < 0) | (labels_flat >= n_classes))
+        if bool(out_of_range.any()):
+            i = first_bad_row(out_of_range)
+            raise ValueError(f"labels: row {row_index(i, lead_shape)} has label "
+                             f"{int(labels_flat[i])}, expected 0..{n_classes - 1} or "
+                             f"ignore_index={ignore_index}")
+    if mask is not None:
+        if not hasattr(mask, "dtype") or mask.dtype != bool:
+            raise TypeError(f"mask: expected a boolean array, got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if tuple(mask.shape) != tuple(lead_shape):
+            raise ValueError(f"mask: expected shape {tuple(lead_shape)}, got {tuple(mask.shape)}")
+        valid = valid & mask.reshape(-1)
+    return valid, labels_flat
+
+
+def reduce_rows(rows, valid, reduction: str, lead_shape):
+    """Apply a reduction to per-row losses that are already 0 outside the valid rows."""
+    xp = get_namespace(rows)
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = xp.sum(rows)
+    if reduction == "sum":
+        return total
+    return total / max(int(valid.sum()), 1)
+
+
+def row_weights(dloss, valid, reduction: str, dtype):
+    """Per-row upstream gradient w_i = d(reduced loss) / d l_i times dloss, (N,)."""
+    xp = get_namespace(valid)
+    w = valid.astype(dtype)
+    if reduction == "none":
+        dloss = xp.asarray(dloss, dtype=dtype)
+        if dloss.size != w.size:
+            raise ValueError(f"dloss: reduction='none' needs an upstream gradient shaped like the "
+                             f"loss ({w.size} rows), got shape {tuple(dloss.shape)}")
+        return w * dloss.reshape(-1)
+    dloss = float(dloss)
+    if reduction == "sum":
+        return w * dloss
+    return w * (dloss / max(int(valid.sum()), 1))
+
+
+# ---------------------------------------------------------------- validation of the teacher
+
+def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
+    """(q, log q) per row from teacher logits / probs / log-probs, rows outside V set to 0 / log."""
+    xp = get_namespace(teacher)
+    if teacher_as == "logits":
+        check_logits(teacher, "teacher", valid)
+        log_q = _log_softmax(teacher, T)
+        return xp.exp(log_q), log_q
+    lead = tuple(teacher.shape[:-1])
+    rows = teacher
+    if teacher_as == "probs":
+        bad_value = (xp.isnan(rows) | (rows < 0) | (rows > 1)).any(axis=-1) & valid
+        if bool(bad_value.any()):
+            raise ValueError(f"teacher: row {row_index(first_bad_row(bad_value), lead)} is not a "
+                             f"probability vector (entries must be in [0, 1])")
+        sums = xp.sum(rows, axis=-1)
+        bad_sum = (xp.abs(sums - 1) > SIMPLEX_TOL) & valid
+        if bool(bad_sum.any()):
+            i = first_bad_row(bad_sum)
+            raise ValueError(f"teacher: row {row_index(i, lead)} sums to {float(sums[i]):.6g}, "
+                             f"expected 1 (teacher_as='probs'; pass logits with "
+                             f"teacher_as='logits')")
+        q = rows
+        log_q = xp.log(xp.where(q > 0, q, 1))
+        log_q = xp.where(q > 0, log_q, -xp.inf)
+        return q, log_q
+    # log_probs
+    check_logits(rows, "teacher", valid)
+    lse = xp.max(rows, axis=-1) + xp.log(xp.sum(xp.exp(rows - xp.max(rows, axis=-1, keepdims=True)),
+                                              axis=-1))
+    bad = (xp.abs(lse) > SIMPLEX_TOL) & valid
+    if bool(bad.any()):
+        i = first_bad_row(bad)
+        raise ValueError(f"teacher: row {row_index(i, lead)} has logsumexp {float(lse[i]):.6g}, "
+                         f"expected 0 for log-probabilities (pass logits with teacher_as='logits')")
+    return xp.exp(rows), rows
+
+
+# ---------------------------------------------------------------- forward / backward
+
+class KDCache(NamedTuple):
+    p: object              # (N, C) softmax(s / T)
+    q: object              # (N, C) teacher probabilities at T
+    log_p: object          # (N, C) log p, 0 where q == 0 (only used against q)
+    log_q: object          # (N, C) log q, 0 where q == 0
+    p1: object             # (N, C) softmax(s) or None when alpha == 1
+    labels: object         # (N,) labels with ignored rows set to 0, or None
+    valid: object          # (N,) bool
+    T: float
+    alpha: float
+    tau: float
+    kind: str
+    teacher_as: str
+    reduction: str
+    shape: tuple           # the logits' shape
+
+
+def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
+               teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None):
+    """Hinton KD loss (see module doc). Returns (loss, cache).
+
+    Parameters
+    ----------
+    student : (N, C) or (B, S, C) float array of student logits.
+    teacher : same shape; logits, or probabilities / log-probabilities already softened at T.
+    labels : integer (N,) or (B, S), optional; required unless alpha == 1.
+    T : temperature > 0.  alpha : weight of the distillation term in [0, 1].
+    kind : "kl" (KL(q||p)) or "ce" (soft cross-entropy).  scale_t2 : multiply the soft term by T**2.
+    teacher_as : "logits", "probs" or "log_probs".
+    reduction : "batchmean", "sum" or "none".  ignore_index / mask : rows that count nowhere.
+    """
+    check_float_array(student, "student", ndim_min=2)
+    check_float_array(teacher, "teacher", ndim_min=2)
+    if tuple(teacher.shape) != tuple(student.shape):
+        raise ValueError(f"teacher: expected the student's shape {tuple(student.shape)}, "
+                         f"got {tuple(teacher.shape)}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher: dtype {teacher.dtype} differs from the student's "
+                        f"{student.dtype}; cast one so the reference computes in one dtype")
+    xp = get_namespace(student, teacher, labels, mask)
+    T = check_temperature(T)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha: expected a number in [0, 1], got {alpha!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if teacher_as not in TEACHER_FORMS:
+        raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
+    check_reduction(reduction)
+    if labels is None and alpha != 1.0:
+        raise ValueError(f"labels: required when alpha < 1 (the hard term has weight "
+                         f"1 - alpha = {1 - alpha}); pass labels or alpha=1")
+
+    C = student.shape[-1]
+    lead = tuple(student.shape[:-1])
+    valid, labels_flat = valid_rows(lead, C, labels, mask, ignore_index, xp)
+    check_logits(student, "student", valid)
+
+    s = student.reshape(-1, C)
+    t = teacher.reshape(-1, C)
+    # Rows outside V count nowhere: replace them by a harmless uniform row before any arithmetic.
+    keep = valid[:, None]
+    s = xp.where(keep, s, 0)
+    t = xp.where(keep, t, 1.0 / C if teacher_as == "probs" else
+                 (-xp.log(xp.asarray(C, dtype=t.dtype)) if teacher_as == "log_probs" else 0))
+    q, log_q = _teacher_log_probs(t, teacher_as, T, valid)
+    log_p_full = _log_softmax(s, T)
+    p = xp.exp(log_p_full)
+    has_mass = q > 0
+    log_p = xp.where(has_mass, log_p_full, 0)
+    log_q = xp.where(has_mass, log_q, 0)
+
+    tau = T * T if scale_t2 else 1.0
+    rows = xp.zeros(s.shape[0], dtype=s.dtype)
+    if alpha > 0.0:
+        kd_rows = xp.sum(q * (log_q - log_p), axis=-1) if kind == "kl" else \
+            -xp.sum(q * log_p, axis=-1)
+        rows = rows + (alpha * tau) * kd_rows
+    p1 = None
+    labels_safe = None
+    if alpha < 1.0:
+        labels_safe = xp.where(valid, labels_flat, 0)
+        log_p1 = _log_softmax(s, 1.0)
+        ce_rows = -xp.take_along_axis(log_p1, labels_safe[:, None], axis=-1)[:, 0]
+        rows = rows + (1.0 - alpha) * ce_rows
+        p1 = xp.exp(log_p1)
+    rows = xp.where(valid, rows, 0)
+    loss = reduce_rows(rows, valid, reduction, lead)
+    cache = KDCache(p=p, q=q, log_p=log_p, log_q=log_q, p1=p1, labels=labels_safe, valid=valid,
+                    T=T, alpha=alpha, tau=tau, kind=kind, teacher_as=teacher_as,
+                    reduction=reduction, shape=tuple(student.shape))
+    return loss, cache
+
+
+def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
+    """Gradient of the KD loss: d_student, or (d_student, d_teacher) when ``teacher_grad``.
+
+    ``dloss`` is a scalar for "batchmean"/"sum" and an array shaped like the loss for "none".
+    The teacher gradient is with respect to the teacher input as given: logits or
+    log-probabilities (probabilities on the simplex boundary have no finite derivative of
+    q log q, so teacher_as="probs" refuses it).
+    """
+    c = cache
+    xp = get_namespace(c.p)
+    w = row_weights(dloss, c.valid, c.reduction, c.p.dtype)[:, None]
+    ds = xp.zeros_like(c.p)
+    if c.alpha > 0.0:
+        ds = ds + (c.alpha * c.tau / c.T) * (c.p - c.q)
+    if c.alpha < 1.0:
+        onehot = xp.zeros_like(c.p1)
+        xp.put_along_axis(onehot, c.labels[:, None], 1, axis=-1)
+        ds = ds + (1.0 - c.alpha) * (c.p1 - onehot)
+    ds = (w * ds).reshape(c.shape)
+    if not teacher_grad:
+        return ds
+    if c.teacher_as == "probs":
+        raise ValueError("teacher_grad: not defined for teacher_as='probs' (d(q log q)/dq is "
+                         "-inf at q = 0); pass logits or log-probabilities")
+    g = (c.log_q - c.log_p) if c.kind == "kl" else -c.log_p
+    if c.teacher_as == "logits":
+        dt = c.q * (g - xp.sum(c.q * g, axis=-1, keepdims=True)) / c.T
+    else:  # log_probs: d/du_c of F(exp(u)) = q_c * dF/dq_c; the kl "+1" stays here
+        dt = c.q * (g + 1.0) if c.kind == "kl" else c.q * g
+    dt = (w * (c.alpha * c.tau) * dt).reshape(c.shape)
+    return ds, dt
+
+
+def kd_loss(student, teacher, labels=None, **kwargs):
+    """The KD loss alone; same arguments as ``kd_forward``."""
+    return kd_forward(student, teacher, labels, **kwargs)[0]
+
+
+def kd_loss_and_grad(student, teacher, labels=None, **kwargs):
+    """(loss, d loss / d student); for reduction="none" the gradient of the summed loss."""
+    loss, cache = kd_forward(student, teacher, labels, **kwargs)
+    xp = get_namespace(student)
+    dloss = xp.ones(cache.shape[:-1], dtype=student.dtype) if cache.reduction == "none" else 1.0
+    return loss, kd_backward(dloss, cache)
