@@ -111,11 +111,11 @@ class KDCase(NamedTuple):
 
 @st.composite
 def kd_cases(draw, max_rows: int = 6, max_classes: int = 7, teacher_forms=("logits", "probs",
-             "log_probs"), reductions=("batchmean", "sum", "none")):
+             "log_probs"), reductions=("batchmean", "sum", "none"), neg_inf: bool = True):
     """A consistent KD problem: the teacher is -inf wherever the student is (shared padding)."""
     shape = draw(shapes(max_rows, max_classes))
-    student = draw(logits(shape))
-    teacher = draw(logits(shape, neg_inf_mask=np.isneginf(student)))
+    student = draw(logits(shape, neg_inf=neg_inf))
+    teacher = draw(logits(shape, neg_inf=neg_inf, neg_inf_mask=np.isneginf(student)))
     T = draw(temperatures())
     alpha = draw(alphas())
     use_labels = alpha < 1.0 or draw(st.booleans())
