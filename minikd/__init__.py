@@ -3,6 +3,7 @@
     import minikd as mk
     loss, grad = mk.kd_loss_and_grad(student, teacher, labels, T=4.0, alpha=0.9)
 """
+from . import nn
 from .backend import get_namespace
 from .losses import kd_backward, kd_forward, kd_loss, kd_loss_and_grad
 from .softmax import (log_softmax, log_softmax_backward, log_softmax_forward, logsumexp,
