@@ -20,6 +20,232 @@ def cmd_gradcheck(args) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------- the distillation pipeline
+
+def _data(args):
+    from .data import from_npz, mnist1d  # noqa: PLC0415
+    if args.samples < 50:
+        raise ValueError(f"--samples: need at least 50, got {args.samples}")
+    if args.transfer_samples < 0:
+        raise ValueError(f"--transfer-samples: must be >= 0, got {args.transfer_samples}")
+    if args.data:
+        return from_npz(args.data, seed=args.seed, transfer_samples=args.transfer_samples)
+    return mnist1d(args.samples, seed=args.seed, transfer_samples=args.transfer_samples)
+
+
+def _teacher_and_targets(args, data):
+    from .distill import TrainConfig, soft_targets, train_teacher  # noqa: PLC0415
+    cache = None if args.no_cache else args.cache_dir
+    tcfg = TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    teacher, thist = train_teacher(data, tcfg, width=args.teacher_width, progress=not args.quiet,
+                                   cache_dir=cache)
+    tl = soft_targets(teacher, data.x_train, cache)
+    tt = soft_targets(teacher, data.x_transfer, cache) if len(data.x_transfer) else None
+    return teacher, thist, tl, tt
+
+
+def _row(name, model, data, teacher_params, extra=None):
+    from .distill import accuracy, inference_seconds_per_sample  # noqa: PLC0415
+    n = model.num_parameters()
+    return {"name": name, "test_accuracy": accuracy(model, data.x_test, data.y_test),
+            "val_accuracy": accuracy(model, data.x_val, data.y_val), "parameters": n,
+            "compression": teacher_params / n,
+            "inference_us_per_sample": 1e6 * inference_seconds_per_sample(model, data.x_test),
+            **(extra or {})}
+
+
+def _print_table(rows):
+    print(f"\n{'model':<32}{'test acc':>9}{'val acc':>9}{'params':>9}{'compress':>10}{'us/sample':>11}")
+    for r in rows:
+        print(f"{r['name']:<32}{r['test_accuracy']:>9.3f}{r['val_accuracy']:>9.3f}{r['parameters']:>9d}"
+              f"{r['compression']:>9.1f}x{r['inference_us_per_sample']:>11.2f}")
+
+
+def _write_report(out, report):
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from .nn.serialize import atomic_write  # noqa: PLC0415
+    atomic_write(Path(out) / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+
+
+def _common_report(args, data, t0):
+    import platform  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    return {"dataset": data.spec, "seconds": time.perf_counter() - t0,
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "options": {k: v for k, v in vars(args).items() if k != "func"}}
+
+
+def cmd_distill(args) -> int:
+    import time  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from .distill import TrainConfig, export, train_student  # noqa: PLC0415
+    from .plots import learning_curves  # noqa: PLC0415
+    t0 = time.perf_counter()
+    data = _data(args)
+    teacher, thist, tl, tt = _teacher_and_targets(args, data)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, seed=args.seed)
+    common = dict(hidden=args.student_hidden, progress=not args.quiet, backend=args.backend)
+    scratch, sh = train_student(data, cfg, desc="student (scratch)", **common)
+    kd, kh = train_student(data, cfg, teacher_logits=tl, T=args.T, alpha=args.alpha, desc="student (KD)", **common)
+    tp = teacher.num_parameters()
+    rows = [_row("teacher (CNN)", teacher, data, tp), _row("student from scratch", scratch, data, tp),
+            _row(f"student KD (T={args.T:g}, alpha={args.alpha:g})", kd, data, tp, {"T": args.T, "alpha": args.alpha})]
+    histories = {"teacher": thist, "student scratch": sh, "student KD": kh}
+    keys = ["teacher", "student_scratch", "student_kd"]
+    best = kd
+    if tt is not None:
+        tcfg = TrainConfig(epochs=args.transfer_epochs, batch_size=args.batch_size, lr=args.lr,
+                           weight_decay=args.weight_decay, seed=args.seed)
+        kdt, kth = train_student(data, tcfg, teacher_logits=tl, teacher_logits_transfer=tt, T=args.T,
+                                 alpha=args.alpha, use_transfer=True, desc="student (KD + transfer)", **common)
+        rows.append(_row(f"student KD + transfer ({len(data.x_transfer)})", kdt, data, tp,
+                         {"T": args.T, "alpha": args.alpha, "transfer_samples": len(data.x_transfer)}))
+        histories["student KD + transfer"] = kth
+        keys.append("student_kd_transfer")
+        best = kdt
+    _print_table(rows)
+    out = Path(args.out)
+    export(teacher, out, "teacher", data)
+    export(best, out, "student", data, {"T": args.T, "alpha": args.alpha})
+    learning_curves(histories, out / "learning_curves.png")
+    report = {**dict(zip(keys, rows)), **_common_report(args, data, t0)}
+    _write_report(out, report)
+    gain = rows[2]["test_accuracy"] - rows[1]["test_accuracy"]
+    print(f"\nKD changed the student's test accuracy by {100 * gain:+.1f} points"
+          + (f", KD with the transfer set by {100 * (rows[3]['test_accuracy'] - rows[1]['test_accuracy']):+.1f}"
+             if tt is not None else "")
+          + f". Wrote {out}/student.npz/.json, teacher, report.json, learning_curves.png "
+            f"({report['seconds']:.0f} s).")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import time  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from .distill import TrainConfig, export, sweep  # noqa: PLC0415
+    from .plots import sweep_heatmap  # noqa: PLC0415
+    t0 = time.perf_counter()
+    data = _data(args)
+    teacher, _, tl, tt = _teacher_and_targets(args, data)
+    use_transfer = tt is not None
+    cfg = TrainConfig(epochs=args.transfer_epochs if use_transfer else args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+    grid, (val, T, a, model, _) = sweep(data, cfg, args.T, args.alpha, teacher_logits=tl,
+                                        teacher_logits_transfer=tt, hidden=args.student_hidden,
+                                        use_transfer=use_transfer, progress=not args.quiet)
+    header = "T / alpha"
+    print(f"\nvalidation accuracy (rows T, columns alpha):\n{header:>10}" + "".join(f"{x:>8g}" for x in args.alpha))
+    for i, t in enumerate(args.T):
+        print(f"{t:>10g}" + "".join(f"{v:>8.3f}" for v in grid[i]))
+    row = _row(f"best student (T={T:g}, alpha={a:g})", model, data, teacher.num_parameters(), {"T": T, "alpha": a})
+    _print_table([_row("teacher (CNN)", teacher, data, teacher.num_parameters()), row])
+    out = Path(args.out)
+    export(model, out, "student", data, {"T": T, "alpha": a})
+    sweep_heatmap(grid, args.T, args.alpha, out / "sweep.png",
+                  best=(list(args.T).index(T), list(args.alpha).index(a)))
+    _write_report(out, {"student_kd": row, "grid": {"T": args.T, "alpha": args.alpha,
+                                                     "val_accuracy": grid.tolist()},
+                        **_common_report(args, data, t0)})
+    print(f"\nbest on validation: T={T:g}, alpha={a:g} (val {val:.3f}); wrote {out}/sweep.png, "
+          f"student.npz/.json, report.json")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_dataset  # noqa: PLC0415
+    from .distill import accuracy, load_student  # noqa: PLC0415
+    model, info = load_student(args.dir, args.name)
+    data = load_dataset(info["dataset"])
+    print(f"{args.dir}/{args.name}: {model.num_parameters()} parameters, test accuracy "
+          f"{accuracy(model, data.x_test, data.y_test):.4f} on {len(data.y_test)} samples "
+          f"({data.name}), validation {accuracy(model, data.x_val, data.y_val):.4f}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from .distill import load_student  # noqa: PLC0415
+    model, info = load_student(args.dir, args.name)
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--input {args.input}: no such file") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"--input {args.input}: not a readable .npy file ({exc})") from None
+    mean, std = np.asarray(info["mean"]), np.asarray(info["std"])
+    x = x[None] if x.ndim == 1 else x
+    if x.ndim != 2 or x.shape[1] != mean.shape[0] or x.dtype.kind not in "fiu":
+        raise ValueError(f"--input {args.input}: expected numeric shape (N, {mean.shape[0]}) or "
+                         f"({mean.shape[0]},), got {x.shape} {x.dtype}")
+    logits = model.predict(((x - mean) / std).astype(np.float32))
+    pred = np.argmax(logits, axis=-1)
+    if args.output:
+        np.save(args.output, pred)
+        print(f"wrote {len(pred)} predictions to {args.output}")
+    else:
+        print("\n".join(str(int(p)) for p in pred))
+    return 0
+
+
+def _positive_int(s):
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
+    return v
+
+
+def _add_pipeline_options(p, T_default, alpha_default, many=False):
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="FILE.npz", help="your data: arrays x (N, D), y (N,), optional "
+                   "x_test, y_test, x_transfer (default: MNIST-1D generated offline)")
+    d.add_argument("--samples", type=int, default=5000, help="MNIST-1D samples, 80%% train / 20%% test "
+                   "(default 5000, the paper's size)")
+    d.add_argument("--transfer-samples", type=int, default=DEFAULTS["transfer_samples"], metavar="N",
+                   help="N extra unlabeled samples labeled only by the teacher (Hinton's transfer set); "
+                        f"the report also shows the student trained with them; 0 for none "
+                        f"(default {DEFAULTS['transfer_samples']})")
+    d.add_argument("--seed", type=int, default=0, help="seed of data, splits, init and batches (default 0)")
+    t = p.add_argument_group("training")
+    nargs = dict(nargs="+") if many else {}
+    t.add_argument("--T", type=float, default=T_default, **nargs, help=f"temperature(s) (default {T_default})")
+    t.add_argument("--alpha", type=float, default=alpha_default, **nargs,
+                   help=f"weight(s) of the distillation term in [0, 1] (default {alpha_default})")
+    t.add_argument("--epochs", type=_positive_int, default=DEFAULTS["epochs"],
+                   help=f"student epochs (default {DEFAULTS['epochs']})")
+    t.add_argument("--transfer-epochs", type=_positive_int, default=DEFAULTS["transfer_epochs"],
+                   help=f"student epochs with the transfer set, which has many more rows "
+                        f"(default {DEFAULTS['transfer_epochs']})")
+    t.add_argument("--teacher-epochs", type=_positive_int, default=DEFAULTS["teacher_epochs"],
+                   help=f"teacher epochs (default {DEFAULTS['teacher_epochs']})")
+    t.add_argument("--teacher-width", type=_positive_int, default=32, help="teacher CNN channels (default 32)")
+    t.add_argument("--student-hidden", type=_positive_int, default=DEFAULTS["student_hidden"],
+                   help=f"student MLP hidden units (default {DEFAULTS['student_hidden']}: 4.9k parameters, "
+                        f"1/5 of the teacher)")
+    t.add_argument("--weight-decay", type=float, default=DEFAULTS["student_weight_decay"],
+                   help=f"student AdamW weight decay (default {DEFAULTS['student_weight_decay']}; "
+                        f"the teacher uses 1e-4)")
+    t.add_argument("--batch-size", type=_positive_int, default=128, help="minibatch size (default 128)")
+    t.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate, cosine schedule (default 0.01)")
+    t.add_argument("--backend", choices=["numpy", "numba", "auto"], default="numpy",
+                   help="implementation of the KD loss (default numpy, the reference)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="minikd-out", help="output directory (default minikd-out)")
+    o.add_argument("--cache-dir", default=".minikd-cache",
+                   help="where trained teachers and soft targets are cached (default .minikd-cache)")
+    o.add_argument("--no-cache", action="store_true", help="retrain the teacher, recompute soft targets")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+DEFAULTS = {"epochs": 40, "transfer_epochs": 15, "teacher_epochs": 30, "transfer_samples": 45000,
+            "student_hidden": 96, "student_weight_decay": 5e-2}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minikd", description=__import__("minikd").__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,6 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
     g.add_argument("--rtol", type=float, default=1e-7, help="max relative error to pass (default 1e-7)")
     g.set_defaults(func=cmd_gradcheck)
+
+    d = sub.add_parser("distill", help="train a teacher, distill a student, compare with scratch (the main job)",
+                       description="The seed's practice end to end: train the teacher CNN, cache its soft "
+                       "targets, train the student MLP from scratch and with the KD loss (and with a transfer "
+                       "set), print the comparison, export the student.")
+    _add_pipeline_options(d, 4.0, 0.9)
+    d.set_defaults(func=cmd_distill)
+    s = sub.add_parser("sweep", help="tune T and alpha on the validation split, draw a heatmap")
+    _add_pipeline_options(s, [1.0, 2.0, 4.0, 8.0], [0.5, 0.9, 1.0], many=True)
+    s.set_defaults(func=cmd_sweep)
+    e = sub.add_parser("evaluate", help="load an exported student and report its test accuracy")
+    e.add_argument("dir", help="output directory of distill or sweep")
+    e.add_argument("--name", default="student", help="model name in DIR (default student; or teacher)")
+    e.set_defaults(func=cmd_evaluate)
+    q = sub.add_parser("predict", help="predict classes for raw inputs with an exported student")
+    q.add_argument("dir", help="output directory of distill or sweep")
+    q.add_argument("--input", required=True, metavar="FILE.npy", help="raw inputs (N, D) or (D,)")
+    q.add_argument("--output", metavar="FILE.npy", help="save predictions here (default: print them)")
+    q.add_argument("--name", default="student", help="model name in DIR (default student)")
+    q.set_defaults(func=cmd_predict)
     return p
 
 

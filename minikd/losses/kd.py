@@ -53,7 +53,7 @@ from typing import NamedTuple
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
 from ..softmax import _log_softmax, check_temperature
 
-__all__ = ["kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "KDCache",
+__all__ = ["kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad", "KDCache",
            "check_reduction", "valid_rows", "reduce_rows", "row_weights"]
 
 KINDS = ("kl", "ce")
@@ -323,3 +323,9 @@ def kd_loss_and_grad(student, teacher, labels=None, **kwargs):
     xp = get_namespace(student)
     dloss = xp.ones(cache.shape[:-1], dtype=student.dtype) if cache.reduction == "none" else 1.0
     return loss, kd_backward(dloss, cache)
+
+
+def cross_entropy_and_grad(logits, labels, **kwargs):
+    """Hard-label cross-entropy and its gradient: the KD loss with alpha = 0 (one convention
+    for reductions, masks and ignore_index). The teacher argument is unused at alpha = 0."""
+    return kd_loss_and_grad(logits, logits, labels, T=1.0, alpha=0.0, **kwargs)

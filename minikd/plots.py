@@ -1,0 +1,54 @@
+"""Plots the pipeline writes (matplotlib, no display needed). Files are written atomically."""
+from __future__ import annotations
+
+import numpy as np
+
+from .nn.serialize import atomic_write
+
+__all__ = ["learning_curves", "sweep_heatmap"]
+
+
+def _figure():
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    return plt
+
+
+def _save(fig, path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def learning_curves(histories: dict, path):
+    """Validation accuracy and training loss per epoch, one line per model."""
+    plt = _figure()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, h in histories.items():
+        a1.plot(np.arange(1, len(h.val_accuracy) + 1), h.val_accuracy, label=name)
+        a2.plot(np.arange(1, len(h.train_loss) + 1), h.train_loss, label=name)
+    a1.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
+    a2.set(xlabel="epoch", ylabel="training loss (its own objective)", title="Training loss", yscale="log")
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    a2.grid(alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def sweep_heatmap(grid, temperatures, alphas, path, best=None):
+    """Validation accuracy of each (T, alpha) student."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.8 * len(temperatures) + 2))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
+    ax.set(xlabel="alpha (weight of the distillation term)", ylabel="temperature T",
+           title="Student validation accuracy")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
+                    color="white" if grid[i, j] < grid.mean() else "black", fontsize=8,
+                    fontweight="bold" if best == (i, j) else "normal")
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,118 @@
+"""The distillation pipeline and CLI on a small budget (the full-size run is in the README)."""
+import json
+
+import numpy as np
+import pytest
+
+from minikd import data as D
+from minikd.cli import main
+from minikd.nn.serialize import atomic_write
+
+SMALL = ["--samples", "600", "--transfer-samples", "0", "--teacher-epochs", "3", "--epochs", "3", "--transfer-epochs", "1",
+         "--quiet", "--teacher-width", "8"]
+
+
+def run(args, tmp_path, name="out"):
+    out = tmp_path / name
+    assert main(["distill", *SMALL, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *args]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_distill_end_to_end_and_reproducible(tmp_path, capsys):
+    out, rep = run(["--transfer-samples", "300"], tmp_path)
+    for key in ("teacher", "student_scratch", "student_kd", "student_kd_transfer"):
+        assert 0.0 <= rep[key]["test_accuracy"] <= 1.0
+    assert rep["student_kd"]["T"] == 4.0 and rep["student_kd"]["alpha"] == 0.9 and rep["seconds"] > 0
+    assert rep["student_kd"]["parameters"] < rep["teacher"]["parameters"]
+    assert {p.name for p in out.iterdir()} >= {"student.npz", "student.json", "teacher.npz", "teacher.json",
+                                               "report.json", "learning_curves.png"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    printed = capsys.readouterr().out
+    assert "student KD + transfer (300)" in printed and "teacher (CNN)" in printed
+    # the same seed gives the same report (timings aside); the cached teacher is reused
+    _, rep2 = run(["--transfer-samples", "300"], tmp_path, "out2")
+    for key in ("teacher", "student_scratch", "student_kd", "student_kd_transfer"):
+        assert rep2[key]["test_accuracy"] == rep[key]["test_accuracy"]
+        assert rep2[key]["val_accuracy"] == rep[key]["val_accuracy"]
+    # evaluate and predict the exported student
+    assert main(["evaluate", str(out)]) == 0
+    assert f"test accuracy {rep['student_kd_transfer']['test_accuracy']:.4f}" in capsys.readouterr().out
+    x = np.random.default_rng(0).standard_normal((4, 40))
+    np.save(tmp_path / "x.npy", x)
+    assert main(["predict", str(out), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "p.npy")]) == 0
+    pred = np.load(tmp_path / "p.npy")
+    assert pred.shape == (4,) and pred.min() >= 0 and pred.max() < 10
+
+
+def test_sweep(tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["sweep", *SMALL, "--T", "1", "4", "--alpha", "0.5", "1.0", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    grid = np.array(rep["grid"]["val_accuracy"])
+    assert grid.shape == (2, 2)
+    best = np.unravel_index(np.argmax(grid), grid.shape)
+    assert rep["student_kd"]["T"] == [1.0, 4.0][best[0]] and rep["student_kd"]["alpha"] == [0.5, 1.0][best[1]]
+    assert (out / "sweep.png").stat().st_size > 1000
+
+
+def test_user_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = rng.standard_normal((300, 12)) + 2 * np.eye(3, 12)[y]
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    d = D.from_npz(tmp_path / "mine.npz")
+    assert d.num_classes == 3 and len(d.x_test) == 60 and d.x_train.shape[1] == 12
+    np.testing.assert_allclose(d.x_train.mean(0), 0, atol=1e-5)  # fitted on train only
+    out, rep = run(["--data", str(tmp_path / "mine.npz")], tmp_path)
+    assert rep["dataset"]["kind"] == "npz"
+
+
+@pytest.mark.parametrize("content, msg", [
+    (dict(x=np.zeros((20, 3))), "expected arrays 'x' and 'y'"),
+    (dict(x=np.zeros((20, 3, 2)), y=np.zeros(20, int)), "x must be a 2-D numeric array"),
+    (dict(x=np.zeros((20, 3)), y=np.zeros(19, int)), "y must be integer labels of shape \\(20,\\)"),
+    (dict(x=np.full((20, 3), np.nan), y=np.zeros(20, int)), "x contains NaN"),
+    (dict(x=np.zeros((20, 3)), y=np.zeros(20, int), x_test=np.zeros((5, 4)), y_test=np.zeros(5, int)),
+     "x_test must have shape \\(M, 3\\)"),
+])
+def test_bad_npz_errors(tmp_path, content, msg, capsys):
+    np.savez(tmp_path / "bad.npz", **content)
+    with pytest.raises(ValueError, match=msg):
+        D.from_npz(tmp_path / "bad.npz")
+    assert main(["distill", "--data", str(tmp_path / "bad.npz"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("minikd distill: error:") and err.count("\n") == 1
+
+
+def test_cli_errors(tmp_path, capsys):
+    (tmp_path / "junk.npz").write_text("not a zip")
+    assert main(["distill", "--data", str(tmp_path / "junk.npz")]) == 2
+    assert "not a readable .npz" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--bogus"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["distill", "--epochs", "0"])
+
+
+def test_atomic_write_leaves_nothing_on_interrupt(tmp_path):
+    def boom(tmp):
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "f.txt", boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_mnist1d_is_seeded_and_leaves_global_rng_alone():
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    a = D.mnist1d(200, seed=3)
+    assert np.random.random() == before
+    b = D.mnist1d(200, seed=3)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    assert a.x_train.shape[1] == 40 and a.num_classes == 10
