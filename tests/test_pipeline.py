@@ -9,7 +9,7 @@ from minikd.cli import main
 from minikd.nn.serialize import atomic_write
 
 SMALL = ["--samples", "600", "--transfer-samples", "0", "--teacher-epochs", "3", "--epochs", "3", "--transfer-epochs", "1",
-         "--quiet", "--teacher-width", "8"]
+         "--quiet", "--teacher-width", "8", "--student-hidden", "16"]
 
 
 def run(args, tmp_path, name="out"):
