@@ -53,7 +53,7 @@ from typing import NamedTuple
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
 from ..softmax import _log_softmax, check_temperature
 
-__all__ = ["kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad", "KDCache",
+__all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad", "KDCache",
            "check_reduction", "valid_rows", "reduce_rows", "row_weights"]
 
 KINDS = ("kl", "ce")
@@ -182,6 +182,43 @@ def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
 
 # ---------------------------------------------------------------- forward / backward
 
+def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, reduction,
+                       ignore_index, mask):
+    """Validate every KD argument once (shared by the reference and the fused kernels, so both
+    give the same errors). Returns (xp, T, alpha, valid rows (N,), labels flattened or None)."""
+    check_float_array(student, "student", ndim_min=2)
+    check_float_array(teacher, "teacher", ndim_min=2)
+    if tuple(teacher.shape) != tuple(student.shape):
+        raise ValueError(f"teacher: expected the student's shape {tuple(student.shape)}, "
+                         f"got {tuple(teacher.shape)}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"teacher: dtype {teacher.dtype} differs from the student's "
+                        f"{student.dtype}; cast one so the reference computes in one dtype")
+    xp = get_namespace(student, teacher, labels, mask)
+    T = check_temperature(T)
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise TypeError(f"alpha: expected a number in [0, 1], got {alpha!r}") from None
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha}")
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if teacher_as not in TEACHER_FORMS:
+        raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
+    check_reduction(reduction)
+    if labels is None and alpha != 1.0:
+        raise ValueError(f"labels: required when alpha < 1 (the hard term has weight "
+                         f"1 - alpha = {1 - alpha}); pass labels or alpha=1")
+
+    C = student.shape[-1]
+    lead = tuple(student.shape[:-1])
+    valid, labels_flat = valid_rows(lead, C, labels, mask, ignore_index, xp)
+    check_logits(student, "student", valid)
+
+    return xp, T, alpha, valid, labels_flat
+
+
 class KDCache(NamedTuple):
     p: object              # (N, C) softmax(s / T)
     q: object              # (N, C) teacher probabilities at T
@@ -213,36 +250,11 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     teacher_as : "logits", "probs" or "log_probs".
     reduction : "batchmean", "sum" or "none".  ignore_index / mask : rows that count nowhere.
     """
-    check_float_array(student, "student", ndim_min=2)
-    check_float_array(teacher, "teacher", ndim_min=2)
-    if tuple(teacher.shape) != tuple(student.shape):
-        raise ValueError(f"teacher: expected the student's shape {tuple(student.shape)}, "
-                         f"got {tuple(teacher.shape)}")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher: dtype {teacher.dtype} differs from the student's "
-                        f"{student.dtype}; cast one so the reference computes in one dtype")
-    xp = get_namespace(student, teacher, labels, mask)
-    T = check_temperature(T)
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise TypeError(f"alpha: expected a number in [0, 1], got {alpha!r}") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha}")
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    if teacher_as not in TEACHER_FORMS:
-        raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
-    check_reduction(reduction)
-    if labels is None and alpha != 1.0:
-        raise ValueError(f"labels: required when alpha < 1 (the hard term has weight "
-                         f"1 - alpha = {1 - alpha}); pass labels or alpha=1")
-
+    xp, T, alpha, valid, labels_flat = check_kd_arguments(
+        student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
+        reduction=reduction, ignore_index=ignore_index, mask=mask)
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
-    valid, labels_flat = valid_rows(lead, C, labels, mask, ignore_index, xp)
-    check_logits(student, "student", valid)
-
     s = student.reshape(-1, C)
     t = teacher.reshape(-1, C)
     # Rows outside V count nowhere: replace them by a harmless uniform row before any arithmetic.

@@ -1,0 +1,90 @@
+"""Fused softmax-KL kernels (floor 3): the KD loss and its student gradient in one call.
+
+    loss, grad = mk.kernels.softmax_kl(student, teacher, labels, T=4.0, alpha=0.9)
+
+Same meaning and result as ``mk.kd_loss_and_grad`` with teacher logits (``kind``,
+``scale_t2``, ``reduction``, ``ignore_index``, ``mask`` included; for "none" the gradient of
+the summed loss). Arguments are validated by the reference's own checks, so errors are the
+same. ``out=`` receives the gradient (it may be the student array itself: in place).
+
+backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (GPU; not built yet),
+"auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import is_cupy_array
+from ..losses.kd import check_kd_arguments, kd_loss_and_grad
+
+__all__ = ["softmax_kl", "resolve_backend"]
+
+BACKENDS = ("auto", "numpy", "numba", "cupy")
+
+
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, x) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if is_cupy_array(x):
+            return "cupy"
+        return "numba" if _numba_available() else "numpy"
+    return backend
+
+
+def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
+               reduction="batchmean", ignore_index=-100, mask=None, out=None, backend="auto"):
+    """Fused KD loss and gradient (see module doc). Returns (loss, grad)."""
+    backend = resolve_backend(backend, student)
+    if out is not None and (tuple(out.shape) != tuple(student.shape) or out.dtype != student.dtype):
+        raise ValueError(f"out: expected shape {tuple(student.shape)} and dtype {student.dtype}, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask)
+    if backend == "numpy":
+        loss, grad = kd_loss_and_grad(student, teacher, labels, scale_t2=scale_t2, **kw)
+        if out is not None:
+            out[...] = grad
+            grad = out
+        return loss, grad
+    if backend == "cupy":
+        raise NotImplementedError("backend='cupy': the GPU kernel is not built yet (issue 7); "
+                                  "use backend='numpy' on CuPy arrays meanwhile")
+    from .numba_cpu import softmax_kl_rows  # noqa: PLC0415
+    xp, T, alpha, valid, labels_flat = check_kd_arguments(student, teacher, labels, teacher_as="logits", **kw)
+    from ..backend import check_logits  # noqa: PLC0415
+    check_logits(teacher, "teacher", valid)
+    C = student.shape[-1]
+    lead = tuple(student.shape[:-1])
+    s = np.ascontiguousarray(student.reshape(-1, C))
+    t = np.ascontiguousarray(teacher.reshape(-1, C))
+    n_valid = int(valid.sum())
+    if reduction == "batchmean":
+        weights = valid / max(n_valid, 1)
+    else:
+        weights = valid.astype(np.float64)
+    lab = np.zeros(len(s), np.int64) if labels_flat is None else np.where(valid, labels_flat, 0).astype(np.int64)
+    tau = T * T if scale_t2 else 1.0
+    # in place is safe: each row's student entries are read before that entry's gradient is written
+    buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else np.empty_like(s)
+    row_loss = np.empty(len(s), np.float64)
+    softmax_kl_rows(s, t, lab, weights.astype(np.float64), 1.0 / T, alpha * tau, 1.0 - alpha,
+                    kind == "ce", buf, row_loss)
+    if out is not None:
+        if not np.shares_memory(buf, out):
+            out[...] = buf.reshape(out.shape)
+        grad = out
+    else:
+        grad = buf.reshape(student.shape)
+    if reduction == "none":
+        return row_loss.astype(student.dtype).reshape(lead), grad
+    total = row_loss.sum()
+    loss = total / max(n_valid, 1) if reduction == "batchmean" else total
+    return student.dtype.type(loss), grad
