@@ -77,8 +77,8 @@ def main():
           (f"; torch threads {torch_threads}" if torch else ""))
     print(f"{'shape':>16} {'floor ms':>9} {'numpy ms':>9} {'numba ms':>9} {'torch ms':>9} "
           f"{'numba %floor':>12} {'vs numpy':>9} {'vs torch':>9}")
-    rows = []
     T, alpha = 4.0, 0.9
+    cases = []
     for _, C in SHAPES:
         N = CPU_ROWS[C]
         rng = np.random.default_rng(0)
@@ -90,15 +90,22 @@ def main():
         ref_l, ref_g = mk.kd_loss_and_grad(s[:k].astype(np.float64), t[:k].astype(np.float64), y[:k], T=T, alpha=alpha)
         kl, kg = softmax_kl(s[:k], t[:k], y[:k], T=T, alpha=alpha, backend="numba")
         assert abs(kl - ref_l) <= 1e-5 * abs(ref_l) and np.abs(kg - ref_g).max() <= 1e-5 * np.abs(ref_g).max()
+        cases.append((s, t, y, {"N": N, "C": C, "dtype": "float32", "floor_ms": 1e3 * 12 * s.size / bw}))
+    # one implementation at a time over all shapes: PyTorch's OpenMP workers spin after each call
+    # and would steal the cores from whatever is timed right after them
+    for s, t, y, r in cases:
         out = np.empty_like(s)
-        floor = 12 * s.size / bw
-        r = {"N": N, "C": C, "dtype": "float32", "floor_ms": 1e3 * floor}
-        r["numba_ms"] = 1e3 * median_time(lambda: softmax_kl(s, t, y, T=T, alpha=alpha, out=out, backend="numba"), repeats)
+        r["numba_ms"] = 1e3 * median_time(lambda: softmax_kl(s, t, y, T=T, alpha=alpha, out=out, backend="numba"),
+                                          repeats)
+    for s, t, y, r in cases:
         r["numpy_ms"] = 1e3 * median_time(lambda: mk.kd_loss_and_grad(s, t, y, T=T, alpha=alpha), max(3, repeats // 2))
-        if torch is not None:
+    if torch is not None:
+        for s, t, y, r in cases:
             r["torch_eager_ms"] = 1e3 * median_time(torch_eager(s, t, y, T, alpha), repeats)
+    rows = [r for *_, r in cases]
+    for r in rows:
+        N, C = r["N"], r["C"]
         r["numba_pct_floor"] = 100 * r["floor_ms"] / r["numba_ms"]
-        rows.append(r)
         print(f"{f'({N}, {C})':>16} {r['floor_ms']:>9.2f} {r['numpy_ms']:>9.2f} {r['numba_ms']:>9.2f} "
               f"{r.get('torch_eager_ms', float('nan')):>9.2f} {r['numba_pct_floor']:>11.1f}% "
               f"{r['numpy_ms'] / r['numba_ms']:>8.1f}x {r.get('torch_eager_ms', float('nan')) / r['numba_ms']:>8.1f}x")

@@ -36,7 +36,38 @@ def test_float64_matches_reference(case):
     assert rel(kgrad, grad, max(np.max(np.abs(grad)), 1e-300)) <= 1e-12 or np.max(np.abs(kgrad - grad)) <= 1e-15
 
 
-@pytest.mark.parametrize("C", [10, 1000])
+def outlier_case(C, N=64, seed=0):
+    rng = np.random.default_rng(seed + C)
+    s = rng.standard_normal((N, C)) * 3
+    s[rng.random(s.shape) < 0.02] *= 20      # outliers
+    t = rng.standard_normal((N, C)) * 3
+    pad = rng.random(s.shape) < 0.05
+    pad[:, 0] = False
+    s[pad] = -np.inf
+    t[pad] = -np.inf                         # padded classes shared
+    t[rng.random(s.shape) < 0.05] = -np.inf  # and some the teacher alone rules out
+    t[:, 0] = 1.0
+    y = rng.integers(0, C, N)
+    y[np.isneginf(np.take_along_axis(s, y[:, None], 1))[:, 0]] = 0
+    y[5] = -100
+    mask = rng.random(N) < 0.9
+    return s, t, y, mask
+
+
+@pytest.mark.parametrize("C", [3, 16, 700])
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_float64_outliers_inf_masks(C, kind, reduction):
+    s, t, y, mask = outlier_case(C, N=40)
+    for T, alpha in ((0.05, 0.3), (1.0, 0.5), (50.0, 1.0), (2.0, 0.0)):
+        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
+        loss, grad = mk.kd_loss_and_grad(s, t, y, **kw)
+        kloss, kgrad = softmax_kl(s, t, y, backend="numba", **kw)
+        np.testing.assert_allclose(kloss, loss, rtol=1e-12, atol=1e-12 * (1 + T * T))
+        np.testing.assert_allclose(kgrad, grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("C", [10, 300, 1000])
 @pytest.mark.parametrize("T", [0.05, 1.0, 50.0])
 def test_float32_matches_reference(C, T):
     rng = np.random.default_rng(C)
@@ -95,6 +126,24 @@ def test_same_errors_as_reference(args, exc, msg):
     t[1, 2] = np.nan
     with pytest.raises(ValueError, match="teacher: row 1 contains NaN"):
         softmax_kl(s, t, np.array([0, 1, 2]), T=1.0, alpha=0.5, backend="numba")
+
+
+def test_exp_over_its_whole_range():
+    from minikd.kernels.fastexp import EXP_MAX, EXP_MIN, exp_f32_array
+    x = np.linspace(EXP_MIN, EXP_MAX, 2_000_001, dtype=np.float32)
+    x = np.concatenate([x, np.float32(np.random.default_rng(0).uniform(EXP_MIN, EXP_MAX, 1_000_000))])
+    ref = np.exp(x.astype(np.float64))
+    got = exp_f32_array(x, np.empty_like(x))
+    assert np.max(np.abs(got - ref) / ref) <= 1.5e-7
+    neg = x[x <= 0]
+    got = exp_f32_array(neg, np.empty_like(neg), True)
+    assert np.max(np.abs(got - np.exp(neg.astype(np.float64))) / np.exp(neg.astype(np.float64))) <= 1.5e-7
+    special = np.array([-np.inf, -1e4, -87.4, 0.0, 88.8, np.inf, np.nan], np.float32)
+    got = exp_f32_array(special, np.empty_like(special))
+    np.testing.assert_array_equal(got[:4], [0, 0, 0, 1])
+    assert got[4] == np.inf and got[5] == np.inf and np.isnan(got[6])
+    got = exp_f32_array(special[:4], np.empty(4, np.float32), True)
+    np.testing.assert_array_equal(got, [0, 0, 0, 1])
 
 
 def test_auto_backend():

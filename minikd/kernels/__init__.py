@@ -57,26 +57,50 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     if backend == "cupy":
         raise NotImplementedError("backend='cupy': the GPU kernel is not built yet (issue 7); "
                                   "use backend='numpy' on CuPy arrays meanwhile")
-    from .numba_cpu import softmax_kl_rows  # noqa: PLC0415
-    xp, T, alpha, valid, labels_flat = check_kd_arguments(student, teacher, labels, teacher_as="logits", **kw)
+    return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
+
+
+# below this many elements the serial kernel wins (thread start-up costs more than the work)
+SERIAL_BELOW = 1 << 15
+
+
+def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
+                      mask, out):
     from ..backend import check_logits  # noqa: PLC0415
-    check_logits(teacher, "teacher", valid)
+    from .numba_cpu import get_kernel  # noqa: PLC0415
+    _, T, alpha, valid, labels_flat = check_kd_arguments(
+        student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
+        ignore_index=ignore_index, mask=mask, check_student=False)
+    if student.dtype not in (np.float32, np.float64):
+        raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
     s = np.ascontiguousarray(student.reshape(-1, C))
     t = np.ascontiguousarray(teacher.reshape(-1, C))
+    N = s.shape[0]
     n_valid = int(valid.sum())
-    if reduction == "batchmean":
-        weights = valid / max(n_valid, 1)
-    else:
-        weights = valid.astype(np.float64)
-    lab = np.zeros(len(s), np.int64) if labels_flat is None else np.where(valid, labels_flat, 0).astype(np.int64)
+    weights = valid / max(n_valid, 1) if reduction == "batchmean" else valid.astype(np.float64)
+    lab = np.zeros(N, np.int64) if labels_flat is None else np.where(valid, labels_flat, 0).astype(np.int64)
     tau = T * T if scale_t2 else 1.0
-    # in place is safe: each row's student entries are read before that entry's gradient is written
+    # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
     buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else np.empty_like(s)
-    row_loss = np.empty(len(s), np.float64)
-    softmax_kl_rows(s, t, lab, weights.astype(np.float64), 1.0 / T, alpha * tau, 1.0 - alpha,
-                    kind == "ce", buf, row_loss)
+    stats = np.empty((N, 4), np.float64)
+    flags = np.zeros(N, np.int8)
+    parallel = s.size >= SERIAL_BELOW
+    n_threads = __import__("numba").get_num_threads() if parallel else 1
+    # several chunks of rows per thread balance the load
+    rows_per_chunk = max(1, -(-N // (8 * n_threads))) if parallel else max(N, 1)
+    get_kernel(s.dtype, parallel)(s, t, lab, weights.astype(np.float64), 1.0 / T, alpha * tau, 1.0 - alpha,
+                                  kind == "ce", T == 1.0, buf, stats, flags, rows_per_chunk)
+    if flags.any():  # rare: let the reference's checks raise their exact message
+        check_logits(student, "student", valid)
+        check_logits(teacher, "teacher", valid)
+        raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
+    row_loss = np.zeros(N, np.float64)
+    if alpha > 0:
+        row_loss += (alpha * tau) * (stats[:, 0] + np.log(stats[:, 1]))
+    if alpha < 1:
+        row_loss += (1.0 - alpha) * (np.log(stats[:, 2]) - stats[:, 3])
     if out is not None:
         if not np.shares_memory(buf, out):
             out[...] = buf.reshape(out.shape)
