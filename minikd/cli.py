@@ -193,6 +193,11 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run  # noqa: PLC0415
+    return run(args)
+
+
 def _positive_int(s):
     v = int(s)
     if v <= 0:
@@ -263,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="tune T and alpha on the validation split, draw a heatmap")
     _add_pipeline_options(s, [1.0, 2.0, 4.0, 8.0], [0.5, 0.9, 1.0], many=True)
     s.set_defaults(func=cmd_sweep)
+    b = sub.add_parser("bench", help="time the fused softmax-KL kernel against NumPy, PyTorch and the memory floor")
+    from .bench import add_arguments  # noqa: PLC0415
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
     e = sub.add_parser("evaluate", help="load an exported student and report its test accuracy")
     e.add_argument("dir", help="output directory of distill or sweep")
     e.add_argument("--name", default="student", help="model name in DIR (default student; or teacher)")
