@@ -31,6 +31,7 @@ class CheckRow(NamedTuple):
 
 
 def random_logits(rng, shape, neg_inf_mask=None, p_inf=0.15):
+    """Normal logits with x20 outliers and a fraction ``p_inf`` of -inf classes (never a whole row)."""
     x = rng.standard_normal(shape) * 2
     x = np.where(rng.random(shape) < 0.15, 20 * x, x)
     mask = rng.random(shape) < p_inf if neg_inf_mask is None else neg_inf_mask | (rng.random(shape) < p_inf)
@@ -84,7 +85,82 @@ def _kd_cases(rng) -> Iterator:
                                [s, t], g, [ds, dt], eps)
 
 
-CASES: list[Callable[[np.random.Generator], Iterator]] = [_softmax_cases, _kd_cases]
+def _feature_relational_mutual_cases(rng) -> Iterator:
+    from .losses import feature, mutual, relational  # noqa: PLC0415
+    for reduction in feature.HINT_REDUCTIONS:
+        s, t = rng.standard_normal((4, 3, 5)), rng.standard_normal((4, 3, 5))
+        g = float(rng.standard_normal())
+        _, c = feature.hint_forward(s, t, reduction=reduction)
+        yield ("hint", lambda s, t, r=reduction: feature.hint_loss(s, t, reduction=r), [s, t], g,
+               list(feature.hint_backward(g, c, teacher_grad=True)), 1e-4)
+    for loss in relational.LOSSES:
+        for reduction in relational.RKD_REDUCTIONS:
+            E, F = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
+            g = float(rng.standard_normal())
+            for name, fwd, bwd in (("rkd_distance", relational.rkd_distance_forward, relational.rkd_distance_backward),
+                                   ("rkd_angle", relational.rkd_angle_forward, relational.rkd_angle_backward)):
+                _, c = fwd(E, F, loss=loss, reduction=reduction)
+                yield (name, lambda e, F=F, fwd=fwd, lo=loss, r=reduction: fwd(e, F, loss=lo, reduction=r)[0],
+                       [E], g, [bwd(g, c)], 1e-5)
+    for mode in mutual.MODES:
+        zs = [random_logits(rng, (5, 6), p_inf=0.0) for _ in range(3)]
+        y = rng.integers(0, 6, 5)
+        T = 2.0
+        _, c = mutual.mutual_forward(zs, y, T=T, mode=mode)
+        if mode == "joint":
+            g = float(rng.standard_normal())
+            yield ("mutual (joint)", lambda *z: mutual.mutual_loss(list(z), y, T=T, mode="joint"), zs, g,
+                   mutual.mutual_backward(g, c), 1e-4)
+        else:
+            d = rng.standard_normal(3)
+            grads = mutual.mutual_backward(d, c)
+            for i in range(3):
+                yield ("mutual (detached)",
+                       lambda z, i=i, zs=zs: mutual.mutual_loss([z if k == i else zs[k] for k in range(3)], y,
+                                                                T=T, mode="detached")[i],
+                       [zs[i]], d[i], [grads[i]], 1e-4)
+
+
+def _nn_cases(rng) -> Iterator:
+    from . import nn  # noqa: PLC0415
+    layers = [
+        ("nn.Linear", nn.Linear(5, 3, dtype="float64", seed=rng), (4, 5)),
+        ("nn.Conv1d", nn.Conv1d(2, 3, 3, stride=2, padding=1, dtype="float64", seed=rng), (2, 2, 7)),
+        ("nn.Conv2d", nn.Conv2d(2, 3, 3, padding=1, dtype="float64", seed=rng), (2, 2, 4, 4)),
+        ("nn.AvgPool2d", nn.AvgPool2d(2), (2, 2, 4, 4)),
+        ("nn.GlobalAvgPool", nn.GlobalAvgPool(), (2, 3, 5)),
+        ("nn.BatchNorm1d", nn.BatchNorm1d(3, dtype="float64"), (6, 3)),
+        ("nn.BatchNorm2d", nn.BatchNorm2d(2, dtype="float64"), (3, 2, 3, 3)),
+        ("nn.GELU", nn.GELU(), (4, 6)),
+        ("nn.Tanh", nn.Tanh(), (4, 6)),
+    ]
+    for name, layer, shape in layers:
+        for k, v in layer.params.items():
+            layer.params[k] = v + 0.3 * rng.standard_normal(v.shape)
+        x = rng.standard_normal(shape)
+        y, c = layer.forward(x)
+        g = rng.standard_normal(y.shape)
+        layer.zero_grad()
+        dx = layer.backward(g, c)
+        keys = list(layer.params)
+        grads = [dx] + [layer.grads[k].copy() for k in keys]
+
+        def f(x, *ps, layer=layer, keys=keys):
+            for k, p in zip(keys, ps):
+                layer.params[k] = p
+            return layer.forward(x)[0]
+        yield name, f, [x] + [layer.params[k].copy() for k in keys], g, grads, 1e-5
+    # max pooling and ReLU away from their kinks: distinct values, none near 0
+    x = rng.permutation(np.arange(1, 2 * 2 * 36 + 1, dtype=float)).reshape(2, 2, 6, 6) * 0.1
+    for name, layer in (("nn.MaxPool2d", nn.MaxPool2d(2)), ("nn.ReLU", nn.ReLU()), ("nn.LeakyReLU", nn.LeakyReLU(0.1))):
+        xx = x - 7.35 if name != "nn.MaxPool2d" else x  # no entry within 0.05 of the kink at 0
+        y, c = layer.forward(xx)
+        g = rng.standard_normal(y.shape)
+        yield name, lambda x, layer=layer: layer.forward(x)[0], [xx], g, [layer.backward(g, c)], 1e-5
+
+
+CASES: list[Callable[[np.random.Generator], Iterator]] = [_softmax_cases, _kd_cases,
+                                                           _feature_relational_mutual_cases, _nn_cases]
 
 
 def run_all(seed: int = 0, rtol: float = 1e-7) -> list[CheckRow]:

@@ -1,0 +1,111 @@
+"""Hint, RKD and mutual learning against PyTorch autograd in float64, RKD written the way the
+authors' reference code computes it (pairwise distances, normalized difference vectors and
+batched products). Skipped without torch."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minikd as mk
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+RTOL = 1e-10
+
+
+def rel(a, b, floor=1e-300):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b), initial=0) / max(np.max(np.abs(b), initial=0), floor))
+
+
+def pdist(e, squared=False, eps=1e-12):
+    e_square = e.pow(2).sum(dim=1)
+    prod = e @ e.t()
+    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=eps)
+    if not squared:
+        res = res.sqrt()
+    res = res.clone()
+    res[range(len(e)), range(len(e))] = 0
+    return res
+
+
+def reference_rkd_distance(student, teacher):
+    with torch.no_grad():
+        t_d = pdist(teacher)
+        t_d = t_d / t_d[t_d > 0].mean()
+    d = pdist(student)
+    d = d / d[d > 0].mean()
+    return F.smooth_l1_loss(d, t_d)
+
+
+def reference_rkd_angle(student, teacher):
+    with torch.no_grad():
+        td = teacher.unsqueeze(0) - teacher.unsqueeze(1)
+        norm_td = F.normalize(td, p=2, dim=2)
+        t_angle = torch.bmm(norm_td, norm_td.transpose(1, 2)).view(-1)
+    sd = student.unsqueeze(0) - student.unsqueeze(1)
+    norm_sd = F.normalize(sd, p=2, dim=2)
+    s_angle = torch.bmm(norm_sd, norm_sd.transpose(1, 2)).view(-1)
+    return F.smooth_l1_loss(s_angle, t_angle)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 12), st.integers(1, 6), st.integers(1, 6),
+       st.sampled_from([0.1, 1.0, 30.0]))
+def test_rkd_matches_reference_code(seed, n, ds, dt, scale):
+    r = np.random.default_rng(seed)
+    E, Ft = r.standard_normal((n, ds)) * scale, r.standard_normal((n, dt))
+    for ours_f, ours_b, ref in ((mk.rkd_distance_forward, mk.rkd_distance_backward, reference_rkd_distance),
+                                (mk.rkd_angle_forward, mk.rkd_angle_backward, reference_rkd_angle)):
+        S = torch.tensor(E, requires_grad=True)
+        L = ref(S, torch.tensor(Ft))
+        L.backward()
+        value, cache = ours_f(E, Ft)
+        # floors: a loss or gradient that is exactly 0 (n = 2 angles; collinear points in one
+        # dimension) comes out as rounding noise of ~1e-16 in both implementations
+        assert rel(value, L.item(), 1e-6) <= RTOL
+        d = np.sqrt(((E[:, None] - E[None]) ** 2).sum(-1))[~np.eye(n, dtype=bool)]
+        natural = 1.0 / (n * d.min())  # the gradient's natural size (cosines vary on the closest pair)
+        assert rel(ours_b(1.0, cache), S.grad.numpy(), natural) <= RTOL
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["batchmean", "mean", "sum"]))
+def test_hint_matches_mse(seed, reduction):
+    r = np.random.default_rng(seed)
+    s, t = r.standard_normal((5, 3, 4)), r.standard_normal((5, 3, 4))
+    S = torch.tensor(s, requires_grad=True)
+    if reduction == "batchmean":
+        L = F.mse_loss(S, torch.tensor(t), reduction="sum") / 5
+    else:
+        L = F.mse_loss(S, torch.tensor(t), reduction=reduction)
+    L.backward()
+    value, cache = mk.hint_forward(s, t, reduction=reduction)
+    assert rel(value, L.item()) <= RTOL and rel(mk.hint_backward(1.0, cache), S.grad.numpy()) <= RTOL
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 4), st.sampled_from(["detached", "joint"]),
+       st.floats(0.5, 8.0))
+def test_mutual_matches_torch(seed, M, mode, T):
+    r = np.random.default_rng(seed)
+    zs = [r.standard_normal((6, 5)) * 2 for _ in range(M)]
+    y = r.integers(0, 5, 6)
+    Z = [torch.tensor(z, requires_grad=True) for z in zs]
+    Y = torch.tensor(y)
+    logp = [F.log_softmax(z / T, -1) for z in Z]
+
+    def kl(i, j, detach_j):  # KL(p_j || p_i) batchmean, peers detached when asked
+        target = logp[j].detach() if detach_j else logp[j]
+        return F.kl_div(logp[i], target, log_target=True, reduction="batchmean")
+    c = 1.0 / (M - 1)
+    if mode == "detached":
+        losses = [F.cross_entropy(Z[i], Y) + c * T * T * sum(kl(i, j, True) for j in range(M) if j != i)
+                  for i in range(M)]
+        total = sum(losses)  # each model's loss reaches only that model (peers detached)
+    else:
+        total = sum(F.cross_entropy(Z[i], Y) for i in range(M)) + \
+            c * T * T * sum(kl(j, i, False) for i in range(M) for j in range(M) if j != i)
+    total.backward()
+    L, cache = mk.mutual_forward(zs, y, T=T, mode=mode)
+    grads = mk.mutual_backward(np.ones(M) if mode == "detached" else 1.0, cache)
+    assert rel(np.sum(L), total.item()) <= RTOL
+    for g, z in zip(grads, Z):
+        assert rel(g, z.grad.numpy()) <= RTOL
