@@ -58,7 +58,7 @@ def check_float_array(x, name: str, ndim_min: int = 1):
     """Refuse non-arrays, non-floating dtypes and arrays with too few axes."""
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"{name}: expected a NumPy or CuPy array, got {type(x).__name__}")
-    if x.dtype.kind != "f":
+    if x.dtype.kind != "f" and x.dtype.name != "bfloat16":  # bfloat16 (ml_dtypes) has kind "V"
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
     if x.ndim < ndim_min:
         raise ValueError(f"{name}: expected at least {ndim_min} axis(es) with classes last, "

@@ -84,6 +84,7 @@ def cmd_distill(args) -> int:
     from .distill import TrainConfig, export, train_student  # noqa: PLC0415
     from .plots import learning_curves  # noqa: PLC0415
     t0 = time.perf_counter()
+    variants = _variants(args)  # option errors before any training
     data = _data(args)
     teacher, thist, tl, tt = _teacher_and_targets(args, data)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -97,6 +98,14 @@ def cmd_distill(args) -> int:
     histories = {"teacher": thist, "student scratch": sh, "student KD": kh}
     keys = ["teacher", "student_scratch", "student_kd"]
     best = kd
+    for key, label, specs in variants:
+        vm, vh = train_student(data, cfg, teacher_logits=tl, T=args.T, alpha=args.alpha,
+                               desc=f"student ({label})", feature_specs=specs, teacher=teacher,
+                               cache_dir=None if args.no_cache else args.cache_dir, **common)
+        rows.append(_row(f"student KD + {label}", vm, data, tp, {"T": args.T, "alpha": args.alpha,
+                                                                 "terms": [list(x) for x in specs]}))
+        histories[f"KD + {label}"] = vh
+        keys.append(key)
     if tt is not None:
         tcfg = TrainConfig(epochs=args.transfer_epochs, batch_size=args.batch_size, lr=args.lr,
                            weight_decay=args.weight_decay, seed=args.seed)
@@ -114,12 +123,78 @@ def cmd_distill(args) -> int:
     learning_curves(histories, out / "learning_curves.png")
     report = {**dict(zip(keys, rows)), **_common_report(args, data, t0)}
     _write_report(out, report)
-    gain = rows[2]["test_accuracy"] - rows[1]["test_accuracy"]
-    print(f"\nKD changed the student's test accuracy by {100 * gain:+.1f} points"
-          + (f", KD with the transfer set by {100 * (rows[3]['test_accuracy'] - rows[1]['test_accuracy']):+.1f}"
-             if tt is not None else "")
+    base = report["student_scratch"]["test_accuracy"]
+    gains = [f"{label} by {100 * (report[key]['test_accuracy'] - base):+.1f}" for key, label in
+             [("student_kd", "KD"), ("student_kd_transfer", "KD with the transfer set")] if key in report]
+    print("\nCompared with the scratch student, test accuracy changed: " + ", ".join(gains) + " points"
           + f". Wrote {out}/student.npz/.json, teacher, report.json, learning_curves.png "
             f"({report['seconds']:.0f} s).")
+    return 0
+
+
+def _parse_hint(spec):
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise ValueError(f"--hint {spec!r}: expected TEACHER_TAP:STUDENT_TAP[:WEIGHT], e.g. embed:hidden:0.5")
+    try:
+        weight = float(parts[2]) if len(parts) == 3 else 1.0
+    except ValueError:
+        raise ValueError(f"--hint {spec!r}: the weight {parts[2]!r} is not a number") from None
+    return ("hint", parts[0], parts[1], weight)
+
+
+def _variants(args):
+    """(report key, label, feature specs) for each feature/relational variant asked for."""
+    out = []
+    if args.hint:
+        specs = [_parse_hint(h) for h in args.hint]
+        out.append(("student_kd_hint", "hint " + ", ".join(f"{a}->{b}" for _, a, b, _ in specs), specs))
+    t_tap, _, s_tap = args.rkd_taps.partition(":")
+    if not t_tap or not s_tap:
+        raise ValueError(f"--rkd-taps {args.rkd_taps!r}: expected TEACHER_TAP:STUDENT_TAP")
+    for kind, weight in (("rkd_distance", args.rkd_distance), ("rkd_angle", args.rkd_angle)):
+        if weight:
+            out.append((f"student_kd_{kind}", f"{kind.replace('_', ' ')} x{weight:g}",
+                        [(kind, t_tap, s_tap, weight)]))
+    return out
+
+
+def cmd_mutual(args) -> int:
+    import time  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from .distill import TrainConfig, export, train_mutual, train_student  # noqa: PLC0415
+    from .plots import learning_curves  # noqa: PLC0415
+    if args.models < 2:
+        raise ValueError(f"--models: mutual learning needs at least 2 models, got {args.models}")
+    t0 = time.perf_counter()
+    args.transfer_samples = 0
+    data = _data(args)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      seed=args.seed)
+    cohort, mh = train_mutual(data, cfg, args.models, T=args.T, hidden=args.student_hidden, progress=not args.quiet)
+    alone = []
+    for k in range(args.models):
+        m, h = train_student(data, TrainConfig(**{**cfg.__dict__, "seed": args.seed + k}), hidden=args.student_hidden,
+                             progress=not args.quiet, desc=f"independent {k}")
+        alone.append((m, h))
+    tp = cohort[0].num_parameters()
+    rows = [_row(f"model {k} mutual", m, data, tp) for k, m in enumerate(cohort)] + \
+        [_row(f"model {k} independent", m, data, tp) for k, (m, _) in enumerate(alone)]
+    _print_table(rows)
+    mean_mutual = float(np.mean([r["test_accuracy"] for r in rows[:args.models]]))
+    mean_alone = float(np.mean([r["test_accuracy"] for r in rows[args.models:]]))
+    out = Path(args.out)
+    export(cohort[0], out, "student", data, {"mutual_models": args.models, "T": args.T})
+    learning_curves({**{f"mutual {k}": h for k, h in enumerate(mh)},
+                     **{f"independent {k}": h for k, (_, h) in enumerate(alone)}}, out / "learning_curves.png")
+    _write_report(out, {"mutual": rows[:args.models], "independent": rows[args.models:],
+                        "mean_test_accuracy": {"mutual": mean_mutual, "independent": mean_alone},
+                        **_common_report(args, data, t0)})
+    print(f"\nmean test accuracy: mutual {mean_mutual:.3f}, independent {mean_alone:.3f} "
+          f"({100 * (mean_mutual - mean_alone):+.1f} points). Wrote {out}/report.json, learning_curves.png")
     return 0
 
 
@@ -239,6 +314,18 @@ def _add_pipeline_options(p, T_default, alpha_default, many=False):
     t.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate, cosine schedule (default 0.01)")
     t.add_argument("--backend", choices=["numpy", "numba", "auto"], default="numpy",
                    help="implementation of the KD loss (default numpy, the reference)")
+    if not many:
+        f = p.add_argument_group("feature and relational distillation (each adds a row to the table)")
+        f.add_argument("--hint", action="append", metavar="TEACHER_TAP:STUDENT_TAP[:WEIGHT]",
+                       help="FitNets hint from a teacher layer to a student layer through a trained Linear "
+                            "regressor, e.g. embed:hidden:0.5 (repeat for several layers)")
+        f.add_argument("--rkd-distance", type=float, default=0.0, metavar="WEIGHT",
+                       help="relational KD distance term on the --rkd-taps embeddings (Park et al.: 25)")
+        f.add_argument("--rkd-angle", type=float, default=0.0, metavar="WEIGHT",
+                       help="relational KD angle term on the --rkd-taps embeddings (Park et al.: 50)")
+        f.add_argument("--rkd-taps", default="embed:hidden", metavar="TEACHER_TAP:STUDENT_TAP",
+                       help="layers whose outputs RKD compares (default embed:hidden: the teacher's pooled "
+                            "features, the student's hidden layer)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="minikd-out", help="output directory (default minikd-out)")
     o.add_argument("--cache-dir", default=".minikd-cache",
@@ -272,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments  # noqa: PLC0415
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+    m = sub.add_parser("mutual", help="deep mutual learning: a cohort of students vs the same trained alone")
+    m.add_argument("--models", type=int, default=2, help="cohort size M (default 2)")
+    _add_pipeline_options(m, 1.0, 1.0)
+    m.set_defaults(func=cmd_mutual)
     e = sub.add_parser("evaluate", help="load an exported student and report its test accuracy")
     e.add_argument("dir", help="output directory of distill or sweep")
     e.add_argument("--name", default="student", help="model name in DIR (default student; or teacher)")

@@ -29,7 +29,8 @@ from .losses import cross_entropy_and_grad, kd_loss_and_grad
 from .nn.models import student_mlp, teacher_cnn
 from .nn.serialize import atomic_write
 
-__all__ = ["TrainConfig", "History", "train", "train_teacher", "soft_targets", "train_student",
+__all__ = ["TrainConfig", "History", "FeatureTerm", "train", "train_teacher", "soft_targets", "teacher_features",
+           "make_feature_terms", "train_student", "train_mutual",
            "accuracy", "inference_seconds_per_sample", "export", "load_student", "sweep",
            "distill_loss_and_grad"]
 
@@ -82,26 +83,75 @@ def distill_loss_and_grad(student_logits, teacher_logits, labels, *, T, alpha, b
     return loss, grad
 
 
+@dataclass
+class FeatureTerm:
+    """An extra distillation term on tapped features (FitNets hint or RKD), weighted.
+
+    ``teacher`` holds the teacher's tapped features for every training row (N, ...); the
+    student's tap is flattened to (B, D_s) and the teacher's to (B, D_t). A hint term owns a
+    regressor ``nn.Linear(D_s, D_t)`` trained with the student (feature maps are flattened, so the
+    regressor is a Linear rather than a 1x1 convolution: the default student is an MLP)."""
+    kind: str                 # "hint", "rkd_distance" or "rkd_angle"
+    student_tap: str
+    teacher: np.ndarray
+    weight: float
+    regressor: object = None
+
+    def loss_and_tap_grad(self, feat, idx):
+        from .losses import (hint_backward, hint_forward, rkd_angle_backward, rkd_angle_forward,  # noqa: PLC0415
+                             rkd_distance_backward, rkd_distance_forward)
+        fs = feat.reshape(len(idx), -1)
+        ft = self.teacher[idx].reshape(len(idx), -1)
+        if self.kind == "hint":
+            r, rc = self.regressor.forward(fs)
+            value, hc = hint_forward(r, ft)
+            g = self.regressor.backward(hint_backward(self.weight, hc), rc)
+        elif self.kind == "rkd_distance":
+            value, c = rkd_distance_forward(fs, ft)
+            g = rkd_distance_backward(self.weight, c)
+        else:
+            value, c = rkd_angle_forward(fs, ft)
+            g = rkd_angle_backward(self.weight, c)
+        return self.weight * float(value), g.reshape(feat.shape)
+
+
 def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.0, val=None,
-          desc="train", progress=True, backend="numpy") -> History:
-    """Minibatch AdamW with a cosine schedule; labels -100 mark unlabeled (transfer) rows."""
+          desc="train", progress=True, backend="numpy", feature_terms=()) -> History:
+    """Minibatch AdamW with a cosine schedule; labels -100 mark unlabeled (transfer) rows.
+    ``feature_terms`` add hint / RKD terms on tapped student features (their regressors are
+    trained by the same optimizer settings)."""
     opt = nn.AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
+    regressors = [nn.Sequential([t.regressor]) for t in feature_terms if t.regressor is not None]
+    reg_opts = [nn.AdamW(r, cfg.lr, weight_decay=cfg.weight_decay) for r in regressors]
+    taps = tuple(sorted({t.student_tap for t in feature_terms}))
     schedule = nn.cosine_schedule(cfg.lr, cfg.epochs)
     rng = np.random.default_rng(cfg.seed)
     hist = History()
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
     for epoch in bar:
         opt.lr = schedule(epoch)
+        for o in reg_opts:
+            o.lr = opt.lr
         total, count = 0.0, 0
         for idx in minibatches(len(x), cfg.batch_size, rng):
-            if len(idx) < 2:  # BatchNorm needs two rows; at most one row per epoch is skipped
+            if len(idx) < 2:  # BatchNorm and relational terms need two rows
                 continue
             model.zero_grad()
-            logits, cache = model.forward(x[idx], train=True)
+            for r in regressors:
+                r.zero_grad()
+            logits, cache = model.forward(x[idx], train=True, taps=taps)
             t = None if teacher_logits is None else teacher_logits[idx]
             loss, dlogits = distill_loss_and_grad(logits, t, y[idx], T=T, alpha=alpha, backend=backend)
-            model.backward(dlogits, cache)
+            loss = float(loss)
+            tap_grads = {}
+            for term in feature_terms:
+                value, g = term.loss_and_tap_grad(cache.features[term.student_tap], idx)
+                loss += value
+                tap_grads[term.student_tap] = tap_grads.get(term.student_tap, 0) + g
+            model.backward(dlogits, cache, tap_grads=tap_grads)
             opt.step()
+            for o in reg_opts:
+                o.step()
             total, count = total + float(loss) * len(idx), count + len(idx)
         hist.train_loss.append(total / max(count, 1))
         if val is not None:
@@ -145,20 +195,95 @@ def soft_targets(teacher, x, cache_dir=None):
     return logits
 
 
+def teacher_features(teacher, x, tap: str, cache_dir=None):
+    """The teacher's output at layer ``tap`` on x (eval mode), cached like the soft targets."""
+    if tap not in teacher.names:
+        raise ValueError(f"teacher tap {tap!r}: no such layer; the teacher's layers are {teacher.names}")
+
+    def compute():
+        outs = [teacher.forward(x[i:i + 1024], train=False, taps=(tap,))[1].features[tap]
+                for i in range(0, len(x), 1024)]
+        return np.concatenate(outs).astype(np.float32)
+    if cache_dir is None:
+        return compute()
+    weights = nn.state_dict(teacher)
+    key = fingerprint(x, np.frombuffer(tap.encode(), np.uint8), *[weights[k] for k in sorted(weights)])
+    path = Path(cache_dir) / f"teacher-features-{key}.npy"
+    if path.exists():
+        return np.load(path, allow_pickle=False)
+    feats = compute()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+    atomic_write(path, write)
+    return feats
+
+
+def make_feature_terms(specs, teacher, student, x, cache_dir=None, seed=0):
+    """FeatureTerms from (kind, teacher_tap, student_tap, weight) specs; checks the tap names and
+    builds each hint regressor from the tapped shapes."""
+    terms = []
+    for kind, t_tap, s_tap, weight in specs:
+        if s_tap not in student.names:
+            raise ValueError(f"student tap {s_tap!r}: no such layer; the student's layers are {student.names}")
+        feats = teacher_features(teacher, x, t_tap, cache_dir)
+        regressor = None
+        if kind == "hint":
+            probe = student.forward(x[:2], train=False, taps=(s_tap,))[1].features[s_tap]
+            regressor = nn.Linear(int(np.prod(probe.shape[1:])), int(np.prod(feats.shape[1:])), seed=seed)
+        terms.append(FeatureTerm(kind, s_tap, feats, float(weight), regressor))
+    return terms
+
+
 def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teacher_logits_transfer=None,
                   T=4.0, alpha=0.9, hidden=50, use_transfer=False, progress=True, desc="student",
-                  backend="numpy"):
+                  backend="numpy", feature_specs=(), teacher=None, cache_dir=None):
     """Step 3. The student MLP, from scratch (teacher_logits None) or distilled; with
-    ``use_transfer`` the transfer set joins the training rows with label -100 (soft term only)."""
+    ``use_transfer`` the transfer set joins the training rows with label -100 (soft term only).
+    ``feature_specs``: (kind, teacher_tap, student_tap, weight) hint / RKD terms (needs ``teacher``)."""
     model = student_mlp(data.x_train.shape[1], data.num_classes, hidden=hidden, seed=cfg.seed)
     x, y, t = data.x_train, data.y_train, teacher_logits
     if use_transfer and len(data.x_transfer):
         x = np.concatenate([x, data.x_transfer])
         y = np.concatenate([y, np.full(len(data.x_transfer), -100, dtype=np.int64)])
         t = np.concatenate([t, teacher_logits_transfer])
+    terms = make_feature_terms(feature_specs, teacher, model, x, cache_dir, cfg.seed) if feature_specs else ()
     hist = train(model, x, y, cfg, teacher_logits=t, T=T, alpha=alpha, val=(data.x_val, data.y_val),
-                 desc=desc, progress=progress, backend=backend)
+                 desc=desc, progress=progress, backend=backend, feature_terms=terms)
     return model, hist
+
+
+def train_mutual(data: Dataset, cfg: TrainConfig, models: int, *, T=1.0, hidden=50, progress=True):
+    """Deep mutual learning: ``models`` student MLPs (seeds cfg.seed + k) trained together, each
+    on CE + the mean KL to its peers (mode "detached", as the DML authors train). Returns the
+    models and their histories."""
+    from .losses import mutual_backward, mutual_forward  # noqa: PLC0415
+    cohort = [student_mlp(data.x_train.shape[1], data.num_classes, hidden=hidden, seed=cfg.seed + k)
+              for k in range(models)]
+    opts = [nn.AdamW(m, cfg.lr, weight_decay=cfg.weight_decay) for m in cohort]
+    schedule = nn.cosine_schedule(cfg.lr, cfg.epochs)
+    rng = np.random.default_rng(cfg.seed)
+    hists = [History() for _ in cohort]
+    x, y = data.x_train, data.y_train
+    for epoch in tqdm(range(cfg.epochs), desc=f"mutual ({models} models)", disable=not progress, leave=False):
+        for o in opts:
+            o.lr = schedule(epoch)
+        totals = np.zeros(models)
+        for idx in minibatches(len(x), cfg.batch_size, rng):
+            outs = []
+            for m in cohort:
+                m.zero_grad()
+                outs.append(m.forward(x[idx], train=True))
+            losses, cache = mutual_forward([o[0] for o in outs], y[idx], T=T, mode="detached")
+            for m, o, g, opt in zip(cohort, outs, mutual_backward(np.ones(models), cache), opts):
+                m.backward(g, o[1])
+                opt.step()
+            totals += np.asarray(losses, dtype=float) * len(idx)
+        for k, m in enumerate(cohort):
+            hists[k].train_loss.append(totals[k] / len(x))
+            hists[k].val_accuracy.append(accuracy(m, data.x_val, data.y_val))
+    return cohort, hists
 
 
 def export(model, out_dir, name: str, data: Dataset, extra: dict | None = None):

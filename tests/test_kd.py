@@ -20,14 +20,20 @@ def kwargs_of(case, **over):
 
 def floor_of(case, g, eps):
     """Finite-difference noise floor. The loss sums terms of size alpha*tau*(H(q) + H(q, p)) +
-    (1 - alpha)*CE per row that cancel (KL ~ 0 at s = t), so rounding noise scales with those
-    terms, not with the loss: about 1.5 * 8 * u * M / h with M their weighted sum."""
+    (1 - alpha)*CE per row that cancel (KL ~ 0 at s = t), and log-softmax forms (x - max x)/T of
+    size R/T (R the spread of the finite logits), so rounding noise scales with those terms, not
+    with the loss: about 1.5 * 8 * u * M / h with M their weighted sum."""
     rows = mk.kd_loss(case.student, case.teacher, case.labels,
                       **kwargs_of(case, reduction="none", kind="ce"))
     w = np.abs(g) if case.reduction == "none" else np.full(rows.shape, abs(g))
     if case.reduction == "batchmean":
         w = w / max(1, int(np.count_nonzero(rows)))
-    M = 2 * float(np.sum(w * np.abs(rows)))
+    tau = case.T**2 if case.scale_t2 else 1.0
+    finite = np.isfinite(case.student)
+    R = float(np.max(np.where(finite, case.student - np.max(case.student, -1, keepdims=True), 0) * -1,
+                     initial=0.0))
+    M = 2 * float(np.sum(w * np.abs(rows))) + float(np.max(w, initial=0)) * (
+        case.alpha * tau * R / case.T + (1 - case.alpha) * R)
     return max(1e-4, 1.5 * 8 * 1.1e-16 * M / eps / RTOL)
 
 

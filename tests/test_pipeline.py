@@ -116,3 +116,33 @@ def test_mnist1d_is_seeded_and_leaves_global_rng_alone():
     b = D.mnist1d(200, seed=3)
     np.testing.assert_array_equal(a.x_train, b.x_train)
     assert a.x_train.shape[1] == 40 and a.num_classes == 10
+
+
+def test_feature_and_relational_variants(tmp_path):
+    out, rep = run(["--hint", "embed:hidden:0.5", "--hint", "relu4:fc1", "--rkd-distance", "25",
+                    "--rkd-angle", "50"], tmp_path)
+    for key in ("student_kd_hint", "student_kd_rkd_distance", "student_kd_rkd_angle"):
+        assert 0.0 <= rep[key]["test_accuracy"] <= 1.0
+    assert rep["student_kd_hint"]["terms"] == [["hint", "embed", "hidden", 0.5], ["hint", "relu4", "fc1", 1.0]]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--hint", "embed"], "expected TEACHER_TAP:STUDENT_TAP"),
+    (["--hint", "embed:hidden:x"], "the weight 'x' is not a number"),
+    (["--rkd-distance", "1", "--rkd-taps", "embed"], "--rkd-taps 'embed'"),
+    (["--hint", "nope:hidden"], "teacher tap 'nope': no such layer"),
+    (["--hint", "embed:nope"], "student tap 'nope': no such layer"),
+])
+def test_variant_errors(tmp_path, capsys, args, msg):
+    assert main(["distill", *SMALL, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), *args]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_mutual_command(tmp_path, capsys):
+    out = tmp_path / "mut"
+    assert main(["mutual", "--models", "3", "--samples", "600", "--epochs", "2", "--quiet", "--student-hidden", "16",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["mutual"]) == 3 and len(rep["independent"]) == 3
+    assert "mean test accuracy: mutual" in capsys.readouterr().out
+    assert main(["mutual", "--models", "1", "--quiet"]) == 2

@@ -7,7 +7,8 @@ Same meaning and result as ``mk.kd_loss_and_grad`` with teacher logits (``kind``
 the summed loss). Arguments are validated by the reference's own checks, so errors are the
 same. ``out=`` receives the gradient (it may be the student array itself: in place).
 
-backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (GPU; not built yet),
+backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
+``softmax_kl.cu``; float32 / float16 / bfloat16; not yet run on a GPU by this project's CI),
 "auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
 """
 from __future__ import annotations
@@ -55,8 +56,8 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
             grad = out
         return loss, grad
     if backend == "cupy":
-        raise NotImplementedError("backend='cupy': the GPU kernel is not built yet (issue 7); "
-                                  "use backend='numpy' on CuPy arrays meanwhile")
+        from .cupy_gpu import softmax_kl_cupy  # noqa: PLC0415
+        return softmax_kl_cupy(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
     return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
 
 
