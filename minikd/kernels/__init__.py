@@ -70,7 +70,7 @@ SERIAL_BELOW = 1 << 12
 def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
                       mask, out):
     from ..backend import check_logits  # noqa: PLC0415
-    from .numba_cpu import get_kernel  # noqa: PLC0415
+    from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, get_kernel  # noqa: PLC0415
     _, T, alpha, valid, labels_flat = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
         ignore_index=ignore_index, mask=mask, check_student=False)
@@ -82,36 +82,48 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
     t = np.ascontiguousarray(teacher.reshape(-1, C))
     N = s.shape[0]
     n_valid = int(valid.sum())
-    weights = valid / max(n_valid, 1) if reduction == "batchmean" else valid.astype(np.float64)
-    lab = np.zeros(N, np.int64) if labels_flat is None else np.where(valid, labels_flat, 0).astype(np.int64)
+    weights = valid.astype(np.float64)
+    if reduction == "batchmean":
+        weights *= 1.0 / max(n_valid, 1)
+    lab = np.zeros(N, np.int64) if labels_flat is None else \
+        np.where(valid, labels_flat, 0).astype(np.int64, copy=False)
     tau = T * T if scale_t2 else 1.0
     # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
     buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else np.empty_like(s)
-    stats = np.empty((N, 4), np.float64)
+    stats = np.empty((4, N), np.float64)
     flags = np.zeros(N, np.int8)
     parallel = s.size >= SERIAL_BELOW
     n_threads = __import__("numba").get_num_threads() if parallel else 1
-    # several chunks of rows per thread balance the load
-    rows_per_chunk = max(1, -(-N // (8 * n_threads))) if parallel else max(N, 1)
-    get_kernel(s.dtype, parallel)(s, t, lab, weights.astype(np.float64), 1.0 / T, alpha * tau, 1.0 - alpha,
-                                  kind == "ce", T == 1.0, buf, stats, flags, rows_per_chunk)
+    short = C <= SHORT_ROWS_UP_TO
+    if short:   # blocks of rows transposed so that SIMD lanes run across rows
+        rows_per_chunk = SHORT_BLOCK_ROWS
+    else:       # several chunks of rows per thread balance the load
+        rows_per_chunk = max(1, -(-N // (8 * n_threads))) if parallel else max(N, 1)
+    get_kernel(s.dtype, parallel, short)(s, t, lab, weights, 1.0 / T, alpha * tau,
+                                         1.0 - alpha, kind == "ce", T == 1.0, buf, stats, flags, rows_per_chunk)
     if flags.any():  # rare: let the reference's checks raise their exact message
         check_logits(student, "student", valid)
         check_logits(teacher, "teacher", valid)
         raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
-    row_loss = np.zeros(N, np.float64)
-    if alpha > 0:
-        row_loss += (alpha * tau) * (stats[:, 0] + np.log(stats[:, 1]))
-    if alpha < 1:
-        row_loss += (1.0 - alpha) * (np.log(stats[:, 2]) - stats[:, 3])
     if out is not None:
         if not np.shares_memory(buf, out):
             out[...] = buf.reshape(out.shape)
         grad = out
     else:
         grad = buf.reshape(student.shape)
+    # row loss = alpha tau (A/Zt + log(Zs/Zt or Zs)) + (1 - alpha)(log Z1 - (s_y - ms)), rows that
+    # count nowhere give 0 (neutral statistics); the logs run over all rows at once in NumPy
     if reduction == "none":
+        row_loss = np.zeros(N, np.float64)
+        if alpha > 0:
+            row_loss += (alpha * tau) * (stats[0] + np.log(stats[1]))
+        if alpha < 1:
+            row_loss += (1.0 - alpha) * (np.log(stats[2]) - stats[3])
         return row_loss.astype(student.dtype).reshape(lead), grad
-    total = row_loss.sum()
+    total = 0.0
+    if alpha > 0:
+        total += (alpha * tau) * (stats[0].sum() + np.log(stats[1]).sum())
+    if alpha < 1:
+        total += (1.0 - alpha) * (np.log(stats[2]).sum() - stats[3].sum())
     loss = total / max(n_valid, 1) if reduction == "batchmean" else total
     return student.dtype.type(loss), grad

@@ -7,8 +7,8 @@ Per row (s, t the student and teacher logits, T the temperature, y the label):
             KL(q||p)  = A / Zt + log(Zs / Zt)              (zs, zt the scaled shifted logits)
             H(q, p)   = -sum_{et > 0} et zs / Zt + log Zs  (kind="ce")
             CE        = log Z1 - (s_y - ms)
-            (the kernel stores A / Zt, Zs / Zt or Zs, Z1, s_y - ms per row; the caller takes the
-            logs over all rows with NumPy's SIMD log)
+            (the kernel stores A / Zt, Zs / Zt or Zs, Z1, s_y - ms per row in a (4, N) array; the
+            caller takes the logs over all rows with NumPy's SIMD log)
     pass C  grad = w (alpha tau / T (es / Zs - et / Zt) + (1 - alpha)(e1 / Z1 - onehot(y)))
 It reads s and t from memory once in pass A; pass B re-reads the row, which is then in cache
 (C = 32k float32 rows are 128 KB), and pass C reads the row buffers, not the inputs: the
@@ -61,10 +61,10 @@ def _make(exp, parallel):
             e1 = es if share_hard else np.empty(C, s.dtype)
             for i in range(k * rows_per_chunk, min(N, (k + 1) * rows_per_chunk)):
                 w = weights[i]
-                stats[i, 0] = 0.0  # (A / Zt, log argument of the soft term, Z1, s_y - ms): see below
-                stats[i, 1] = 1.0
-                stats[i, 2] = 1.0
-                stats[i, 3] = 0.0
+                stats[0, i] = 0.0  # (A / Zt, log argument of the soft term, Z1, s_y - ms): see below
+                stats[1, i] = 1.0
+                stats[2, i] = 1.0
+                stats[3, i] = 0.0
                 if w == 0.0:  # a row that counts nowhere: zero gradient, not inspected
                     for c in range(C):
                         out[i, c] = 0
@@ -115,10 +115,10 @@ def _make(exp, parallel):
                 # the logs are taken by NumPy over all rows at once (a SIMD log), not here: for
                 # C = 10 three scalar libm logs per row cost more than the row itself
                 y = labels[i]
-                stats[i, 0] = A / Zt
-                stats[i, 1] = Zs if kind_ce else Zs / Zt
-                stats[i, 2] = Z1 if hard_coef != 0.0 else 1.0
-                stats[i, 3] = np.float64(s[i, y]) - ms if hard_coef != 0.0 else 0.0
+                stats[0, i] = A / Zt
+                stats[1, i] = Zs if kind_ce else Zs / Zt
+                stats[2, i] = Z1 if hard_coef != 0.0 else 1.0
+                stats[3, i] = np.float64(s[i, y]) - ms if hard_coef != 0.0 else 0.0
                 # pass C: the gradient from the buffers, per-row coefficients
                 gs = w * soft_coef * inv_T
                 a_s = dt(gs / Zs)
@@ -134,13 +134,126 @@ def _make(exp, parallel):
     return kernel
 
 
+def _make_short(exp, parallel):
+    """The same computation for short rows (C up to SHORT_ROWS_UP_TO), with SIMD lanes across rows.
+
+    A loop over 10 classes leaves most of a vector idle and runs scalar remainders, so a block of
+    R rows is first transposed into (C, R) buffers; every later loop runs along the R rows of one
+    class, contiguous and full width: the maxima, the exponentials, the sums and the gradient.
+    The gradient is transposed back at the end. Rows that count nowhere are copied as zeros
+    (their statistics stay finite and their coefficients are 0, so their gradient is exactly 0).
+    """
+    @njit(parallel=parallel, fastmath=FASTMATH)
+    def kernel(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard,
+               out, stats, flags, rows_per_block):
+        N, C = s.shape
+        dt = s.dtype.type
+        inv_T_x = dt(inv_T)
+        R = rows_per_block
+        n_blocks = (N + R - 1) // R
+        for b in prange(n_blocks):
+            r0 = b * R
+            nr = min(N, r0 + R) - r0
+            sT = np.empty((C, R), s.dtype)
+            tT = np.empty((C, R), s.dtype)
+            es = np.empty((C, R), s.dtype)
+            et = np.empty((C, R), s.dtype)
+            e1 = es if share_hard else np.empty((C, R), s.dtype)
+            ms = np.full(R, -np.inf, s.dtype)
+            mt = np.full(R, -np.inf, s.dtype)
+            bad_s = np.zeros(R, np.int32)
+            bad_t = np.zeros(R, np.int32)
+            Zs = np.zeros(R)
+            Zt = np.zeros(R)
+            Z1 = np.zeros(R)
+            A = np.zeros(R)
+            for r in range(R):   # transpose in; rows past the end and rows of weight 0 become zeros
+                live = r < nr and weights[r0 + r] != 0.0
+                for c in range(C):
+                    sT[c, r] = s[r0 + r, c] if live else dt(0)
+                    tT[c, r] = t[r0 + r, c] if live else dt(0)
+            for c in range(C):   # pass A along the rows
+                for r in range(R):
+                    sc = sT[c, r]
+                    tc = tT[c, r]
+                    ms[r] = max(ms[r], sc)
+                    mt[r] = max(mt[r], tc)
+                    bad_s[r] += 0 if sc < np.inf else 1
+                    bad_t[r] += 0 if tc < np.inf else 1
+            for r in range(nr):
+                flag = (BAD_STUDENT if (bad_s[r] or ms[r] == -np.inf) else 0) + \
+                    (BAD_TEACHER if (bad_t[r] or mt[r] == -np.inf) else 0)
+                if flag:  # the caller raises; keep the arithmetic below finite
+                    flags[r0 + r] = flag
+                    ms[r] = 0
+                    mt[r] = 0
+                    for c in range(C):
+                        sT[c, r] = 0
+                        tT[c, r] = 0
+            for c in range(C):   # pass B along the rows
+                for r in range(R):
+                    zs = (sT[c, r] - ms[r]) * inv_T_x
+                    zt = (tT[c, r] - mt[r]) * inv_T_x
+                    a = exp(zs)
+                    e = exp(zt)
+                    es[c, r] = a
+                    et[c, r] = e
+                    Zs[r] += np.float64(a)
+                    Zt[r] += np.float64(e)
+                    d = -zs if kind_ce else zt - zs
+                    A[r] += np.float64(e * d) if e > 0 else 0.0
+            if hard_coef != 0.0 and not share_hard:
+                for c in range(C):
+                    for r in range(R):
+                        e = exp(sT[c, r] - ms[r])
+                        e1[c, r] = e
+                        Z1[r] += np.float64(e)
+            elif hard_coef != 0.0:
+                for r in range(R):
+                    Z1[r] = Zs[r]
+            a_s = np.empty(R, s.dtype)
+            a_t = np.empty(R, s.dtype)
+            a_1 = np.empty(R, s.dtype)
+            for r in range(R):
+                i = r0 + r
+                w = weights[i] if (r < nr and flags[i] == 0) else 0.0
+                gs = w * soft_coef * inv_T
+                a_s[r] = dt(gs / Zs[r])
+                a_t[r] = dt(gs / Zt[r])
+                a_1[r] = dt(w * hard_coef / Z1[r]) if hard_coef != 0.0 else dt(0)
+                if r < nr:
+                    y = labels[i]
+                    stats[0, i] = A[r] / Zt[r] if w != 0.0 else 0.0
+                    stats[1, i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
+                    stats[2, i] = Z1[r] if (hard_coef != 0.0 and w != 0.0) else 1.0
+                    stats[3, i] = np.float64(sT[y, r]) - ms[r] if (hard_coef != 0.0 and w != 0.0) else 0.0
+            if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
+                for c in range(C):
+                    for r in range(R):
+                        es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r] + a_1[r] * e1[c, r]
+            else:                  # (e1 was never filled: 0 * garbage could be NaN)
+                for c in range(C):
+                    for r in range(R):
+                        es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r]
+            for r in range(nr):  # transpose out, minus the one-hot of the label
+                i = r0 + r
+                for c in range(C):
+                    out[i, c] = es[c, r]
+                if hard_coef != 0.0 and a_1[r] != 0:
+                    out[i, labels[i]] -= dt(weights[i] * hard_coef)
+    return kernel
+
+
 _KERNELS = {}
+SHORT_ROWS_UP_TO = 16      # C at or below this takes the row-transposed kernel (measured: faster
+                           # at C = 10 (2.1 vs 3.0 ms at 65536 rows), even at 32, slower at 64)
+SHORT_BLOCK_ROWS = 128     # rows per transposed block (64..128 measured best)
 
 
-def get_kernel(dtype, parallel: bool):
+def get_kernel(dtype, parallel: bool, short: bool = False):
     """The compiled kernel for float32 (vectorized exp) or float64 (libm exp) inputs."""
-    key = (np.dtype(dtype).name, parallel)
+    key = (np.dtype(dtype).name, parallel, short)
     if key not in _KERNELS:
         exp = exp_neg_f32 if key[0] == "float32" else _exp64
-        _KERNELS[key] = _make(exp, parallel)
+        _KERNELS[key] = (_make_short if short else _make)(exp, parallel)
     return _KERNELS[key]
