@@ -199,3 +199,20 @@ def test_errors():
         mk.mutual_loss([E], mode="both")
     with pytest.raises(ValueError, match=r"logits_list\[1\]: expected shape"):
         mk.mutual_loss([E, np.zeros((3, 3))])
+
+
+def test_hint_through_a_1x1_conv_regressor_on_feature_maps():
+    """Feature maps (N, C, L): the regressor is a 1x1 Conv1d; its parameter gradients checked."""
+    r = seeded(4)
+    reg = mk.nn.Conv1d(4, 6, 1, dtype="float64", seed=2)
+    x, t = r.standard_normal((3, 4, 5)), r.standard_normal((3, 6, 5))
+    reg.zero_grad()
+    y, c = reg.forward(x)
+    _, hc = mk.hint_forward(y, t, reduction="mean")
+    dx = reg.backward(mk.hint_backward(0.8, hc), c)
+
+    def f(x, w, b):
+        reg.params["weight"], reg.params["bias"] = w, b
+        return mk.hint_loss(reg.forward(x)[0], t, reduction="mean")
+    w0, b0 = reg.params["weight"].copy(), reg.params["bias"].copy()
+    assert check_vjp(f, [x, w0, b0], 0.8, [dx, reg.grads["weight"].copy(), reg.grads["bias"].copy()]).max_rel <= RTOL
