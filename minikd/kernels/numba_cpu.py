@@ -143,6 +143,94 @@ def _make_short(exp, parallel):
     The gradient is transposed back at the end. Rows that count nowhere are copied as zeros
     (their statistics stay finite and their coefficients are 0, so their gradient is exactly 0).
     """
+    @njit(fastmath=FASTMATH)
+    def _short_block(s, t, labels, weights, inv_T, inv_T_x, soft_coef, hard_coef, kind_ce, share_hard, out, stats,
+                     flags, r0, nr, sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1):
+        """One block of R rows of the short-row kernel (the buffers belong to the caller's group)."""
+        C = s.shape[1]
+        R = sT.shape[1]
+        dt = s.dtype.type
+        for r in range(R):
+            ms[r] = -np.inf
+            mt[r] = -np.inf
+            bad_s[r] = 0
+            bad_t[r] = 0
+            Zs[r] = 0.0
+            Zt[r] = 0.0
+            Z1[r] = 0.0
+            A[r] = 0.0
+        for r in range(R):   # transpose in; rows past the end and rows of weight 0 become zeros
+            live = r < nr and weights[r0 + r] != 0.0
+            for c in range(C):
+                sT[c, r] = s[r0 + r, c] if live else dt(0)
+                tT[c, r] = t[r0 + r, c] if live else dt(0)
+        for c in range(C):   # pass A along the rows
+            for r in range(R):
+                sc = sT[c, r]
+                tc = tT[c, r]
+                ms[r] = max(ms[r], sc)
+                mt[r] = max(mt[r], tc)
+                bad_s[r] += 0 if sc < np.inf else 1
+                bad_t[r] += 0 if tc < np.inf else 1
+        for r in range(nr):
+            flag = (BAD_STUDENT if (bad_s[r] or ms[r] == -np.inf) else 0) + \
+                (BAD_TEACHER if (bad_t[r] or mt[r] == -np.inf) else 0)
+            if flag:  # the caller raises; keep the arithmetic below finite
+                flags[r0 + r] = flag
+                ms[r] = 0
+                mt[r] = 0
+                for c in range(C):
+                    sT[c, r] = 0
+                    tT[c, r] = 0
+        for c in range(C):   # pass B along the rows
+            for r in range(R):
+                zs = (sT[c, r] - ms[r]) * inv_T_x
+                zt = (tT[c, r] - mt[r]) * inv_T_x
+                a = exp(zs)
+                e = exp(zt)
+                es[c, r] = a
+                et[c, r] = e
+                Zs[r] += np.float64(a)
+                Zt[r] += np.float64(e)
+                d = -zs if kind_ce else zt - zs
+                A[r] += np.float64(e * d) if e > 0 else 0.0
+        if hard_coef != 0.0 and not share_hard:
+            for c in range(C):
+                for r in range(R):
+                    e = exp(sT[c, r] - ms[r])
+                    e1[c, r] = e
+                    Z1[r] += np.float64(e)
+        elif hard_coef != 0.0:
+            for r in range(R):
+                Z1[r] = Zs[r]
+        for r in range(R):
+            i = r0 + r
+            w = weights[i] if (r < nr and flags[i] == 0) else 0.0
+            gs = w * soft_coef * inv_T
+            a_s[r] = dt(gs / Zs[r])
+            a_t[r] = dt(gs / Zt[r])
+            a_1[r] = dt(w * hard_coef / Z1[r]) if hard_coef != 0.0 else dt(0)
+            if r < nr:
+                y = labels[i]
+                stats[0, i] = A[r] / Zt[r] if w != 0.0 else 0.0
+                stats[1, i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
+                stats[2, i] = Z1[r] if (hard_coef != 0.0 and w != 0.0) else 1.0
+                stats[3, i] = np.float64(sT[y, r]) - ms[r] if (hard_coef != 0.0 and w != 0.0) else 0.0
+        if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
+            for c in range(C):
+                for r in range(R):
+                    es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r] + a_1[r] * e1[c, r]
+        else:                  # (e1 was never filled: 0 * garbage could be NaN)
+            for c in range(C):
+                for r in range(R):
+                    es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r]
+        for r in range(nr):  # transpose out, minus the one-hot of the label
+            i = r0 + r
+            for c in range(C):
+                out[i, c] = es[c, r]
+            if hard_coef != 0.0 and a_1[r] != 0:
+                out[i, labels[i]] -= dt(weights[i] * hard_coef)
+
     @njit(parallel=parallel, fastmath=FASTMATH)
     def kernel(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard,
                out, stats, flags, rows_per_block):
@@ -151,96 +239,29 @@ def _make_short(exp, parallel):
         inv_T_x = dt(inv_T)
         R = rows_per_block
         n_blocks = (N + R - 1) // R
-        for b in prange(n_blocks):
-            r0 = b * R
-            nr = min(N, r0 + R) - r0
+        # groups of consecutive blocks: buffers are allocated once per group, not per block
+        n_groups = min(n_blocks, 64)
+        for g in prange(n_groups):
             sT = np.empty((C, R), s.dtype)
             tT = np.empty((C, R), s.dtype)
             es = np.empty((C, R), s.dtype)
             et = np.empty((C, R), s.dtype)
             e1 = es if share_hard else np.empty((C, R), s.dtype)
-            ms = np.full(R, -np.inf, s.dtype)
-            mt = np.full(R, -np.inf, s.dtype)
-            bad_s = np.zeros(R, np.int32)
-            bad_t = np.zeros(R, np.int32)
-            Zs = np.zeros(R)
-            Zt = np.zeros(R)
-            Z1 = np.zeros(R)
-            A = np.zeros(R)
-            for r in range(R):   # transpose in; rows past the end and rows of weight 0 become zeros
-                live = r < nr and weights[r0 + r] != 0.0
-                for c in range(C):
-                    sT[c, r] = s[r0 + r, c] if live else dt(0)
-                    tT[c, r] = t[r0 + r, c] if live else dt(0)
-            for c in range(C):   # pass A along the rows
-                for r in range(R):
-                    sc = sT[c, r]
-                    tc = tT[c, r]
-                    ms[r] = max(ms[r], sc)
-                    mt[r] = max(mt[r], tc)
-                    bad_s[r] += 0 if sc < np.inf else 1
-                    bad_t[r] += 0 if tc < np.inf else 1
-            for r in range(nr):
-                flag = (BAD_STUDENT if (bad_s[r] or ms[r] == -np.inf) else 0) + \
-                    (BAD_TEACHER if (bad_t[r] or mt[r] == -np.inf) else 0)
-                if flag:  # the caller raises; keep the arithmetic below finite
-                    flags[r0 + r] = flag
-                    ms[r] = 0
-                    mt[r] = 0
-                    for c in range(C):
-                        sT[c, r] = 0
-                        tT[c, r] = 0
-            for c in range(C):   # pass B along the rows
-                for r in range(R):
-                    zs = (sT[c, r] - ms[r]) * inv_T_x
-                    zt = (tT[c, r] - mt[r]) * inv_T_x
-                    a = exp(zs)
-                    e = exp(zt)
-                    es[c, r] = a
-                    et[c, r] = e
-                    Zs[r] += np.float64(a)
-                    Zt[r] += np.float64(e)
-                    d = -zs if kind_ce else zt - zs
-                    A[r] += np.float64(e * d) if e > 0 else 0.0
-            if hard_coef != 0.0 and not share_hard:
-                for c in range(C):
-                    for r in range(R):
-                        e = exp(sT[c, r] - ms[r])
-                        e1[c, r] = e
-                        Z1[r] += np.float64(e)
-            elif hard_coef != 0.0:
-                for r in range(R):
-                    Z1[r] = Zs[r]
+            ms = np.empty(R, s.dtype)
+            mt = np.empty(R, s.dtype)
+            bad_s = np.empty(R, np.int32)
+            bad_t = np.empty(R, np.int32)
+            Zs = np.empty(R)
+            Zt = np.empty(R)
+            Z1 = np.empty(R)
+            A = np.empty(R)
             a_s = np.empty(R, s.dtype)
             a_t = np.empty(R, s.dtype)
             a_1 = np.empty(R, s.dtype)
-            for r in range(R):
-                i = r0 + r
-                w = weights[i] if (r < nr and flags[i] == 0) else 0.0
-                gs = w * soft_coef * inv_T
-                a_s[r] = dt(gs / Zs[r])
-                a_t[r] = dt(gs / Zt[r])
-                a_1[r] = dt(w * hard_coef / Z1[r]) if hard_coef != 0.0 else dt(0)
-                if r < nr:
-                    y = labels[i]
-                    stats[0, i] = A[r] / Zt[r] if w != 0.0 else 0.0
-                    stats[1, i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
-                    stats[2, i] = Z1[r] if (hard_coef != 0.0 and w != 0.0) else 1.0
-                    stats[3, i] = np.float64(sT[y, r]) - ms[r] if (hard_coef != 0.0 and w != 0.0) else 0.0
-            if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
-                for c in range(C):
-                    for r in range(R):
-                        es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r] + a_1[r] * e1[c, r]
-            else:                  # (e1 was never filled: 0 * garbage could be NaN)
-                for c in range(C):
-                    for r in range(R):
-                        es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r]
-            for r in range(nr):  # transpose out, minus the one-hot of the label
-                i = r0 + r
-                for c in range(C):
-                    out[i, c] = es[c, r]
-                if hard_coef != 0.0 and a_1[r] != 0:
-                    out[i, labels[i]] -= dt(weights[i] * hard_coef)
+            for b in range(g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups):
+                _short_block(s, t, labels, weights, inv_T, inv_T_x, soft_coef, hard_coef, kind_ce, share_hard,
+                             out, stats, flags, b * R, min(N, b * R + R) - b * R,
+                             sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1)
     return kernel
 
 
