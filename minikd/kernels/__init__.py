@@ -13,12 +13,14 @@ backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fu
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..backend import is_cupy_array
 from ..losses.kd import check_kd_arguments, kd_loss_and_grad
 
-__all__ = ["softmax_kl", "resolve_backend"]
+__all__ = ["softmax_kl", "resolve_backend", "prepare_rows", "Rows"]
 
 BACKENDS = ("auto", "numpy", "numba", "cupy")
 
@@ -61,6 +63,40 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
 
 
+class Rows(NamedTuple):
+    """What every fused kernel needs, prepared once (the same for NumPy and CuPy arrays)."""
+    s: object            # (N, C) contiguous student rows
+    t: object            # (N, C) contiguous teacher rows
+    labels: object       # (N,) int64, 0 where a row does not count or no labels were given
+    weights: object      # (N,) d(reduced loss)/d(row loss): 1/|V| (batchmean) or 1 on valid rows, else 0
+    valid: object        # (N,) bool
+    n_valid: int
+    lead: tuple          # the leading shape of the logits
+    T: float
+    alpha: float
+    tau: float
+
+
+def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
+                 weight_dtype):
+    """Validate (with the reference's checks, student values excepted: the kernels check those
+    in their first pass) and lay out the rows for a kernel."""
+    xp, T, alpha, valid, labels_flat = check_kd_arguments(
+        student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
+        ignore_index=ignore_index, mask=mask, check_student=False)
+    C = student.shape[-1]
+    s = xp.ascontiguousarray(student.reshape(-1, C))
+    t = xp.ascontiguousarray(teacher.reshape(-1, C))
+    n_valid = int(valid.sum())
+    weights = valid.astype(weight_dtype)
+    if reduction == "batchmean":
+        weights *= 1.0 / max(n_valid, 1)
+    lab = xp.zeros(s.shape[0], xp.int64) if labels_flat is None else \
+        xp.where(valid, labels_flat, 0).astype(xp.int64, copy=False)
+    return Rows(s, t, lab, weights, valid, n_valid, tuple(student.shape[:-1]), T, alpha,
+                T * T if scale_t2 else 1.0)
+
+
 # below this many elements the serial kernel is as fast or faster (thread start-up costs more than
 # the work). Measured on 2 cores, float32: 8x10 serial 32 us / parallel 38 us; 64x100 49 / 47;
 # 256x100 99 / 76; 128x1000 307 / 181 (about 30 us of each call is argument checking in NumPy).
@@ -71,23 +107,12 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
                       mask, out):
     from ..backend import check_logits  # noqa: PLC0415
     from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, get_kernel  # noqa: PLC0415
-    _, T, alpha, valid, labels_flat = check_kd_arguments(
-        student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
-        ignore_index=ignore_index, mask=mask, check_student=False)
     if student.dtype not in (np.float32, np.float64):
         raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
-    C = student.shape[-1]
-    lead = tuple(student.shape[:-1])
-    s = np.ascontiguousarray(student.reshape(-1, C))
-    t = np.ascontiguousarray(teacher.reshape(-1, C))
-    N = s.shape[0]
-    n_valid = int(valid.sum())
-    weights = valid.astype(np.float64)
-    if reduction == "batchmean":
-        weights *= 1.0 / max(n_valid, 1)
-    lab = np.zeros(N, np.int64) if labels_flat is None else \
-        np.where(valid, labels_flat, 0).astype(np.int64, copy=False)
-    tau = T * T if scale_t2 else 1.0
+    rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
+                        reduction=reduction, ignore_index=ignore_index, mask=mask, weight_dtype=np.float64)
+    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau = rows
+    N, C = s.shape
     # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
     buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else np.empty_like(s)
     stats = np.empty((4, N), np.float64)

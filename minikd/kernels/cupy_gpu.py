@@ -36,22 +36,14 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     import cupy  # noqa: PLC0415
 
     from ..backend import check_logits  # noqa: PLC0415
-    from ..losses.kd import check_kd_arguments  # noqa: PLC0415
+    from . import prepare_rows  # noqa: PLC0415
     name = student.dtype.name
     if name not in _SUFFIX:
         raise TypeError(f"student: the CuPy kernel takes float32, float16 or bfloat16, got {student.dtype}")
-    _, T, alpha, valid, labels_flat = check_kd_arguments(
-        student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
-        ignore_index=ignore_index, mask=mask, check_student=False)
-    C = student.shape[-1]
-    lead = tuple(student.shape[:-1])
-    s = cupy.ascontiguousarray(student.reshape(-1, C))
-    t = cupy.ascontiguousarray(teacher.reshape(-1, C))
-    N = s.shape[0]
-    n_valid = int(valid.sum())
-    weights = (valid / max(n_valid, 1) if reduction == "batchmean" else valid).astype(cupy.float32)
-    lab = cupy.zeros(N, cupy.int64) if labels_flat is None else cupy.where(valid, labels_flat, 0).astype(cupy.int64)
-    tau = T * T if scale_t2 else 1.0
+    rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
+                        reduction=reduction, ignore_index=ignore_index, mask=mask, weight_dtype=cupy.float32)
+    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau = rows
+    N, C = s.shape
     buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else cupy.empty_like(s)
     row_loss = cupy.empty(N, cupy.float32)
     flags = cupy.zeros(N, cupy.int8)
