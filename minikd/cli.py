@@ -338,6 +338,21 @@ DEFAULTS = {"epochs": 40, "transfer_epochs": 15, "teacher_epochs": 30, "transfer
             "student_hidden": 96, "student_weight_decay": 5e-2}
 
 
+def cmd_verify(args) -> int:
+    try:
+        from .verify import run_all  # noqa: PLC0415
+        rows = run_all(seed=args.seed)
+    except ImportError:
+        raise ValueError("PyTorch is not installed; on a CPU machine: pip install torch==2.13.0") from None
+    print(f"{'loss':<18}{'cases':>6}{'value rel err':>15}{'grad rel err':>14}  result")
+    for r in rows:
+        ok = r.value_rel <= args.rtol and r.grad_rel <= args.rtol
+        print(f"{r.op:<18}{r.cases:>6}{r.value_rel:>15.2e}{r.grad_rel:>14.2e}  {'pass' if ok else 'FAIL'}")
+    failed = [r for r in rows if max(r.value_rel, r.grad_rel) > args.rtol]
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} losses equal PyTorch autograd in float64 to {args.rtol:g}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minikd", description=__import__("minikd").__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -345,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
     g.add_argument("--rtol", type=float, default=1e-7, help="max relative error to pass (default 1e-7)")
     g.set_defaults(func=cmd_gradcheck)
+
+    v = sub.add_parser("verify", help="compare every loss and its gradient with PyTorch autograd (float64)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
+    v.add_argument("--rtol", type=float, default=1e-10, help="max relative error to pass (default 1e-10)")
+    v.set_defaults(func=cmd_verify)
 
     d = sub.add_parser("distill", help="train a teacher, distill a student, compare with scratch (the main job)",
                        description="The seed's practice end to end: train the teacher CNN, cache its soft "

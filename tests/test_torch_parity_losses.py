@@ -109,3 +109,12 @@ def test_mutual_matches_torch(seed, M, mode, T):
     assert rel(np.sum(L), total.item()) <= RTOL
     for g, z in zip(grads, Z):
         assert rel(g, z.grad.numpy()) <= RTOL
+
+
+def test_verify_command(capsys):
+    from minikd.cli import main
+    assert main(["verify"]) == 0
+    out = capsys.readouterr().out
+    for op in ("kd_loss", "hint", "rkd_distance", "rkd_angle", "mutual (joint)"):
+        assert op in out
+    assert "5 of 5 losses equal PyTorch autograd" in out
