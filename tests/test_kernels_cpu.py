@@ -162,3 +162,13 @@ def test_interpreted_logic_without_jit():
     env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+@pytest.mark.parametrize("C", [2, 10, 1000, 128256])
+def test_sum_of_logs_by_products(C):
+    from minikd.kernels import sum_of_logs
+    rng = np.random.default_rng(C)
+    x = np.exp(rng.uniform(-np.log(C), np.log(C), 10_007))   # the range of the row statistics
+    x[:5] = [1.0 / C, C, 1.0, C, 1.0 / C]
+    ref = np.log(x).sum()
+    assert abs(sum_of_logs(x, C) - ref) <= 1e-12 * np.abs(np.log(x)).sum()

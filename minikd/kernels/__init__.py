@@ -20,7 +20,7 @@ import numpy as np
 from ..backend import is_cupy_array
 from ..losses.kd import check_kd_arguments, kd_loss_and_grad
 
-__all__ = ["softmax_kl", "resolve_backend", "prepare_rows", "Rows"]
+__all__ = ["softmax_kl", "resolve_backend", "prepare_rows", "Rows", "sum_of_logs"]
 
 BACKENDS = ("auto", "numpy", "numba", "cupy")
 
@@ -97,6 +97,17 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
                 T * T if scale_t2 else 1.0)
 
 
+def sum_of_logs(x, C: int) -> float:
+    """sum_i log x_i for row statistics in [1/C, C] (Zs/Zt, Zs or Z1), as logs of products of k
+    consecutive values: C^k stays below 1e290, so no product overflows or underflows, the error is
+    that of k multiplications (k u relative, k <= 64), and NumPy takes N/k logs instead of N (its
+    float64 log costs about 1.2 ns a value here, more than the multiplications)."""
+    k = int(max(1, min(64, 290 // max(np.log10(C + 1.0), 1e-9))))
+    n = (len(x) // k) * k
+    head = np.log(np.prod(x[:n].reshape(-1, k), axis=1)).sum() if n else 0.0
+    return float(head + np.log(x[n:]).sum())
+
+
 # below this many elements the serial kernel is as fast or faster (thread start-up costs more than
 # the work). Measured on 2 cores, float32: 8x10 serial 32 us / parallel 38 us; 64x100 49 / 47;
 # 256x100 99 / 76; 128x1000 307 / 181 (about 30 us of each call is argument checking in NumPy).
@@ -147,8 +158,8 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
         return row_loss.astype(student.dtype).reshape(lead), grad
     total = 0.0
     if alpha > 0:
-        total += (alpha * tau) * (stats[0].sum() + np.log(stats[1]).sum())
+        total += (alpha * tau) * (stats[0].sum() + sum_of_logs(stats[1], C))
     if alpha < 1:
-        total += (1.0 - alpha) * (np.log(stats[2]).sum() - stats[3].sum())
+        total += (1.0 - alpha) * (sum_of_logs(stats[2], C) - stats[3].sum())
     loss = total / max(n_valid, 1) if reduction == "batchmean" else total
     return student.dtype.type(loss), grad
