@@ -92,6 +92,8 @@ def _kernel(s, t, labels, weights, k, inv_T, soft, hard, kind, out, row_loss, fl
         _add(st, s[row, c], t[row, c], k, inv_T, kind)
     for j in range(8):
         sh[j, tid] = st[j]
+    y = labels[row]
+    s_y = s[row, y]   # read before the barriers, as the .cu file does (out may be s there)
     cuda.syncthreads()
     stride = THREADS // 2
     while stride > 0:   # fixed tree merge of partial states
@@ -113,7 +115,6 @@ def _kernel(s, t, labels, weights, k, inv_T, soft, hard, kind, out, row_loss, fl
         stride //= 2
     ms, mt, Zs, Z1, Zt, B = sh[0, 0], sh[1, 0], sh[2, 0], sh[3, 0], sh[4, 0], sh[5, 0]
     flag = (1 if (sh[6, 0] > 0 or ms == NEG_INF) else 0) + (2 if (sh[7, 0] > 0 or mt == NEG_INF) else 0)
-    y = labels[row]
     if tid == 0:
         flags[row] = flag
         loss = 0.0
@@ -122,7 +123,7 @@ def _kernel(s, t, labels, weights, k, inv_T, soft, hard, kind, out, row_loss, fl
                 kd = B / Zt - math.log(Zt) + math.log(Zs) if kind == 0 else B / Zt + math.log(Zs)
                 loss += soft * kd
             if hard != 0.0:
-                loss += hard * (math.log(Z1) - (s[row, y] - ms))
+                loss += hard * (math.log(Z1) - (s_y - ms))
         row_loss[row] = loss
     if flag != 0:
         for c in range(tid, C, THREADS):

@@ -5,6 +5,8 @@
 //   loss_row = soft * KD + hard * CE,   KD = KL(q||p) (kind 0) or H(q, p) (kind 1)
 //   grad     = w * (soft/T * (p - q) + hard * (p1 - onehot(y)))      soft = alpha T^2, hard = 1 - alpha
 // (the derivation is in minikd/losses/kd.py; this file implements the same formulas).
+// ``out`` may be ``s`` itself (in place), so ``s`` carries no __restrict__, and every read of s
+// that another thread's gradient write could follow (s_y) happens before a synchronization.
 //
 // One pass computes, online, the row maxima ms, mt and the sums
 //   Zs = sum 2^((s - ms) k),  Z1 = sum 2^((s - ms) log2 e),  Zt = sum 2^((t - mt) k),  k = log2(e)/T
@@ -177,7 +179,7 @@ __device__ __forceinline__ float grad_element(float s, float t, bool is_label, c
 // ---------------------------------------------------------------- one warp per row
 
 template <typename T>
-__device__ void softmax_kl_warp(const T* __restrict__ s, const T* __restrict__ t, const long long* __restrict__ labels,
+__device__ void softmax_kl_warp(const T* s, const T* __restrict__ t, const long long* __restrict__ labels,
                                 const float* __restrict__ weights, Params p, T* out, float* __restrict__ row_loss,
                                 signed char* __restrict__ flags) {
     const int lane = threadIdx.x & 31;
@@ -192,9 +194,12 @@ __device__ void softmax_kl_warp(const T* __restrict__ s, const T* __restrict__ t
     }
     State a = empty_state();
     for (int c = lane; c < p.C; c += 32) add_element(a, to_f(s[base + c]), to_f(t[base + c]), p);
-    a = warp_merge(a, p);
+    // s_y is read before the shuffles of the merge, which no lane passes before all arrive: with
+    // out == s (in place) no lane can have overwritten it yet
     const long long y = labels[row];
-    if (lane == 0) finish_row(a, to_f(s[base + y]), p, row_loss, flags, row);
+    const float s_y = to_f(s[base + y]);
+    a = warp_merge(a, p);
+    if (lane == 0) finish_row(a, s_y, p, row_loss, flags, row);
     if (row_flag(a)) {
         for (int c = lane; c < p.C; c += 32) out[base + c] = from_f<T>(0.f);
         return;
@@ -212,7 +217,7 @@ template <typename T, int VEC>
 struct alignas(16) Pack { T v[VEC]; };
 
 template <typename T, int VEC>
-__device__ void softmax_kl_block(const T* __restrict__ s, const T* __restrict__ t, const long long* __restrict__ labels,
+__device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long long* __restrict__ labels,
                                  const float* __restrict__ weights, Params p, T* out, float* __restrict__ row_loss,
                                  signed char* __restrict__ flags) {
     __shared__ State warp_states[32];
@@ -239,6 +244,8 @@ __device__ void softmax_kl_block(const T* __restrict__ s, const T* __restrict__ 
         for (int c = threadIdx.x; c < p.C; c += blockDim.x) add_element(a, to_f(s[base + c]), to_f(t[base + c]), p);
     }
     a = warp_merge(a, p);
+    const long long y = labels[row];
+    const float s_y = to_f(s[base + y]);   // before the barriers: pass 2 may overwrite s in place
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
     if (lane == 0) warp_states[warp] = a;
     __syncthreads();
@@ -249,8 +256,7 @@ __device__ void softmax_kl_block(const T* __restrict__ s, const T* __restrict__ 
     }
     __syncthreads();
     a = row_state;
-    const long long y = labels[row];
-    if (threadIdx.x == 0) finish_row(a, to_f(s[base + y]), p, row_loss, flags, row);
+    if (threadIdx.x == 0) finish_row(a, s_y, p, row_loss, flags, row);
     if (row_flag(a)) {
         for (int c = threadIdx.x; c < p.C; c += blockDim.x) out[base + c] = from_f<T>(0.f);
         return;
