@@ -15,7 +15,7 @@ import numpy as np
 from .losses import (hint_backward, hint_forward, kd_backward, kd_forward, mutual_backward, mutual_forward,
                      rkd_angle_backward, rkd_angle_forward, rkd_distance_backward, rkd_distance_forward)
 
-__all__ = ["VerifyRow", "run_all"]
+__all__ = ["VerifyRow", "run_all", "reference_pdist", "reference_rkd_distance", "reference_rkd_angle"]
 
 
 class VerifyRow(NamedTuple):
@@ -64,32 +64,42 @@ def _hint_cases(torch, rng):
         yield "hint", value, L.item(), hint_backward(1.0, cache), S.grad.numpy()
 
 
-def _rkd_cases(torch, rng):
+def reference_pdist(e, eps=1e-12):
+    """The RKD authors' pairwise distances (a torch tensor (N, D) -> (N, N)), clamp included."""
+    sq = e.pow(2).sum(1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=eps).sqrt().clone()
+    d[range(len(e)), range(len(e))] = 0
+    return d
+
+
+def reference_rkd_distance(s, t):
+    """The RKD authors' distance loss, as their code computes it (teacher side without gradient)."""
+    import torch  # noqa: PLC0415
     F = torch.nn.functional
+    with torch.no_grad():
+        td = reference_pdist(t)
+        td = td / td[td > 0].mean()
+    d = reference_pdist(s)
+    return F.smooth_l1_loss(d / d[d > 0].mean(), td)
 
-    def pdist(e, eps=1e-12):
-        sq = e.pow(2).sum(1)
-        d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=eps).sqrt().clone()
-        d[range(len(e)), range(len(e))] = 0
-        return d
 
-    def distance(s, t):
-        with torch.no_grad():
-            td = pdist(t)
-            td = td / td[td > 0].mean()
-        d = pdist(s)
-        return F.smooth_l1_loss(d / d[d > 0].mean(), td)
+def reference_rkd_angle(s, t):
+    """The RKD authors' angle loss: normalized difference vectors (N x N x D) and batched products."""
+    import torch  # noqa: PLC0415
+    F = torch.nn.functional
+    with torch.no_grad():
+        n = F.normalize(t.unsqueeze(0) - t.unsqueeze(1), p=2, dim=2)
+        ta = torch.bmm(n, n.transpose(1, 2)).view(-1)
+    n = F.normalize(s.unsqueeze(0) - s.unsqueeze(1), p=2, dim=2)
+    return F.smooth_l1_loss(torch.bmm(n, n.transpose(1, 2)).view(-1), ta)
 
-    def angle(s, t):
-        with torch.no_grad():
-            n = F.normalize(t.unsqueeze(0) - t.unsqueeze(1), p=2, dim=2)
-            ta = torch.bmm(n, n.transpose(1, 2)).view(-1)
-        n = F.normalize(s.unsqueeze(0) - s.unsqueeze(1), p=2, dim=2)
-        return F.smooth_l1_loss(torch.bmm(n, n.transpose(1, 2)).view(-1), ta)
+
+def _rkd_cases(torch, rng):
     for _ in range(3):
         e, f = rng.standard_normal((12, 6)), rng.standard_normal((12, 4))
-        for name, ref, fwd, bwd in (("rkd_distance", distance, rkd_distance_forward, rkd_distance_backward),
-                                    ("rkd_angle", angle, rkd_angle_forward, rkd_angle_backward)):
+        for name, ref, fwd, bwd in (("rkd_distance", reference_rkd_distance, rkd_distance_forward,
+                                     rkd_distance_backward),
+                                    ("rkd_angle", reference_rkd_angle, rkd_angle_forward, rkd_angle_backward)):
             E = torch.tensor(e, requires_grad=True)
             L = ref(E, torch.tensor(f))
             L.backward()
