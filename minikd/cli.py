@@ -231,11 +231,86 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_teacher(args) -> int:
+    """Step 1 alone: train (or reuse the cached) teacher and export it."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from .distill import TrainConfig, export, train_teacher  # noqa: PLC0415
+    args.transfer_samples = 0
+    data = _data(args)
+    cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    teacher, _ = train_teacher(data, cfg, width=args.teacher_width, progress=not args.quiet,
+                               cache_dir=None if args.no_cache else args.cache_dir)
+    export(teacher, args.out, "teacher", data)
+    _print_table([_row("teacher (CNN)", teacher, data, teacher.num_parameters())])
+    print(f"\nWrote {Path(args.out)}/teacher.npz/.json; next: minikd soft-targets {args.out} or "
+          f"minikd student {args.out}")
+    return 0
+
+
+def _exported_teacher(teacher_dir, transfer_samples):
+    from .data import load_dataset  # noqa: PLC0415
+    from .distill import load_student  # noqa: PLC0415
+    teacher, info = load_student(teacher_dir, "teacher")
+    return teacher, load_dataset(info["dataset"], transfer_samples=transfer_samples)
+
+
+def cmd_soft_targets(args) -> int:
+    """Step 2 alone: the exported teacher's logits on the training rows (and the transfer set)."""
+    import numpy as np  # noqa: PLC0415
+
+    from .distill import soft_targets  # noqa: PLC0415
+    from .nn.serialize import atomic_write  # noqa: PLC0415
+    teacher, data = _exported_teacher(args.teacher_dir, args.transfer_samples)
+    arrays = {"logits_train": soft_targets(teacher, data.x_train), "y_train": data.y_train}
+    if len(data.x_transfer):
+        arrays["logits_transfer"] = soft_targets(teacher, data.x_transfer)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(args.out, write)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
+          + " (logits: apply the temperature at loss time)")
+    return 0
+
+
+def cmd_student(args) -> int:
+    """Step 3 alone: distill a student from an exported teacher (its dataset, its soft targets)."""
+    import time  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from .distill import TrainConfig, export, soft_targets, train_student  # noqa: PLC0415
+    t0 = time.perf_counter()
+    if args.data or args.hint or args.rkd_distance or args.rkd_angle:
+        raise ValueError("minikd student distills plain KD on the teacher's own dataset (stored with it); "
+                         "for --data, --hint or --rkd-* use minikd distill")
+    teacher, data = _exported_teacher(args.teacher_dir, args.transfer_samples)
+    cache = None if args.no_cache else args.cache_dir
+    tl = soft_targets(teacher, data.x_train, cache)
+    tt = soft_targets(teacher, data.x_transfer, cache) if len(data.x_transfer) else None
+    use_transfer = tt is not None
+    cfg = TrainConfig(epochs=args.transfer_epochs if use_transfer else args.epochs, batch_size=args.batch_size,
+                      lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+    model, hist = train_student(data, cfg, teacher_logits=tl, teacher_logits_transfer=tt, T=args.T,
+                                alpha=args.alpha, hidden=args.student_hidden, use_transfer=use_transfer,
+                                progress=not args.quiet, desc="student (KD)", backend=args.backend)
+    tp = teacher.num_parameters()
+    label = f"student KD (T={args.T:g}, alpha={args.alpha:g})" + (" + transfer" if use_transfer else "")
+    rows = [_row("teacher (CNN)", teacher, data, tp), _row(label, model, data, tp, {"T": args.T, "alpha": args.alpha})]
+    _print_table(rows)
+    export(model, args.out, "student", data, {"T": args.T, "alpha": args.alpha})
+    _write_report(args.out, {"teacher": rows[0], "student_kd": rows[1], "dataset": data.spec,
+                             "seconds": time.perf_counter() - t0, "teacher_dir": str(args.teacher_dir)})
+    print(f"\nWrote {Path(args.out)}/student.npz/.json and report.json")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .data import load_dataset  # noqa: PLC0415
     from .distill import accuracy, load_student  # noqa: PLC0415
     model, info = load_student(args.dir, args.name)
-    data = load_dataset(info["dataset"])
+    data = load_dataset(info["dataset"], transfer_samples=0)
     print(f"{args.dir}/{args.name}: {model.num_parameters()} parameters, test accuracy "
           f"{accuracy(model, data.x_test, data.y_test):.4f} on {len(data.y_test)} samples "
           f"({data.name}), validation {accuracy(model, data.x_val, data.y_val):.4f}")
@@ -379,6 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments  # noqa: PLC0415
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+    te = sub.add_parser("teacher", help="step 1 alone: train the teacher and export it")
+    _add_pipeline_options(te, 4.0, 0.9)
+    te.set_defaults(func=cmd_teacher, out="minikd-teacher")
+    st_ = sub.add_parser("soft-targets", help="step 2 alone: an exported teacher's logits on its training rows")
+    st_.add_argument("teacher_dir", help="output directory of minikd teacher (or distill)")
+    st_.add_argument("--out", required=True, metavar="FILE.npz", help="where to write logits_train (and logits_transfer)")
+    st_.add_argument("--transfer-samples", type=int, default=0, metavar="N", help="also label N transfer samples")
+    st_.set_defaults(func=cmd_soft_targets)
+    su = sub.add_parser("student", help="step 3 alone: distill a student from an exported teacher")
+    su.add_argument("teacher_dir", help="output directory of minikd teacher (or distill)")
+    _add_pipeline_options(su, 4.0, 0.9)
+    su.set_defaults(func=cmd_student, transfer_samples=0)
     m = sub.add_parser("mutual", help="deep mutual learning: a cohort of students vs the same trained alone")
     m.add_argument("--models", type=int, default=2, help="cohort size M (default 2)")
     _add_pipeline_options(m, 1.0, 1.0)

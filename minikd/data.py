@@ -146,13 +146,14 @@ def from_npz(path, seed: int = 0, test_fraction: float = 0.2, val_fraction: floa
                                   x_transfer.astype(np.float64), val_fraction, seed, spec)
 
 
-def load_dataset(spec: dict) -> Dataset:
-    """Rebuild a dataset from the spec stored with an exported model."""
+def load_dataset(spec: dict, transfer_samples: int | None = None) -> Dataset:
+    """Rebuild a dataset from the spec stored with an exported model (``transfer_samples``
+    overrides the stored transfer-set size; 0 skips generating it)."""
+    n_transfer = spec.get("transfer_samples", 0) if transfer_samples is None else transfer_samples
     if spec.get("kind") == "mnist1d":
-        return mnist1d(spec["samples"], spec["seed"], spec.get("transfer_samples", 0), spec["val_fraction"])
+        return mnist1d(spec["samples"], spec["seed"], n_transfer, spec["val_fraction"])
     if spec.get("kind") == "npz":
-        return from_npz(spec["path"], spec["seed"], val_fraction=spec["val_fraction"],
-                        transfer_samples=spec.get("transfer_samples", 0))
+        return from_npz(spec["path"], spec["seed"], val_fraction=spec["val_fraction"], transfer_samples=n_transfer)
     raise ValueError(f"dataset spec: unknown kind {spec.get('kind')!r}")
 
 

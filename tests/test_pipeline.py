@@ -146,3 +146,21 @@ def test_mutual_command(tmp_path, capsys):
     assert len(rep["mutual"]) == 3 and len(rep["independent"]) == 3
     assert "mean test accuracy: mutual" in capsys.readouterr().out
     assert main(["mutual", "--models", "1", "--quiet"]) == 2
+
+
+def test_steps_one_at_a_time(tmp_path, capsys):
+    """Step 1 (teacher), step 2 (soft targets) and step 3 (student) as separate commands."""
+    small = ["--samples", "600", "--quiet", "--cache-dir", str(tmp_path / "c")]
+    assert main(["teacher", *small, "--teacher-epochs", "2", "--teacher-width", "8", "--out", str(tmp_path / "t")]) == 0
+    assert main(["soft-targets", str(tmp_path / "t"), "--out", str(tmp_path / "st.npz")]) == 0
+    with np.load(tmp_path / "st.npz") as st:
+        assert st["logits_train"].shape == (432, 10) and st["y_train"].shape == (432,)
+    assert main(["student", str(tmp_path / "t"), *small, "--epochs", "2", "--student-hidden", "8",
+                 "--out", str(tmp_path / "s")]) == 0
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["student_kd"]["T"] == 4.0 and 0 <= rep["student_kd"]["test_accuracy"] <= 1
+    assert main(["evaluate", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    assert main(["student", str(tmp_path / "t"), "--data", "x.npz", "--quiet"]) == 2
+    assert "use minikd distill" in capsys.readouterr().err
+    assert main(["student", str(tmp_path / "missing"), "--quiet"]) == 2
