@@ -43,3 +43,28 @@ def test_numba_cuda_twin_under_simulator():
         assert loss_err <= 1e-5 and grad_err <= 1e-5 and line.endswith("ok=True"), line
     assert "flags [1, 2, 1]" in lines
     assert any(l.startswith("infinite inf 0") for l in lines)
+
+
+def test_launcher_arguments_match_the_kernel_signature():
+    """The CuPy launcher's argument tuple against the KERNEL_ARGS macro of the .cu file, parsed:
+    pointers where the kernel takes pointers (with the right element dtype), and scalars of the
+    exact C width (CuPy passes NumPy scalars by value as their own type)."""
+    import numpy as np
+
+    from minikd.kernels.cupy_gpu import kernel_args
+    text = SOURCE.read_text()
+    macro = re.search(r"#define KERNEL_ARGS\(T\)(.*?)\n#define", text, re.S).group(1).replace("\\", " ")
+    params = [" ".join(p.split()) for p in macro.split(",")]
+    s = np.zeros((3, 5), np.float32)
+    args = kernel_args(s, s, np.zeros(3, np.int64), np.zeros(3, np.float32), 2.0, 0.5, 0.5, "kl", s,
+                       np.zeros(3, np.float32), np.zeros(3, np.int8))
+    assert len(params) == len(args)
+    scalar = {"long long": np.int64, "int": np.int32, "float": np.float32}
+    pointer = {"T": np.float32, "long long": np.int64, "float": np.float32, "signed char": np.int8}
+    for param, arg in zip(params, args):
+        ctype = param.replace("const ", "").rsplit(" ", 1)[0]
+        if "*" in param:
+            base = ctype.replace("*", "").strip()
+            assert isinstance(arg, np.ndarray) and arg.dtype == pointer[base], param
+        else:
+            assert type(arg) is scalar[ctype], param

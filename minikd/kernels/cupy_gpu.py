@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["softmax_kl_cupy", "SOURCE", "WARP_ROWS_UP_TO", "BLOCK_THREADS"]
+__all__ = ["softmax_kl_cupy", "kernel_args", "SOURCE", "WARP_ROWS_UP_TO", "BLOCK_THREADS"]
 
 SOURCE = Path(__file__).with_name("softmax_kl.cu")
 WARP_ROWS_UP_TO = 2048
@@ -29,6 +29,15 @@ def _module():
         import cupy  # noqa: PLC0415
         _MODULE = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
     return _MODULE
+
+
+def kernel_args(s, t, labels, weights, T, soft, hard, kind, out, row_loss, flags):
+    """The launch arguments, in the order and C types of KERNEL_ARGS in softmax_kl.cu:
+    (const T* s, const T* t, const long long* labels, const float* weights, long long N, int C,
+     float k, float inv_T, float soft, float hard, int kind, T* out, float* row_loss, signed char* flags)."""
+    N, C = s.shape
+    return (s, t, labels, weights, np.int64(N), np.int32(C), np.float32(np.log2(np.e) / T), np.float32(1.0 / T),
+            np.float32(soft), np.float32(hard), np.int32(1 if kind == "ce" else 0), out, row_loss, flags)
 
 
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
@@ -48,8 +57,7 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     row_loss = cupy.empty(N, cupy.float32)
     flags = cupy.zeros(N, cupy.int8)
     mod = _module()
-    args = (s, t, lab, weights, np.int64(N), np.int32(C), np.float32(np.log2(np.e) / T), np.float32(1.0 / T),
-            np.float32(alpha * tau), np.float32(1.0 - alpha), np.int32(1 if kind == "ce" else 0), buf, row_loss, flags)
+    args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
     if N:
         if C <= WARP_ROWS_UP_TO:
             mod.get_function(f"softmax_kl_warp_{_SUFFIX[name]}")(((N + 3) // 4,), (128,), args)
