@@ -6,24 +6,16 @@ inputs, minikd (NumPy) next to the same network in PyTorch eager on the CPU (med
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 
+from minikd.bench import median_time
 from minikd.nn.models import teacher_cnn
 
 
 def median_ms(fn, repeats=30):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
+    return 1e3 * median_time(fn, repeats)
 
 
 def main():

@@ -333,7 +333,8 @@ def cmd_predict(args) -> int:
     if x.ndim != 2 or x.shape[1] != mean.shape[0] or x.dtype.kind not in "fiu":
         raise ValueError(f"--input {args.input}: expected numeric shape (N, {mean.shape[0]}) or "
                          f"({mean.shape[0]},), got {x.shape} {x.dtype}")
-    logits = model.predict(((x - mean) / std).astype(np.float32))
+    from .data import standardize  # noqa: PLC0415
+    logits = model.predict(standardize(x, mean, std))
     pred = np.argmax(logits, axis=-1)
     if args.output:
         np.save(args.output, pred)

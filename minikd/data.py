@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "mnist1d", "from_npz", "load_dataset", "minibatches", "fingerprint"]
+__all__ = ["Dataset", "standardize", "mnist1d", "from_npz", "load_dataset", "minibatches", "fingerprint"]
 
 
 class Dataset(NamedTuple):
@@ -36,7 +36,12 @@ class Dataset(NamedTuple):
     spec: dict               # how to rebuild it (stored with exported models)
 
     def standardize(self, x):
-        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+        return standardize(x, self.mean, self.std)
+
+
+def standardize(x, mean, std) -> np.ndarray:
+    """(x - mean) / std per feature, as float32: the one place the pipeline's inputs are scaled."""
+    return ((np.asarray(x, dtype=np.float64) - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
 
 def fingerprint(*arrays) -> str:
@@ -73,7 +78,7 @@ def _split_and_standardize(name, x, y, x_test, y_test, x_transfer, val_fraction,
     std = np.where(std > 0, std, 1.0)
 
     def z(a):
-        return ((a - mean) / std).astype(np.float32)
+        return standardize(a, mean, std)
     classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
     return Dataset(name, z(x[train]), y[train].astype(np.int64), z(x[val]), y[val].astype(np.int64),
                    z(x_test), y_test.astype(np.int64), z(x_transfer), mean, std, classes, spec)
