@@ -1,34 +1,103 @@
 """The CuPy side of the fused GPU kernel: loads ``softmax_kl.cu`` with ``cupy.RawModule`` and
-launches it (the algorithm and its numerics are documented in the .cu file).
+launches it (the algorithms and their numerics are documented in the .cu file).
 
-Launch shapes: C <= WARP_ROWS_UP_TO classes -> one warp per row (4 rows per 128-thread block);
-longer rows -> one block of BLOCK_THREADS threads per row, with 16-byte vector loads when the row
-length in bytes is a multiple of 16. Inputs float32, float16 or bfloat16 (``ml_dtypes.bfloat16``
-arrays); accumulation in float32; the gradient in the input dtype, into ``out`` if given (it may
-be the student array). Per-row losses are summed by a single-block kernel in a fixed order, in
-float64: the same input gives the same bits.
+Which kernel runs is decided by ``plan(N, C, itemsize, aligned)``, a pure function (the tests run
+the same plans on the CPU emulator of ``tests/cuda_emu``):
+
+* C <= 1024: ``softmax_kl_rows`` -- a few lanes per row (LANES = 1..32), the row held in registers,
+  memory read once and written once, no online rescaling.
+* longer rows whose byte length is a multiple of 16 (pointers 16-byte aligned): ``softmax_kl_cluster``
+  -- a cluster of CL = 1, 2, 4 or 8 blocks splits each row, each block keeps its chunk in shared
+  memory (cp.async in), the blocks merge their partial sums through distributed shared memory, and
+  the gradient is written from shared memory: global memory is touched once each way.
+  CL is the smallest whose chunk fits ``smem_target`` bytes (two blocks per SM), else the smallest
+  that fits the 227 KB a block may have.
+* anything else: ``softmax_kl_block`` -- a block per row, online sums, the row read twice (the second
+  time, one hopes, from L2).
+
+Inputs float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` arrays); accumulation in float32; the
+gradient in the input dtype, into ``out`` if given (it may be the student array). Per-row losses are
+summed by a single-block kernel in a fixed order, in float64: the same input gives the same bits.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["softmax_kl_cupy", "kernel_args", "SOURCE", "WARP_ROWS_UP_TO", "BLOCK_THREADS"]
+__all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "SOURCE", "ROWS_UP_TO",
+           "BLOCK_THREADS", "CLUSTER_THREADS", "SMEM_TARGET", "SMEM_MAX", "SMEM_HEAD", "VARIANTS"]
 
 SOURCE = Path(__file__).with_name("softmax_kl.cu")
-WARP_ROWS_UP_TO = 2048
-BLOCK_THREADS = 1024
-_MODULE = None
+ROWS_UP_TO = 1024            # the largest C of the register kernel (LANES 32 x ELEMS 32)
+ROWS_BLOCK_THREADS = 128
+BLOCK_THREADS = 1024         # the two-pass block kernel
+CLUSTER_THREADS = 512
+CLUSTER_SIZES = (1, 2, 4, 8)  # portable cluster sizes (8 is the portable maximum)
+SMEM_HEAD = 1280             # as in softmax_kl.cu
+SMEM_TARGET = 100 * 1024     # two blocks per SM on H100 (228 KB of shared memory per SM)
+SMEM_MAX = 227 * 1024        # the most dynamic shared memory one block may opt in to (sm_90)
+VARIANTS = ("auto", "rows", "warp", "block", "cluster")
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+_MODULE = None
+_PREPARED = set()
 
 
-def _module():
-    global _MODULE
-    if _MODULE is None:
-        import cupy  # noqa: PLC0415
-        _MODULE = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
-    return _MODULE
+class Launch(NamedTuple):
+    kernel: str        # extern "C" name in softmax_kl.cu
+    grid: int          # blocks
+    block: int         # threads per block
+    shared: int        # dynamic shared memory, bytes
+    cluster: int       # blocks per cluster (1: none)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(x, 1))))
+
+
+def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32", variant: str = "auto",
+         threads: int | None = None, cluster: int | None = None, smem_target: int = SMEM_TARGET) -> Launch:
+    """The kernel and launch shape for N rows of C classes. ``aligned``: C * itemsize is a multiple
+    of 16 and the student, teacher and output pointers are 16-byte aligned. ``variant`` forces a
+    kernel family (benchmarks compare them); ``threads`` / ``cluster`` override the defaults."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    sfx = _SUFFIX[dtype]
+    vec = 16 // itemsize
+    if variant == "auto":
+        variant = "rows" if C <= ROWS_UP_TO else ("cluster" if aligned and C % vec == 0 else "block")
+    if variant == "rows":
+        if C > ROWS_UP_TO:
+            raise ValueError(f"the rows kernel takes C <= {ROWS_UP_TO}, got {C}")
+        if C <= 128:
+            lanes, elems = _next_pow2(-(-C // 4)), 4
+        else:
+            lanes, elems = 32, _next_pow2(-(-C // 32))
+        nthreads = threads or ROWS_BLOCK_THREADS
+        return Launch(f"softmax_kl_rows_{sfx}_L{lanes}_E{elems}", -(-N * lanes // nthreads), nthreads, 0, 1)
+    if variant == "warp":   # the first design (a warp per row, online sums), kept as a benchmark baseline
+        nthreads = threads or 128
+        return Launch(f"softmax_kl_warp_{sfx}", -(-N // (nthreads // 32)), nthreads, 0, 1)
+    if variant == "cluster" and aligned and C % vec == 0:
+        n_vec = C // vec
+
+        def smem(cl):
+            return SMEM_HEAD + 2 * 16 * -(-n_vec // cl)
+        if cluster is None:
+            fits = [cl for cl in CLUSTER_SIZES if smem(cl) <= smem_target] or \
+                   [cl for cl in CLUSTER_SIZES if smem(cl) <= SMEM_MAX]
+            cluster = fits[0] if fits else None
+        elif cluster not in CLUSTER_SIZES or smem(cluster) > SMEM_MAX:
+            raise ValueError(f"cluster: {cluster} blocks cannot hold a row of {C} classes "
+                             f"(sizes {CLUSTER_SIZES}, {SMEM_MAX} bytes of shared memory each)")
+        if cluster is not None:   # else too long for any cluster: the two-pass block kernel
+            return Launch(f"softmax_kl_cluster_{sfx}_c{cluster}", N * cluster, threads or CLUSTER_THREADS,
+                          smem(cluster), cluster)
+    vec_ok = aligned and C % vec == 0
+    name = f"softmax_kl_block_vec_{sfx}" if vec_ok else f"softmax_kl_block_{sfx}"
+    return Launch(name, N, threads or BLOCK_THREADS, 0, 1)
 
 
 def kernel_args(s, t, labels, weights, T, soft, hard, kind, out, row_loss, flags):
@@ -40,8 +109,39 @@ def kernel_args(s, t, labels, weights, T, soft, hard, kind, out, row_loss, flags
             np.float32(soft), np.float32(hard), np.int32(1 if kind == "ce" else 0), out, row_loss, flags)
 
 
+def _module():
+    global _MODULE
+    if _MODULE is None:
+        import cupy  # noqa: PLC0415
+        _MODULE = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
+    return _MODULE
+
+
+def _function(launch: Launch):
+    fn = _module().get_function(launch.kernel)
+    if launch.shared > 48 * 1024 and (launch.kernel, launch.shared) not in _PREPARED:
+        from cupy.cuda import driver  # noqa: PLC0415
+        # opt in to more than 48 KB of dynamic shared memory (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+        driver.funcSetAttribute(fn.ptr, getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8),
+                                launch.shared)
+        _PREPARED.add((launch.kernel, launch.shared))
+    return fn
+
+
+def launch_kernels(args, launch: Launch, *, total=None):
+    """Launch the fused kernel (and, given a float64 scalar ``total``, the row-loss sum): the GPU
+    work of one call, without the argument checks (benchmarks time this alone)."""
+    if int(args[4]) == 0:
+        return
+    _function(launch)((launch.grid,), (launch.block,), args, shared_mem=launch.shared)
+    if total is not None:
+        _module().get_function("sum_rows")((1,), (1024,), (args[12], args[4], total))
+
+
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                    out):
+                    out, **plan_options):
+    """The CuPy backend of ``minikd.kernels.softmax_kl``; ``plan_options`` (variant, threads, cluster,
+    smem_target) go to ``plan`` (tests and benchmarks force kernel families with them)."""
     import cupy  # noqa: PLC0415
 
     from ..backend import check_logits  # noqa: PLC0415
@@ -56,16 +156,10 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else cupy.empty_like(s)
     row_loss = cupy.empty(N, cupy.float32)
     flags = cupy.zeros(N, cupy.int8)
-    mod = _module()
     args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
-    if N:
-        if C <= WARP_ROWS_UP_TO:
-            mod.get_function(f"softmax_kl_warp_{_SUFFIX[name]}")(((N + 3) // 4,), (128,), args)
-        else:
-            vec = 16 // s.dtype.itemsize
-            aligned = C % vec == 0 and all(a.data.ptr % 16 == 0 for a in (s, t, buf))
-            kernel = f"softmax_kl_block_vec_{_SUFFIX[name]}" if aligned else f"softmax_kl_block_{_SUFFIX[name]}"
-            mod.get_function(kernel)((N,), (BLOCK_THREADS,), args)
+    aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, t, buf))
+    total = None if reduction == "none" else cupy.zeros((), cupy.float64)
+    launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
     if bool(flags.any()):  # rare: let the reference's checks raise their exact message
         check_logits(student, "student", valid)
         check_logits(teacher, "teacher", valid)
@@ -78,7 +172,5 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
         grad = buf.reshape(student.shape)
     if reduction == "none":
         return row_loss.astype(student.dtype).reshape(lead), grad
-    total = cupy.zeros((), cupy.float64)
-    mod.get_function("sum_rows")((1,), (1024,), (row_loss, np.int64(N), total))
     loss = total / max(n_valid, 1) if reduction == "batchmean" else total
     return loss, grad

@@ -39,6 +39,44 @@
 
 #define LOG2E 1.4426950408889634f
 
+// ---------------------------------------------------------------- Hopper features, one place
+// Thread-block clusters (distributed shared memory) and cp.async, as inline PTX so that NVRTC needs
+// no extra header. The CPU emulator of the tests (tests/cuda_emu/emu.h) defines MINIKD_EMU and
+// supplies the same functions, so the kernels below run there unchanged.
+#ifndef MINIKD_EMU
+__device__ __forceinline__ unsigned char* minikd_dynamic_smem() {
+    extern __shared__ __align__(16) unsigned char minikd_smem[];
+    return minikd_smem;
+}
+__device__ __forceinline__ unsigned minikd_cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// every thread of every block of the cluster arrives; release/acquire: shared-memory writes before
+// the barrier are visible to the other blocks after it
+__device__ __forceinline__ void minikd_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// the address of the same shared-memory object in block `rank` of the cluster (a generic address)
+template <typename P> __device__ __forceinline__ P* minikd_cluster_map(P* ptr, unsigned rank) {
+    unsigned long long out;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(out) : "l"(ptr), "r"(rank));
+    return reinterpret_cast<P*>(out);
+}
+// 16 bytes global -> shared, asynchronous (L2 only: the data is read once from global memory)
+__device__ __forceinline__ void minikd_cp_async16(void* smem_dst, const void* gmem_src) {
+    unsigned dst;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(dst) : "l"(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void minikd_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// wait until at most N of this thread's committed groups are still in flight
+template <int N> __device__ __forceinline__ void minikd_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+#endif
+
 template <typename T> __device__ __forceinline__ float to_f(T x);
 template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
@@ -103,7 +141,7 @@ __device__ __forceinline__ void add_element(State& a, float s, float t, const Pa
         float sd = s == -CUDART_INF_F ? -CUDART_INF_F : s - a.ms;
         float d = p.kind == 0 ? ((t - a.mt) - sd) * p.inv_T : -sd * p.inv_T;
         a.Zt += e;
-        a.B += e * d;
+        if (e > 0.f) a.B += e * d;   // 0 * inf would be NaN: a class with no teacher mass adds nothing
     }
 }
 
@@ -211,6 +249,117 @@ __device__ void softmax_kl_warp(const T* s, const T* __restrict__ t, const long 
     }
 }
 
+// ---------------------------------------------------------------- a few lanes per row, the row in registers
+
+// For C <= 1024. LANES consecutive lanes hold one row (32 / LANES rows per warp), ELEMS elements
+// each: element c = j LANES + lane_in_row, so a warp's loads and stores cover consecutive
+// addresses. The row never leaves registers and memory is touched once each way: the maxima first
+// (a max over the row's lanes), then the sums from exponentials measured from the final maxima (no
+// online rescaling), then the gradient. Padding (c >= C) holds -inf, which adds to no sum. Every
+// lane runs every shuffle, rows past N included: a full-mask shuffle needs all 32 lanes.
+template <int LANES> __device__ __forceinline__ float group_max(float v) {
+#pragma unroll
+    for (int off = LANES / 2; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+// xor butterfly: every lane of the group ends with the same sum (the same tree up to commutation)
+template <int LANES> __device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+    for (int off = LANES / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+template <int LANES> __device__ __forceinline__ int group_or(int v) {
+#pragma unroll
+    for (int off = LANES / 2; off > 0; off >>= 1) v |= __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+template <typename T, int LANES, int ELEMS>
+__device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long long* __restrict__ labels,
+                                const float* __restrict__ weights, Params p, T* out, float* __restrict__ row_loss,
+                                signed char* __restrict__ flags) {
+    const long long gtid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long row = gtid / LANES;          // LANES divides 32: a row never straddles two warps
+    const int sub = (int)(gtid % LANES);
+    const bool active = row < p.N;
+    const long long base = row * p.C;
+    const float w = active ? weights[row] : 0.f;
+    const bool live = active && w != 0.f;        // a row that counts nowhere is not read
+    const long long y = live ? labels[row] : -1;
+    float sv[ELEMS], tv[ELEMS];
+    int bad_s = 0, bad_t = 0;
+    float ms = -CUDART_INF_F, mt = -CUDART_INF_F;
+#pragma unroll
+    for (int j = 0; j < ELEMS; ++j) {
+        const int c = j * LANES + sub;
+        sv[j] = -CUDART_INF_F;
+        tv[j] = -CUDART_INF_F;
+        if (live && c < p.C) {
+            sv[j] = to_f(s[base + c]);
+            tv[j] = to_f(t[base + c]);
+        }
+        bad_s |= (isnan(sv[j]) || sv[j] == CUDART_INF_F);
+        bad_t |= (isnan(tv[j]) || tv[j] == CUDART_INF_F);
+        ms = fmaxf(ms, sv[j]);
+        mt = fmaxf(mt, tv[j]);
+    }
+    // the row's values were all read above; with out == s no lane writes before these shuffles
+    ms = group_max<LANES>(ms);
+    mt = group_max<LANES>(mt);
+    float Zs = 0.f, Z1 = 0.f, Zt = 0.f, B = 0.f, sy = 0.f;
+    if (ms > -CUDART_INF_F && mt > -CUDART_INF_F) {   // otherwise the row is flagged below
+#pragma unroll
+        for (int j = 0; j < ELEMS; ++j) {
+            const float ds = sv[j] - ms;              // -inf for padding and -inf classes
+            if (sv[j] > -CUDART_INF_F) {
+                Zs += exp2f(ds * p.k);
+                Z1 += exp2f(ds * LOG2E);
+            }
+            if (tv[j] > -CUDART_INF_F) {
+                const float dt = tv[j] - mt;
+                const float e = exp2f(dt * p.k);
+                const float d = p.kind == 0 ? (dt - ds) * p.inv_T : -ds * p.inv_T;   // +inf: the true, infinite KL
+                Zt += e;
+                if (e > 0.f) B += e * d;
+            }
+            if (j * LANES + sub == y) sy = ds;       // CE needs s_y - ms
+        }
+    }
+    Zs = group_sum<LANES>(Zs);
+    Z1 = group_sum<LANES>(Z1);
+    Zt = group_sum<LANES>(Zt);
+    B = group_sum<LANES>(B);
+    sy = group_sum<LANES>(sy);                       // one lane holds it, the others add 0
+    bad_s = group_or<LANES>(bad_s);
+    bad_t = group_or<LANES>(bad_t);
+    if (!active) return;                             // after the last shuffle
+    const int flag = live ? ((bad_s || ms == -CUDART_INF_F) ? 1 : 0) + ((bad_t || mt == -CUDART_INF_F) ? 2 : 0) : 0;
+    const bool zero = !live || flag;
+    if (sub == 0) {
+        if (flag) flags[row] = (signed char)flag;
+        float loss = 0.f;
+        if (!zero) {
+            if (p.soft != 0.f) loss += p.soft * (p.kind == 0 ? B / Zt - logf(Zt) + logf(Zs) : B / Zt + logf(Zs));
+            if (p.hard != 0.f) loss += p.hard * (logf(Z1) - sy);
+        }
+        row_loss[row] = loss;
+    }
+    const float cs = zero ? 0.f : w * p.soft * p.inv_T / Zs, ct = zero ? 0.f : w * p.soft * p.inv_T / Zt;
+    const float ch = zero ? 0.f : w * p.hard / Z1, wh = zero ? 0.f : w * p.hard;
+#pragma unroll
+    for (int j = 0; j < ELEMS; ++j) {
+        const int c = j * LANES + sub;
+        if (c < p.C) {
+            float g = 0.f;
+            if (!zero) {
+                g = cs * exp2f((sv[j] - ms) * p.k) - ct * exp2f((tv[j] - mt) * p.k);
+                if (p.hard != 0.f) g += ch * exp2f((sv[j] - ms) * LOG2E) - (c == y ? wh : 0.f);
+            }
+            out[base + c] = from_f<T>(g);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- one block per row
 
 template <typename T, int VEC>
@@ -279,14 +428,139 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
     }
 }
 
+// ---------------------------------------------------------------- a cluster of blocks per row, the row in shared memory
+
+// For long rows (C of thousands to a few hundred thousand) whose length in bytes is a multiple of
+// 16. The two-pass block kernel above re-reads the row for the gradient and counts on L2 to serve
+// it; at C = 128k a row is 1 MB of student + teacher and 132 rows in flight exceed H100's 50 MB L2,
+// so the second read would go to HBM (20 bytes an element instead of 12 in float32). Here CL blocks
+// (a thread-block cluster, CL = 1, 2, 4 or 8) split the row into CL chunks; each block copies its
+// chunk into its own shared memory with cp.async (in STAGES commit groups, so that the sums of a
+// stage run while the next stages are still in flight), reduces its chunk to a State, and the
+// blocks exchange States through distributed shared memory: every block merges the CL States in
+// rank order (the same result in every block), then writes the gradient of its chunk from shared
+// memory. Global memory is read once and written once: 12 bytes an element (float32).
+// Shared memory: SMEM_HEAD bytes of States, then the student chunk, then the teacher chunk.
+#define SMEM_HEAD 1280   // >= 34 States of 32 bytes, a multiple of 128
+#define STAGES 4
+
+template <int CL> __device__ __forceinline__ void cluster_barrier() {
+    if (CL > 1) minikd_cluster_sync(); else __syncthreads();
+}
+
+template <typename T, int CL>
+__device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const long long* __restrict__ labels,
+                                   const float* __restrict__ weights, Params p, T* out, float* __restrict__ row_loss,
+                                   signed char* __restrict__ flags) {
+    constexpr int VEC = 16 / sizeof(T);
+    typedef Pack<T, VEC> P;
+    unsigned char* smem = minikd_dynamic_smem();
+    State* warp_states = reinterpret_cast<State*>(smem);   // [0, 32): one per warp
+    State* block_state = warp_states + 32;                  // this block's chunk
+    State* row_state = warp_states + 33;                    // the whole row
+    const unsigned rank = CL > 1 ? minikd_cluster_rank() : 0u;
+    const long long row = blockIdx.x / CL;
+    const long long base = row * p.C;
+    const int n_vec = p.C / VEC;                            // C % VEC == 0 (checked by the host)
+    const int chunk = (n_vec + CL - 1) / CL;
+    const int v0 = min(n_vec, (int)rank * chunk);
+    const int n = min(n_vec, v0 + chunk) - v0;              // packs of this block (may be 0)
+    P* ss = reinterpret_cast<P*>(smem + SMEM_HEAD);
+    P* ts = ss + chunk;
+    const P* sg = reinterpret_cast<const P*>(s + base) + v0;
+    const P* tg = reinterpret_cast<const P*>(t + base) + v0;
+    P* og = reinterpret_cast<P*>(out + base) + v0;
+    const int tid = threadIdx.x, nthreads = blockDim.x;
+    const float w = weights[row];
+    if (w == 0.f) {   // the same for every block of the cluster: all leave, none waits at a barrier
+        P z;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) z.v[j] = from_f<T>(0.f);
+        for (int i = tid; i < n; i += nthreads) og[i] = z;
+        if (rank == 0 && tid == 0) row_loss[row] = 0.f;
+        return;
+    }
+    // pass 1: the chunk into shared memory; iteration j of thread tid copies pack j * nthreads + tid
+    const int iters = (n + nthreads - 1) / nthreads;
+#pragma unroll
+    for (int g = 0; g < STAGES; ++g) {
+        for (int j = g * iters / STAGES; j < (g + 1) * iters / STAGES; ++j) {
+            const int i = j * nthreads + tid;
+            if (i < n) {
+                minikd_cp_async16(&ss[i], &sg[i]);
+                minikd_cp_async16(&ts[i], &tg[i]);
+            }
+        }
+        minikd_cp_async_commit();
+    }
+    const long long y = labels[row];
+    // s_y before the first barrier: no block writes a gradient (perhaps over s) before all pass it
+    const float s_y = (rank == 0 && tid == 0) ? to_f(s[base + y]) : 0.f;
+    State a = empty_state();
+#pragma unroll
+    for (int g = 0; g < STAGES; ++g) {
+        // a thread reads only the packs it copied itself: its own wait is enough, no barrier
+        if (g == 0) minikd_cp_async_wait<STAGES - 1>();
+        else if (g == 1) minikd_cp_async_wait<STAGES - 2>();
+        else if (g == 2) minikd_cp_async_wait<STAGES - 3>();
+        else minikd_cp_async_wait<0>();
+        for (int j = g * iters / STAGES; j < (g + 1) * iters / STAGES; ++j) {
+            const int i = j * nthreads + tid;
+            if (i < n) {
+                const P xs = ss[i], xt = ts[i];
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) add_element(a, to_f(xs.v[k]), to_f(xt.v[k]), p);
+            }
+        }
+    }
+    a = warp_merge(a, p);
+    const int warp = tid >> 5, lane = tid & 31, n_warps = nthreads >> 5;
+    if (lane == 0) warp_states[warp] = a;
+    __syncthreads();
+    if (warp == 0) {
+        State b = lane < n_warps ? warp_states[lane] : empty_state();
+        b = warp_merge(b, p);
+        if (lane == 0) *block_state = b;
+    }
+    cluster_barrier<CL>();   // every block's State is written (and, CL > 1, visible to the cluster)
+    if (warp == 0) {
+        State b = empty_state();
+        if (lane < CL) b = CL > 1 ? *minikd_cluster_map(block_state, (unsigned)lane) : *block_state;
+        b = warp_merge(b, p);   // the same inputs in the same lanes: the same State in every block
+        if (lane == 0) *row_state = b;
+    }
+    __syncthreads();
+    a = *row_state;
+    if (rank == 0 && tid == 0) finish_row(a, s_y, p, row_loss, flags, row);
+    const bool bad = row_flag(a) != 0;
+    const float cs = w * p.soft * p.inv_T / a.Zs, ct = w * p.soft * p.inv_T / a.Zt, ch = w * p.hard / a.Z1;
+    for (int i = tid; i < n; i += nthreads) {
+        const P xs = ss[i], xt = ts[i];
+        P g;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+            g.v[k] = from_f<T>(bad ? 0.f : grad_element(to_f(xs.v[k]), to_f(xt.v[k]), (long long)(v0 + i) * VEC + k == y,
+                                                        a, cs, ct, ch, p));
+        og[i] = g;   // 16-byte store
+    }
+    if (CL > 1) minikd_cluster_sync();   // no block leaves while another may still read its block_state
+}
+
 // ---------------------------------------------------------------- deterministic sum of row losses
 
 extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long long n, double* __restrict__ total) {
-    // one block of 1024 threads; fixed assignment and fixed tree: the same bits on every run
+    // one block of 1024 threads; fixed assignment and fixed tree: the same bits on every run.
+    // Four independent accumulators per thread keep four loads in flight instead of one.
     __shared__ double part[1024];
-    double acc = 0.0;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += (double)row_loss[i];
-    part[threadIdx.x] = acc;
+    double acc[4] = {0.0, 0.0, 0.0, 0.0};
+    const long long step = blockDim.x;
+    long long i = threadIdx.x;
+    for (; i + 3 * step < n; i += 4 * step) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[k] += (double)row_loss[i + k * step];
+    }
+    for (; i < n; i += step) acc[0] += (double)row_loss[i];
+    part[threadIdx.x] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     __syncthreads();
     for (int stride = blockDim.x >> 1; stride > 0; stride >>= 1) {
         if (threadIdx.x < stride) part[threadIdx.x] += part[threadIdx.x + stride];
@@ -301,6 +575,17 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
         float inv_T, float soft, float hard, int kind, T *out, float *row_loss, signed char *flags
 #define MAKE_PARAMS Params p; p.N = N; p.C = C; p.k = k; p.inv_T = inv_T; p.soft = soft; p.hard = hard; p.kind = kind;
 
+#define ROWS(NAME, T, L, E)                                                                               \
+    extern "C" __global__ void softmax_kl_rows_##NAME##_L##L##_E##E(KERNEL_ARGS(T)) {                      \
+        MAKE_PARAMS softmax_kl_rows<T, L, E>(s, t, labels, weights, p, out, row_loss, flags);               \
+    }
+#define CLUSTER(NAME, T, CL)                                                                              \
+    extern "C" __global__ void __cluster_dims__(CL, 1, 1) softmax_kl_cluster_##NAME##_c##CL(KERNEL_ARGS(T)) { \
+        MAKE_PARAMS softmax_kl_cluster<T, CL>(s, t, labels, weights, p, out, row_loss, flags);              \
+    }
+
+// The (LANES, ELEMS) pairs of the launcher's plan (minikd/kernels/cupy_gpu.py): ELEMS = 4 and
+// LANES = 1..32 for C <= 128, LANES = 32 and ELEMS = 8, 16, 32 for C <= 1024.
 #define INSTANTIATE(NAME, T)                                                                              \
     extern "C" __global__ void softmax_kl_warp_##NAME(KERNEL_ARGS(T)) {                                    \
         MAKE_PARAMS softmax_kl_warp<T>(s, t, labels, weights, p, out, row_loss, flags);                     \
@@ -310,7 +595,10 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
     }                                                                                                     \
     extern "C" __global__ void softmax_kl_block_vec_##NAME(KERNEL_ARGS(T)) {                               \
         MAKE_PARAMS softmax_kl_block<T, 16 / sizeof(T)>(s, t, labels, weights, p, out, row_loss, flags);    \
-    }
+    }                                                                                                     \
+    ROWS(NAME, T, 1, 4) ROWS(NAME, T, 2, 4) ROWS(NAME, T, 4, 4) ROWS(NAME, T, 8, 4) ROWS(NAME, T, 16, 4)   \
+    ROWS(NAME, T, 32, 4) ROWS(NAME, T, 32, 8) ROWS(NAME, T, 32, 16) ROWS(NAME, T, 32, 32)                  \
+    CLUSTER(NAME, T, 1) CLUSTER(NAME, T, 2) CLUSTER(NAME, T, 4) CLUSTER(NAME, T, 8)
 
 INSTANTIATE(f32, float)
 INSTANTIATE(f16, __half)

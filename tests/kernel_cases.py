@@ -1,0 +1,51 @@
+"""Inputs and tolerances shared by the tests of the CUDA kernels (on a GPU, test_kernels_gpu.py;
+on the CPU emulator, test_kernels_emulated.py).
+
+Tolerances: float32 loss 1e-5 relative to the size of its terms and gradient 1e-5 of max |grad|;
+float16 / bfloat16 inputs are rounded to their dtype before the float64 reference sees them, the
+loss (float32 arithmetic) to 1e-5, the gradient (rounded once to the dtype on output) to 2e-3
+(float16) / 1e-2 (bfloat16) of max |grad|.
+"""
+import numpy as np
+
+import minikd as mk
+
+GRAD_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+SETTINGS = ((0.05, 0.5), (1.0, 0.9), (50.0, 1.0), (4.0, 0.0))   # (T, alpha)
+
+
+def np_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+def make(N, C, seed, dtype):
+    """Logits with x20 outliers, 3% -inf classes (never a whole row, never the label), an ignored
+    row (label -100) and a 10% mask."""
+    rng = np.random.default_rng(seed)
+    s = rng.standard_normal((N, C)) * 3
+    t = rng.standard_normal((N, C)) * 3
+    s[rng.random(s.shape) < 0.01] *= 20
+    pad = rng.random(s.shape) < 0.03
+    pad[:, 0] = False
+    s[pad] = -np.inf
+    t[pad] = -np.inf
+    y = rng.integers(0, C, N)
+    y = np.where(np.isneginf(np.take_along_axis(s, y[:, None], 1))[:, 0], 0, y)
+    if N > 1:
+        y[1] = -100
+    mask = rng.random(N) < 0.9
+    s, t = s.astype(np_dtype(dtype)), t.astype(np_dtype(dtype))
+    return s, t, y, mask
+
+
+def check(loss, grad, s, t, y, dtype, **kw):
+    """The kernel's (loss, grad), as NumPy arrays, against the float64 reference on the same inputs."""
+    ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+    loss, grad = np.asarray(loss, np.float64), np.asarray(grad).astype(np.float64)
+    C = s.shape[-1]
+    scale = np.abs(ref).max() + kw["alpha"] * kw["T"] ** 2 * np.log(C)
+    assert np.abs(loss - ref).max() <= 1e-5 * scale, (loss, ref)
+    assert np.abs(grad - gref).max() <= GRAD_TOL[dtype] * np.abs(gref).max(), np.abs(grad - gref).max()

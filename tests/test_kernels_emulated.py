@@ -1,0 +1,156 @@
+"""The CUDA kernels of minikd/kernels/softmax_kl.cu, the source itself, run on the CPU emulator of
+tests/cuda_emu (g++; CUDA threads are OS threads, barriers and shuffles are std::barriers) against
+the float64 reference, through the launcher's own plan and argument tuple. What this cannot see:
+timing, the real memory model beyond what barriers order, and the PTX of the cluster and cp.async
+functions (the emulator supplies its own versions of those five functions). Sizes are small and
+blocks narrow (64 threads) where the kernel allows it: every CUDA thread costs an OS thread here.
+"""
+import numpy as np
+import pytest
+
+import emu_runner
+
+reason = emu_runner.available()
+if reason:
+    pytest.skip(f"CUDA emulator: {reason}", allow_module_level=True)
+
+from kernel_cases import SETTINGS, check, make  # noqa: E402
+from minikd.kernels import prepare_rows  # noqa: E402
+from minikd.kernels.cupy_gpu import kernel_args, plan  # noqa: E402
+
+
+def emulated(student, teacher, labels, *, T, alpha, kind="kl", reduction="batchmean", mask=None, out=None,
+             **plan_options):
+    """What softmax_kl_cupy does, with NumPy arrays and the emulator: (loss, grad, flags, launch)."""
+    rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=True,
+                        reduction=reduction, ignore_index=-100, mask=mask, weight_dtype=np.float32)
+    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau = rows
+    N, C = s.shape
+    buf = out if out is not None else np.empty_like(s)
+    row_loss = np.full(N, np.nan, np.float32)
+    flags = np.zeros(N, np.int8)
+    args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
+    aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.ctypes.data % 16 == 0 for a in (s, t, buf))
+    launch = plan(N, C, s.dtype.itemsize, aligned, dtype=s.dtype.name, **plan_options)
+    emu_runner.run(launch.kernel, launch.grid, launch.block, args, shared=launch.shared, cluster=launch.cluster)
+    if reduction == "none":
+        return row_loss.astype(np.float64), buf, flags, launch
+    total = np.zeros(1, np.float64)
+    emu_runner.run("sum_rows", 1, 1024, (row_loss, np.int64(N), total))
+    loss = total[0] / max(n_valid, 1) if reduction == "batchmean" else total[0]
+    return loss, buf, flags, launch
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("C", [1, 3, 10, 33, 100, 129, 1000])
+def test_rows_kernel(dtype, C):
+    s, t, y, mask = make(11, C, C, dtype)   # 11 rows: the last block is partly past N
+    for (T, alpha), kind, reduction in zip(SETTINGS, ("kl", "ce", "kl", "ce"), ("batchmean", "sum", "none", "batchmean")):
+        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
+        loss, grad, flags, launch = emulated(s, t, y, **kw)
+        assert launch.kernel.startswith("softmax_kl_rows_") and not flags.any()
+        check(loss, grad, s, t, y, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("C,cluster", [(2048, 1), (5000, 2), (4104, 4), (12800, 8), (40, 8)])
+def test_cluster_kernel(dtype, C, cluster):
+    """Chunks that do not divide evenly (5000 / 2 packs of 4; 4104 f32 = 1026 packs over 4 blocks),
+    a cluster with an empty block (40 classes over 8 blocks of 2 packs: in bf16 5 packs, 3 blocks empty)."""
+    s, t, y, mask = make(5, C, C + cluster, dtype)
+    for (T, alpha), kind in zip(SETTINGS, ("kl", "ce", "ce", "kl")):
+        kw = dict(T=T, alpha=alpha, kind=kind, reduction="batchmean", mask=mask)
+        loss, grad, flags, launch = emulated(s, t, y, variant="cluster", cluster=cluster, threads=64, **kw)
+        assert launch.kernel.endswith(f"_c{cluster}") and launch.cluster == cluster and not flags.any()
+        check(loss, grad, s, t, y, dtype, **kw)
+
+
+def test_cluster_size_chosen_by_shared_memory():
+    """The plan's automatic cluster size, run: 12,800 float32 classes = 3,200 packs; with a 64 KB
+    target a block holds at most ~2,000 packs of each input, so the plan takes CL = 2."""
+    s, t, y, mask = make(3, 12800, 5, "float32")
+    kw = dict(T=3.0, alpha=0.6, kind="kl", reduction="sum", mask=mask)
+    loss, grad, _, launch = emulated(s, t, y, variant="cluster", threads=128, smem_target=64 * 1024, **kw)
+    assert launch.cluster == 2
+    check(loss, grad, s, t, y, "float32", **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("C", [100, 1031, 4096])
+def test_block_and_warp_kernels(dtype, C):
+    """The two-pass block kernel (with and without 16-byte vectors) and the warp-per-row kernel."""
+    s, t, y, mask = make(6, C, C, dtype)
+    kw = dict(T=2.0, alpha=0.7, kind="kl", reduction="batchmean", mask=mask)
+    variant = "warp" if C == 100 else "block"
+    loss, grad, _, launch = emulated(s, t, y, variant=variant, threads=64 if variant == "block" else None, **kw)
+    assert variant in launch.kernel
+    check(loss, grad, s, t, y, dtype, **kw)
+
+
+@pytest.mark.parametrize("variant,C,options", [("rows", 10, {}), ("rows", 1000, {}), ("cluster", 5000, {"cluster": 4}),
+                                               ("cluster", 2048, {"cluster": 1}), ("block", 1031, {}),
+                                               ("warp", 300, {})])
+def test_in_place_and_repeatable(variant, C, options):
+    """out = student gives the same bits as a separate output (the kernel reads every value it needs
+    before any thread overwrites it), and a second run gives the same bits."""
+    s, t, y, _ = make(5, C, 3, "float32")
+    kw = dict(T=2.0, alpha=0.5, kind="kl", reduction="batchmean")
+    threads = None if variant in ("rows", "warp") else 64
+    l1, g1, _, _ = emulated(s, t, y, variant=variant, threads=threads, **options, **kw)
+    l2, g2, _, _ = emulated(s, t, y, variant=variant, threads=threads, **options, **kw)
+    s2 = s.copy()
+    l3, g3, _, _ = emulated(s2, t, y, out=s2, variant=variant, threads=threads, **options, **kw)
+    assert g3 is s2
+    assert l1 == l2 == l3 and g1.tobytes() == g2.tobytes() == g3.tobytes()
+    check(l1, g1, s, t, y, "float32", **kw)
+
+
+@pytest.mark.parametrize("variant,C,options", [("rows", 10, {}), ("rows", 200, {}), ("cluster", 2048, {"cluster": 2}),
+                                               ("block", 1031, {}), ("warp", 10, {})])
+def test_flags_and_masked_rows(variant, C, options):
+    """Rows with NaN / +inf / all -inf are flagged (1: student, 2: teacher) with zero gradient; rows
+    that count nowhere (label -100, masked) are not read (NaN there is fine): zero gradient and loss."""
+    s, t, y, _ = make(6, C, 1, "float32")
+    assert y[1] == -100
+    s[0, 3] = np.nan
+    s[1, 5] = np.nan   # ignored by its label
+    t[2, 4] = np.inf
+    s[3] = -np.inf
+    s[4, 5] = np.nan   # masked
+    mask = np.array([True, True, True, True, False, True])
+    threads = None if variant in ("rows", "warp") else 64
+    loss, grad, flags, _ = emulated(s, t, y, T=2.0, alpha=0.5, reduction="none", mask=mask, variant=variant,
+                                    threads=threads, **options)
+    assert flags.tolist() == [1, 0, 2, 1, 0, 0]
+    assert not grad[:5].any() and loss[1] == 0.0 and loss[4] == 0.0
+    kw = dict(T=2.0, alpha=0.5, kind="kl", reduction="none")
+    check(loss[5:], grad[5:], s[5:], t[5:], y[5:], "float32", **kw)
+
+
+@pytest.mark.parametrize("variant,C,options", [("rows", 10, {}), ("cluster", 2048, {"cluster": 2}), ("block", 1031, {})])
+def test_infinite_kl(variant, C, options):
+    """A student class at -inf where the teacher has mass: the KL is +inf (as the reference says)."""
+    s, t, y, _ = make(2, C, 2, "float32")
+    t[0] = np.linspace(0.0, 1.0, C, dtype=np.float32)   # finite: the teacher has mass everywhere
+    s[0, 2] = -np.inf
+    threads = None if variant == "rows" else 64
+    loss, _, flags, _ = emulated(s, t, np.zeros(2, np.int64), T=1.0, alpha=1.0, reduction="none", variant=variant,
+                                 threads=threads, **options)
+    assert loss[0] == np.inf and np.isfinite(loss[1]) and not flags.any()
+
+
+def test_the_emulator_catches_what_hardware_leaves_undefined():
+    """A test of the tests: two deliberately wrong kernels of the harness. Reading shared memory
+    before its cp.async is waited for sees the poison (NaN), not the data; a shuffle whose partner
+    lane has exited is refused; so is a grid that is not a multiple of the cluster size."""
+    x = np.arange(4 * 32, dtype=np.float32)
+    y = np.zeros(32, np.float32)
+    emu_runner.run("broken_read_before_wait", 1, 32, (x, y), shared=4 * x.nbytes)
+    assert np.isnan(y).all()
+    with pytest.raises(AssertionError, match="lane that has exited"):
+        emu_runner.run("broken_shuffle_after_exit", 1, 32, (x, y))
+    s = np.zeros((2, 64), np.float32)
+    args = kernel_args(s, s, np.zeros(2, np.int64), np.ones(2, np.float32), 1.0, 0.5, 0.5, "kl", s.copy(),
+                       np.zeros(2, np.float32), np.zeros(2, np.int8))
+    with pytest.raises(AssertionError, match="multiple of the cluster size"):
+        emu_runner.run("softmax_kl_cluster_f32_c2", 3, 64, args, shared=4096, cluster=2)
