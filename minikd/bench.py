@@ -67,6 +67,8 @@ def add_arguments(ap):
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark: CuPy kernel, PyTorch eager and "
                     "torch.compile, float32 and bfloat16, full-size shapes (needs CuPy and a CUDA GPU)")
     ap.add_argument("--out", default="benchmarks/results", help="where the JSON and PNG go (default benchmarks/results)")
+    ap.add_argument("--compile-budget", type=float, default=240.0, metavar="S",
+                    help="GPU: seconds of torch.compile timing in all; later shapes skip it (default 240)")
 
 
 def main(argv=None):
@@ -77,6 +79,7 @@ def main(argv=None):
 
 def run(args):
     if getattr(args, "gpu", False):
+        from .bench_gpu import run_gpu  # noqa: PLC0415
         return run_gpu(args)
     return run_cpu(args)
 
@@ -151,106 +154,3 @@ def run_cpu(args):
 
 if __name__ == "__main__":
     main()
-
-
-# ---------------------------------------------------------------- GPU
-
-def _gpu_time_ms(fn, repeats, flush):
-    """Median of CUDA-event timings; the L2 cache is flushed (a large write) before each repeat."""
-    import cupy  # noqa: PLC0415
-    fn()
-    cupy.cuda.Device().synchronize()
-    times = []
-    for _ in range(repeats):
-        flush()
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return statistics.median(times)
-
-
-def run_gpu(args):
-    """Full-size shapes, float32 and bfloat16: the CuPy kernel, PyTorch eager forward+backward and
-    torch.compile(dynamic=False), against 12 (float32) / 6 (bfloat16) bytes per element over the
-    device-to-device copy bandwidth measured in the same run. Correctness is checked first."""
-    import cupy  # noqa: PLC0415
-    import ml_dtypes  # noqa: PLC0415
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError:
-        torch = None
-    repeats = 5 if args.quick else 20
-    flush_buf = cupy.empty(256 << 20, cupy.uint8)
-
-    def flush():
-        flush_buf.fill(0)
-    a = cupy.ones(1 << 28, cupy.float32)   # 1 GiB
-    b = cupy.empty_like(a)
-    copy_ms = _gpu_time_ms(lambda: cupy.copyto(b, a), repeats, flush)
-    bw = 2 * a.nbytes / (copy_ms * 1e-3)
-    del a, b
-    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    machine = "gpu-" + "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
-    print(f"{name}: device copy bandwidth {bw / 1e12:.2f} TB/s")
-    T, alpha = 4.0, 0.9
-    rows = []
-    for dtype in ("float32", "bfloat16"):
-        npdt = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
-        bytes_per = 12 if dtype == "float32" else 6
-        for N, C in SHAPES:
-            rng = np.random.default_rng(0)
-            s = cupy.asarray((rng.standard_normal((N, C)) * 3).astype(npdt))
-            t = cupy.asarray((rng.standard_normal((N, C)) * 3).astype(npdt))
-            y = cupy.asarray(rng.integers(0, C, N))
-            k = min(N, 64)
-            ref_l, ref_g = kd_loss_and_grad(cupy.asnumpy(s[:k]).astype(np.float64), cupy.asnumpy(t[:k]).astype(np.float64),
-                                            cupy.asnumpy(y[:k]), T=T, alpha=alpha)
-            kl, kg = softmax_kl(s[:k], t[:k], y[:k], T=T, alpha=alpha, backend="cupy")
-            tol = 1e-5 if dtype == "float32" else 1e-2
-            assert abs(float(kl) - ref_l) <= 1e-5 * abs(ref_l)
-            assert np.abs(cupy.asnumpy(kg).astype(np.float64) - ref_g).max() <= tol * np.abs(ref_g).max()
-            out = cupy.empty_like(s)
-            r = {"N": N, "C": C, "dtype": dtype, "floor_ms": 1e3 * bytes_per * s.size / bw}
-            r["cupy_ms"] = _gpu_time_ms(lambda: softmax_kl(s, t, y, T=T, alpha=alpha, out=out, backend="cupy"),
-                                        repeats, flush)
-            if torch is not None:
-                S = torch.as_tensor(s.view(cupy.uint16) if dtype == "bfloat16" else s, device="cuda")
-                if dtype == "bfloat16":
-                    S = S.view(torch.bfloat16)
-                Tt = torch.as_tensor(t.view(cupy.uint16) if dtype == "bfloat16" else t, device="cuda")
-                if dtype == "bfloat16":
-                    Tt = Tt.view(torch.bfloat16)
-                Y = torch.as_tensor(y, device="cuda")
-                S = S.clone().requires_grad_(True)
-                F = torch.nn.functional
-
-                def loss_fn(S, Tt, Y):
-                    kl = F.kl_div(F.log_softmax(S.float() / T, -1), F.log_softmax(Tt.float() / T, -1),
-                                  log_target=True, reduction="batchmean")
-                    return alpha * T * T * kl + (1 - alpha) * F.cross_entropy(S.float(), Y)
-
-                def eager():
-                    S.grad = None
-                    loss_fn(S, Tt, Y).backward()
-                compiled_fn = torch.compile(loss_fn, dynamic=False)
-
-                def compiled():
-                    S.grad = None
-                    compiled_fn(S, Tt, Y).backward()
-                r["torch_eager_ms"] = _gpu_time_ms(eager, repeats, flush)
-                r["torch_compile_ms"] = _gpu_time_ms(compiled, repeats, flush)
-            r["cupy_pct_floor"] = 100 * r["floor_ms"] / r["cupy_ms"]
-            rows.append(r)
-            print(f"{dtype:>9} ({N}, {C}): floor {r['floor_ms']:.3f} ms, cupy {r['cupy_ms']:.3f} ms "
-                  f"({r['cupy_pct_floor']:.0f}% of floor), eager {r.get('torch_eager_ms', float('nan')):.3f}, "
-                  f"compile {r.get('torch_compile_ms', float('nan')):.3f}")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine, "device": name, "copy_bandwidth_TBps": bw / 1e12, "T": T, "alpha": alpha,
-              "rows": rows, "date": time.strftime("%Y-%m-%d")}
-    (out_dir / f"softmax_kl-{machine}.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out_dir}/softmax_kl-{machine}.json")
-    return 0

@@ -154,3 +154,57 @@ def test_the_emulator_catches_what_hardware_leaves_undefined():
                        np.zeros(2, np.float32), np.zeros(2, np.int8))
     with pytest.raises(AssertionError, match="multiple of the cluster size"):
         emu_runner.run("softmax_kl_cluster_f32_c2", 3, 64, args, shared=4096, cluster=2)
+
+
+# ---------------------------------------------------------------- the CuPy launcher and the GPU benchmark
+
+def test_cupy_launcher_on_the_emulator(monkeypatch):
+    """softmax_kl(..., backend="cupy") whole -- plan, arguments, launch, flags, sum, out= -- with the
+    stand-in cupy of fake_cupy.py, against the reference; bad values raise the reference's error."""
+    import fake_cupy
+    cp = fake_cupy.install(monkeypatch)
+    from minikd.kernels import softmax_kl
+    for C, dtype in ((10, "float32"), (2048, "bfloat16"), (1031, "float16")):
+        s, t, y, mask = make(6, C, C, dtype)
+        kw = dict(T=2.0, alpha=0.7, kind="ce", reduction="batchmean")
+        S = cp.asarray(s)
+        loss, grad = softmax_kl(S, cp.asarray(t), cp.asarray(y), mask=cp.asarray(mask), backend="cupy", **kw)
+        assert type(grad).__module__ == "cupy"
+        check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, dtype, mask=mask, **kw)
+        l2, g2 = softmax_kl(S, cp.asarray(t), cp.asarray(y), mask=cp.asarray(mask), out=S, backend="cupy", **kw)
+        assert g2 is S and cp.asnumpy(g2).tobytes() == cp.asnumpy(grad).tobytes()
+    s = cp.zeros((4, 50), np.float32)
+    s[2, 3] = np.nan
+    with pytest.raises(ValueError, match="student: row 2 contains NaN"):
+        softmax_kl(s, cp.zeros_like(s), cp.zeros(4, np.int64), T=1.0, alpha=0.5, backend="cupy")
+
+
+def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path):
+    """`minikd bench --gpu` end to end (without PyTorch) on tiny shapes: every variant checked against
+    the reference, the JSON and the PNG written. The times are the emulator's: meaningless."""
+    import json
+    import sys
+
+    import fake_cupy
+    fake_cupy.install(monkeypatch)
+    import minikd.bench_gpu as bg
+    monkeypatch.setitem(sys.modules, "torch", None)   # import torch -> ImportError
+    monkeypatch.setattr(bg, "SHAPES", [(9, 10), (3, 2048), (2, 1030)])
+    monkeypatch.setattr(bg, "VARIANT_THREADS", (64,))   # every emulated CUDA thread is an OS thread
+    monkeypatch.setattr(bg, "BLOCK_VARIANT_THREADS", (64,))
+    import minikd.kernels.cupy_gpu as g
+    monkeypatch.setattr(g, "SUM_THREADS", 64)
+    monkeypatch.setattr(g, "BLOCK_THREADS", 64)
+    monkeypatch.setattr(g, "CLUSTER_THREADS", 64)
+    monkeypatch.setattr(bg, "COPY_BYTES", 1 << 20)
+    monkeypatch.setattr(bg, "FLUSH_BYTES", 1 << 16)
+    from minikd.bench import main
+    assert main(["--gpu", "--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("softmax_kl-gpu-CPU-emulator.json")
+    result = json.loads(path.read_text())
+    assert len(result["rows"]) == 6 and (tmp_path / "softmax_kl-gpu-CPU-emulator.png").exists()
+    for r in result["rows"]:
+        assert r["variants"] and all(v.get("ok") for v in r["variants"]), r["variants"]
+        assert r["kernel_ms"] > 0 and r["call_ms"] > 0
+    kernels = {v["kernel"].split("_")[2] for r in result["rows"] for v in r["variants"]}
+    assert kernels == {"rows", "warp", "cluster", "block"}

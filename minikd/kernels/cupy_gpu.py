@@ -34,6 +34,7 @@ SOURCE = Path(__file__).with_name("softmax_kl.cu")
 ROWS_UP_TO = 1024            # the largest C of the register kernel (LANES 32 x ELEMS 32)
 ROWS_BLOCK_THREADS = 128
 BLOCK_THREADS = 1024         # the two-pass block kernel
+SUM_THREADS = 1024           # sum_rows: one block, a power of two <= 1024
 CLUSTER_THREADS = 512
 CLUSTER_SIZES = (1, 2, 4, 8)  # portable cluster sizes (8 is the portable maximum)
 SMEM_HEAD = 1280             # as in softmax_kl.cu
@@ -128,14 +129,26 @@ def _function(launch: Launch):
     return fn
 
 
-def launch_kernels(args, launch: Launch, *, total=None):
+def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
     """Launch the fused kernel (and, given a float64 scalar ``total``, the row-loss sum): the GPU
-    work of one call, without the argument checks (benchmarks time this alone)."""
+    work of one call, without the argument checks (benchmarks time this alone). A cluster launch the
+    device refuses (no room to co-schedule the cluster, shared memory over the limit) falls back to
+    the two-pass block kernel with a warning, unless ``fallback`` is False."""
     if int(args[4]) == 0:
         return
-    _function(launch)((launch.grid,), (launch.block,), args, shared_mem=launch.shared)
+    try:
+        _function(launch)((launch.grid,), (launch.block,), args, shared_mem=launch.shared)
+    except Exception as exc:  # noqa: BLE001  (cupy.cuda.driver.CUDADriverError, cupy's launch errors)
+        if not (fallback and launch.kernel.startswith("softmax_kl_cluster_")):
+            raise
+        import warnings  # noqa: PLC0415
+        sfx = launch.kernel.split("_")[3]
+        block = Launch(f"softmax_kl_block_vec_{sfx}", int(args[4]), BLOCK_THREADS, 0, 1)
+        warnings.warn(f"{launch.kernel} did not launch ({exc}); ran {block.kernel} instead", RuntimeWarning,
+                      stacklevel=2)
+        _function(block)((block.grid,), (block.block,), args)
     if total is not None:
-        _module().get_function("sum_rows")((1,), (1024,), (args[12], args[4], total))
+        _module().get_function("sum_rows")((1,), (SUM_THREADS,), (args[12], args[4], total))
 
 
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
