@@ -8,28 +8,37 @@
 // ``out`` may be ``s`` itself (in place), so ``s`` carries no __restrict__, and every read of s
 // that another thread's gradient write could follow (s_y) happens before a synchronization.
 //
-// One pass computes, online, the row maxima ms, mt and the sums
+// Three kernel families compute the same per-row statistics: the row maxima ms, mt and the sums
 //   Zs = sum 2^((s - ms) k),  Z1 = sum 2^((s - ms) log2 e),  Zt = sum 2^((t - mt) k),  k = log2(e)/T
 //   B  = sum_{t > -inf} 2^((t - mt) k) * d,  d = ((t - mt) - (s - ms))/T (kind 0) or -(s - ms)/T (kind 1)
-// so that KL = B/Zt - ln Zt + ln Zs and H = B/Zt + ln Zs, CE = ln Z1 - (s_y - ms).
-// When a running maximum grows, the sums are rescaled (the online softmax of Milakov & Gimelshein
-// 2018): Z *= 2^((m_old - m_new) k); B also shifts because d is measured from the maxima:
+// so that KL = B/Zt - ln Zt + ln Zs and H = B/Zt + ln Zs, CE = ln Z1 - (s_y - ms), and the gradient
+//   grad = cs 2^((s - ms) k) - ct 2^((t - mt) k) + ch 2^((s - ms) log2 e) - [c = y] w hard,
+//   cs = w soft / (T Zs),  ct = w soft / (T Zt),  ch = w hard / Z1.
+// Measuring every exponent from the maxima keeps them <= 0 (no overflow for |logits| up to 1e4 and
+// T down to 0.01) and keeps d small, so float32 accumulation does not cancel against (ms - mt)/T.
+//
+// Where a row is seen in pieces (threads of a block, blocks of a cluster), each piece keeps a State
+// (its maxima and sums) and States merge by the online-softmax rule (Milakov & Gimelshein 2018):
+// Z *= 2^((m_old - m_new) k); B also shifts because d is measured from the maxima:
 //   B <- f (B + Zt ((ms_new - ms_old) - [kind 0] (mt_new - mt_old)) / T),  f = 2^((mt_old - mt_new) k).
-// The same rule merges two partial states (threads of a warp, warps of a block). Shifting by the
-// maxima keeps every exponent <= 0 (no overflow for |logits| up to 1e4 and T down to 0.01) and keeps
-// d small, so float32 accumulation does not cancel against (ms - mt)/T.
 //
-// A second pass re-reads the row (from L1/L2: rows of up to a few hundred KB stay resident) and
-// writes the gradient once, in the input dtype, possibly over the student (each element is read
-// before the same thread writes it, and the whole row's first pass ends at a barrier first).
-// The loss is reduced deterministically: per-row values, then one block sums them in a fixed order.
-//
-// Kernels (extern "C", one per input dtype f32 / f16 / bf16):
-//   softmax_kl_warp_*   one warp per row (C up to a few thousand: 10..1000 classes)
-//   softmax_kl_block_*  one block per row (C of 32k..256k), 16-byte vector loads when C allows
-//   sum_rows            deterministic sum of the per-row losses
+// Kernels (extern "C", one per input dtype f32 / f16 / bf16; the launcher's plan() picks one):
+//   softmax_kl_rows_*_L*_E*   C <= 1024: LANES lanes a row, ELEMS elements a lane, the row in
+//                             registers; maxima, then sums, then gradient (no online merging).
+//                             Global memory: one read of s and t, one write of the gradient.
+//   softmax_kl_cluster_*_c*   long rows, C * sizeof(T) a multiple of 16: a cluster of CL blocks a
+//                             row, each block's chunk in shared memory (cp.async), States merged
+//                             over distributed shared memory; again one read and one write.
+//   softmax_kl_block_*        any other row: a block a row, online States, the row read twice
+//                             (the second time from L1/L2 if it is still there).
+//   softmax_kl_warp_*         the first design (a warp a row, online States), a benchmark baseline.
+//   sum_rows                  the deterministic sum of the per-row losses (float64, fixed tree).
+// The gradient is written once, in the input dtype, possibly over the student: every kernel reads
+// all the values of a row it needs before a synchronization that precedes any write to that row.
 // Row flags (in-kernel input checks, valid rows only): 1 = student has NaN/+inf or is all -inf,
 // 2 = the same for the teacher; the caller re-checks on the host to raise the exact error.
+// tests/cuda_emu runs this file unchanged on the CPU (g++ and an emulator of threads, barriers,
+// shuffles, clusters and cp.async), which is how it is tested on machines without a GPU.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
