@@ -53,16 +53,27 @@ def test_rows_kernel(dtype, C):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("C,cluster", [(2048, 1), (5000, 2), (4104, 4), (12800, 8), (40, 8)])
+@pytest.mark.parametrize("C,cluster", [(2048, 1), (5000, 2), (4104, 4), (12800, 8), (40, 8), (6400, 16)])
 def test_cluster_kernel(dtype, C, cluster):
     """Chunks that do not divide evenly (5000 / 2 packs of 4; 4104 f32 = 1026 packs over 4 blocks),
     a cluster with an empty block (40 classes over 8 blocks of 2 packs: in bf16 5 packs, 3 blocks empty)."""
     s, t, y, mask = make(5, C, C + cluster, dtype)
     for (T, alpha), kind in zip(SETTINGS, ("kl", "ce", "ce", "kl")):
         kw = dict(T=T, alpha=alpha, kind=kind, reduction="batchmean", mask=mask)
-        loss, grad, flags, launch = emulated(s, t, y, variant="cluster", cluster=cluster, threads=64, **kw)
+        loss, grad, flags, launch = emulated(s, t, y, variant="cluster", cluster=cluster,
+                                             threads=32 if cluster == 16 else 64, **kw)
         assert launch.kernel.endswith(f"_c{cluster}") and launch.cluster == cluster and not flags.any()
         check(loss, grad, s, t, y, dtype, **kw)
+
+
+def test_cluster_sizes_of_the_plan():
+    """Portable sizes first; 16 only when no portable size fits; nothing fits -> the block kernel."""
+    from minikd.kernels.cupy_gpu import plan
+    assert plan(2048, 128256, 4, True).cluster == 8          # 1 MB rows: 128 KB a block
+    assert plan(4096, 32000, 4, True).cluster == 4           # 256 KB rows: 64 KB a block (target 100 KB)
+    assert plan(64, 262144, 4, True).cluster == 16          # 2 MB rows: 8 blocks would need 256 KB each
+    assert plan(64, 600000, 4, True).kernel == "softmax_kl_block_vec_f32"
+    assert plan(64, 600000, 2, True, dtype="bfloat16").cluster == 16
 
 
 def test_cluster_size_chosen_by_shared_memory():

@@ -10,8 +10,10 @@ the same plans on the CPU emulator of ``tests/cuda_emu``):
   -- a cluster of CL = 1, 2, 4 or 8 blocks splits each row, each block keeps its chunk in shared
   memory (cp.async in), the blocks merge their partial sums through distributed shared memory, and
   the gradient is written from shared memory: global memory is touched once each way.
-  CL is the smallest whose chunk fits ``smem_target`` bytes (two blocks per SM), else the smallest
-  that fits the 227 KB a block may have.
+  CL is the smallest portable size (<= 8) whose chunk fits ``smem_target`` bytes (two blocks per
+  SM), else the smallest portable one that fits the 227 KB a block may have, else 16 (a
+  non-portable size, opted in; float32 rows up to ~460k classes). A cluster launch the device
+  refuses falls back to the block kernel with a warning.
 * anything else: ``softmax_kl_block`` -- a block per row, online sums, the row read twice (the second
   time, one hopes, from L2).
 
@@ -36,7 +38,8 @@ ROWS_BLOCK_THREADS = 128
 BLOCK_THREADS = 1024         # the two-pass block kernel
 SUM_THREADS = 1024           # sum_rows: one block, a power of two <= 1024
 CLUSTER_THREADS = 512
-CLUSTER_SIZES = (1, 2, 4, 8)  # portable cluster sizes (8 is the portable maximum)
+CLUSTER_SIZES = (1, 2, 4, 8, 16)  # 8 is the portable maximum; 16 needs an opt-in (H100 allows it)
+PORTABLE_CLUSTER = 8
 SMEM_HEAD = 1280             # as in softmax_kl.cu
 SMEM_TARGET = 100 * 1024     # two blocks per SM on H100 (228 KB of shared memory per SM)
 SMEM_MAX = 227 * 1024        # the most dynamic shared memory one block may opt in to (sm_90)
@@ -86,9 +89,11 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
 
         def smem(cl):
             return SMEM_HEAD + 2 * 16 * -(-n_vec // cl)
-        if cluster is None:
-            fits = [cl for cl in CLUSTER_SIZES if smem(cl) <= smem_target] or \
-                   [cl for cl in CLUSTER_SIZES if smem(cl) <= SMEM_MAX]
+        if cluster is None:   # portable sizes first: within the target, then within the limit; then 16
+            portable = [cl for cl in CLUSTER_SIZES if cl <= PORTABLE_CLUSTER]
+            fits = [cl for cl in portable if smem(cl) <= smem_target] or \
+                   [cl for cl in portable if smem(cl) <= SMEM_MAX] or \
+                   [cl for cl in CLUSTER_SIZES if cl > PORTABLE_CLUSTER and smem(cl) <= SMEM_MAX]
             cluster = fits[0] if fits else None
         elif cluster not in CLUSTER_SIZES or smem(cluster) > SMEM_MAX:
             raise ValueError(f"cluster: {cluster} blocks cannot hold a row of {C} classes "
@@ -120,11 +125,14 @@ def _module():
 
 def _function(launch: Launch):
     fn = _module().get_function(launch.kernel)
-    if launch.shared > 48 * 1024 and (launch.kernel, launch.shared) not in _PREPARED:
+    if (launch.kernel, launch.shared) not in _PREPARED:
         from cupy.cuda import driver  # noqa: PLC0415
-        # opt in to more than 48 KB of dynamic shared memory (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
-        driver.funcSetAttribute(fn.ptr, getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8),
-                                launch.shared)
+        if launch.shared > 48 * 1024:   # opt in to more than 48 KB of dynamic shared memory
+            driver.funcSetAttribute(fn.ptr, getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8),
+                                    launch.shared)
+        if launch.cluster > PORTABLE_CLUSTER:   # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+            driver.funcSetAttribute(fn.ptr, getattr(driver, "CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED", 14),
+                                    1)
         _PREPARED.add((launch.kernel, launch.shared))
     return fn
 

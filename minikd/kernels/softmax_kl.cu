@@ -443,7 +443,8 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
 // 16. The two-pass block kernel above re-reads the row for the gradient and counts on L2 to serve
 // it; at C = 128k a row is 1 MB of student + teacher and 132 rows in flight exceed H100's 50 MB L2,
 // so the second read would go to HBM (20 bytes an element instead of 12 in float32). Here CL blocks
-// (a thread-block cluster, CL = 1, 2, 4 or 8) split the row into CL chunks; each block copies its
+// (a thread-block cluster, CL = 1, 2, 4, 8, or 16 where the launcher opts in to a non-portable
+// size) split the row into CL chunks; each block copies its
 // chunk into its own shared memory with cp.async (in STAGES commit groups, so that the sums of a
 // stage run while the next stages are still in flight), reduces its chunk to a State, and the
 // blocks exchange States through distributed shared memory: every block merges the CL States in
@@ -607,7 +608,7 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
     }                                                                                                     \
     ROWS(NAME, T, 1, 4) ROWS(NAME, T, 2, 4) ROWS(NAME, T, 4, 4) ROWS(NAME, T, 8, 4) ROWS(NAME, T, 16, 4)   \
     ROWS(NAME, T, 32, 4) ROWS(NAME, T, 32, 8) ROWS(NAME, T, 32, 16) ROWS(NAME, T, 32, 32)                  \
-    CLUSTER(NAME, T, 1) CLUSTER(NAME, T, 2) CLUSTER(NAME, T, 4) CLUSTER(NAME, T, 8)
+    CLUSTER(NAME, T, 1) CLUSTER(NAME, T, 2) CLUSTER(NAME, T, 4) CLUSTER(NAME, T, 8) CLUSTER(NAME, T, 16)
 
 INSTANTIATE(f32, float)
 INSTANTIATE(f16, __half)

@@ -50,7 +50,8 @@ template <typename T> std::function<void(void**)> bind(KernelFn<T> f) {
     {"softmax_kl_cluster_" #NAME "_c1", bind<T>(softmax_kl_cluster_##NAME##_c1)},                    \
     {"softmax_kl_cluster_" #NAME "_c2", bind<T>(softmax_kl_cluster_##NAME##_c2)},                    \
     {"softmax_kl_cluster_" #NAME "_c4", bind<T>(softmax_kl_cluster_##NAME##_c4)},                    \
-    {"softmax_kl_cluster_" #NAME "_c8", bind<T>(softmax_kl_cluster_##NAME##_c8)}
+    {"softmax_kl_cluster_" #NAME "_c8", bind<T>(softmax_kl_cluster_##NAME##_c8)},                    \
+    {"softmax_kl_cluster_" #NAME "_c16", bind<T>(softmax_kl_cluster_##NAME##_c16)}
 
 static const std::map<std::string, std::function<void(void**)>>& table() {
     static const std::map<std::string, std::function<void(void**)>> t = {
