@@ -7,6 +7,8 @@ blocks narrow (64 threads) where the kernel allows it: every CUDA thread costs a
 """
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import emu_runner
 
@@ -64,6 +66,30 @@ def test_cluster_kernel(dtype, C, cluster):
                                              threads=32 if cluster == 16 else 64, **kw)
         assert launch.kernel.endswith(f"_c{cluster}") and launch.cluster == cluster and not flags.any()
         check(loss, grad, s, t, y, dtype, **kw)
+
+
+# a third of the profile's examples: each one launches a few thousand emulated threads
+@settings(max_examples=max(20, settings.default.max_examples // 3))
+@given(data=st.data(), C=st.integers(1, 3000), N=st.integers(1, 9), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from(["float32", "float16", "bfloat16"]), kind=st.sampled_from(["kl", "ce"]),
+       reduction=st.sampled_from(["batchmean", "sum", "none"]), T=st.sampled_from([0.05, 0.5, 1.0, 4.0, 50.0]),
+       alpha=st.sampled_from([0.0, 0.3, 1.0]))
+def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, T, alpha):
+    """Fresh shapes, options and inputs (x20 outliers, -inf classes, an ignored row, a mask) through
+    every kernel family that can take the shape, against the float64 reference."""
+    s, t, y, mask = make(N, C, seed, dtype)
+    vec = 16 // s.dtype.itemsize
+    families = ["auto", "block", "warp"] + (["rows"] if C <= 1024 else []) + (["cluster"] if C % vec == 0 else [])
+    variant = data.draw(st.sampled_from(families), label="variant")
+    options = {}
+    if variant == "cluster":
+        options["cluster"] = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="cluster")
+    if variant in ("block", "cluster") or (variant == "auto" and C > 1024):
+        options["threads"] = 32 if options.get("cluster") == 16 else 64
+    kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
+    loss, grad, flags, launch = emulated(s, t, y, variant=variant, **options, **kw)
+    assert not flags.any()
+    check(loss, grad, s, t, y, dtype, **kw)
 
 
 def test_cluster_sizes_of_the_plan():
