@@ -216,32 +216,40 @@ def test_cupy_launcher_on_the_emulator(monkeypatch):
         softmax_kl(s, cp.zeros_like(s), cp.zeros(4, np.int64), T=1.0, alpha=0.5, backend="cupy")
 
 
-def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path):
-    """`minikd bench --gpu` end to end (without PyTorch) on tiny shapes: every variant checked against
-    the reference, the JSON and the PNG written. The times are the emulator's: meaningless."""
+@pytest.mark.parametrize("with_torch", [False, True])
+def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
+    """`minikd bench --gpu` end to end on tiny shapes: every variant checked against the reference,
+    the JSON and the PNG written; with PyTorch (if installed) its eager lines run on the CPU
+    (torch.compile is left out: budget 0). The times are the emulator's: meaningless."""
     import json
     import sys
 
     import fake_cupy
     fake_cupy.install(monkeypatch)
     import minikd.bench_gpu as bg
-    monkeypatch.setitem(sys.modules, "torch", None)   # import torch -> ImportError
-    monkeypatch.setattr(bg, "SHAPES", [(9, 10), (3, 2048), (2, 1030)])
+    if with_torch:
+        pytest.importorskip("torch")
+        monkeypatch.setattr(bg, "TORCH_DEVICE", "cpu")
+    else:
+        monkeypatch.setitem(sys.modules, "torch", None)   # import torch -> ImportError
+    monkeypatch.setattr(bg, "SHAPES", [(9, 10), (3, 2048), (2, 1030)] if not with_torch else [(9, 10), (3, 2048)])
     monkeypatch.setattr(bg, "VARIANT_THREADS", (64,))   # every emulated CUDA thread is an OS thread
     monkeypatch.setattr(bg, "BLOCK_VARIANT_THREADS", (64,))
     import minikd.kernels.cupy_gpu as g
     monkeypatch.setattr(g, "SUM_THREADS", 64)
     monkeypatch.setattr(g, "BLOCK_THREADS", 64)
     monkeypatch.setattr(g, "CLUSTER_THREADS", 64)
+    monkeypatch.setattr(g, "CLUSTER_SIZES", (1, 2, 16))   # fewer variants; 16 still takes the opt-in path
     monkeypatch.setattr(bg, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(bg, "FLUSH_BYTES", 1 << 16)
     from minikd.bench import main
-    assert main(["--gpu", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["--gpu", "--quick", "--compile-budget", "0", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("softmax_kl-gpu-CPU-emulator.json")
     result = json.loads(path.read_text())
-    assert len(result["rows"]) == 6 and (tmp_path / "softmax_kl-gpu-CPU-emulator.png").exists()
+    assert len(result["rows"]) == 2 * len(bg.SHAPES) and (tmp_path / "softmax_kl-gpu-CPU-emulator.png").exists()
     for r in result["rows"]:
         assert r["variants"] and all(v.get("ok") for v in r["variants"]), r["variants"]
         assert r["kernel_ms"] > 0 and r["call_ms"] > 0
+        assert ("torch_eager_ms" in r) == with_torch and "torch_compile_ms" not in r
     kernels = {v["kernel"].split("_")[2] for r in result["rows"] for v in r["variants"]}
     assert kernels == {"rows", "warp", "cluster", "block"}
