@@ -1,11 +1,10 @@
-"""What can be checked of the GPU kernel without a GPU: the CUDA source compiles for sm_90 with
-nvcc (when nvcc is on the machine), and the long-row algorithm, run as a numba.cuda twin under
-the CUDA simulator, equals the float64 reference."""
-import os
+"""What can be checked of the GPU kernel's source without a GPU, besides running it on the CPU
+emulator (test_kernels_emulated.py): it compiles for sm_90 with nvcc (when nvcc is on the machine)
+without register spills, every kernel the launcher's plan names exists in it, and the launcher's
+argument tuple matches the kernel signature."""
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,22 +62,6 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
     assert "sum_rows" in res.stderr
     spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
     assert spills and all(int(n) == 0 for n in spills)
-
-
-def test_numba_cuda_twin_under_simulator():
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    res = subprocess.run([sys.executable, str(HERE / "twin_cases.py")], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    cases = [l for l in lines if l.startswith("case")]
-    assert len(cases) == 6
-    for line in cases:
-        loss_err = float(re.search(r"loss_err=(\S+)", line).group(1))
-        grad_err = float(re.search(r"grad_err=(\S+)", line).group(1))
-        assert loss_err <= 1e-5 and grad_err <= 1e-5 and line.endswith("ok=True"), line
-    assert "flags [1, 2, 1]" in lines
-    assert any(l.startswith("infinite inf 0") for l in lines)
 
 
 def test_launcher_arguments_match_the_kernel_signature():
