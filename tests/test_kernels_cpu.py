@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import minikd as mk
 from minikd.kernels import softmax_kl

@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 import minikd as mk
 from minikd.gradcheck import check_vjp
-from minikd.nn import conv as convmod
 
 nn = mk.nn
 RTOL = 1e-7

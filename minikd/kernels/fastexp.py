@@ -21,8 +21,6 @@ this project's 2-core AVX-512 machine (memory-bound), NumPy's own SIMD exp 10 ms
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
 from numba import config, njit, types
