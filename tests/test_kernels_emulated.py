@@ -35,8 +35,8 @@ def emulated(student, teacher, labels, *, T, alpha, kind="kl", reduction="batchm
     aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.ctypes.data % 16 == 0 for a in (s, t, buf))
     launch = plan(N, C, s.dtype.itemsize, aligned, dtype=s.dtype.name, **plan_options)
     emu_runner.run(launch.kernel, launch.grid, launch.block, args, shared=launch.shared, cluster=launch.cluster)
-    if reduction == "none":
-        return row_loss.astype(np.float64), buf, flags, launch
+    if reduction == "none":   # in the input dtype, as softmax_kl_cupy returns them
+        return row_loss.astype(s.dtype), buf, flags, launch
     total = np.zeros(1, np.float64)
     emu_runner.run("sum_rows", 1, 1024, (row_loss, np.int64(N), total))
     loss = total[0] / max(n_valid, 1) if reduction == "batchmean" else total[0]
