@@ -10,3 +10,18 @@ settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True
 settings.register_profile("thorough", max_examples=1000, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# MINIKD_EMULATED_GPU=1 python -m pytest tests/test_kernels_gpu.py runs the GPU tests on the CPU
+# emulator of tests/cuda_emu through the stand-in cupy of tests/fake_cupy.py (about 8 minutes;
+# blocks narrowed to 64 threads, since every emulated CUDA thread is an OS thread).
+if os.environ.get("MINIKD_EMULATED_GPU"):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fake_cupy
+
+    _fake = fake_cupy.make_module()
+    sys.modules.update({"cupy": _fake, "cupy.cuda": _fake.cuda, "cupy.cuda.driver": _fake.cuda.driver})
+    import minikd.kernels.cupy_gpu as _gpu
+
+    _gpu.BLOCK_THREADS = _gpu.CLUSTER_THREADS = 64
