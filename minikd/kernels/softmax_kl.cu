@@ -125,6 +125,11 @@ __device__ __forceinline__ float rescale(float m_old, float m_new, float k) {
     return m_old == -CUDART_INF_F ? 0.f : exp2f((m_old - m_new) * k);
 }
 
+// Uniform branches skip the work a term with weight 0 does not need: alpha = 1 (hard = 0) needs
+// no softmax(s) at T = 1, alpha = 0 (soft = 0) no tempered softmax; at T = 1 (k == log2 e exactly,
+// as the host rounds log2(e)/1 to float32 like the literal) the two student exponentials coincide.
+__device__ __forceinline__ bool same_exp(const Params& p) { return p.soft != 0.f && p.k == LOG2E; }
+
 __device__ __forceinline__ void add_element(State& a, float s, float t, const Params& p) {
     a.bad_s |= (isnan(s) || s == CUDART_INF_F);
     a.bad_t |= (isnan(t) || t == CUDART_INF_F);
@@ -140,10 +145,12 @@ __device__ __forceinline__ void add_element(State& a, float s, float t, const Pa
         a.B *= f; a.Zt *= f; a.mt = t;
     }
     if (s > -CUDART_INF_F) {
-        a.Zs += exp2f((s - a.ms) * p.k);
-        a.Z1 += exp2f((s - a.ms) * LOG2E);
+        const float ds = s - a.ms;
+        const float es = p.soft != 0.f ? exp2f(ds * p.k) : 0.f;
+        a.Zs += es;
+        if (p.hard != 0.f) a.Z1 += same_exp(p) ? es : exp2f(ds * LOG2E);
     }
-    if (t > -CUDART_INF_F) {
+    if (p.soft != 0.f && t > -CUDART_INF_F) {
         float e = exp2f((t - a.mt) * p.k);
         // a student class at -inf where the teacher has mass: d = +inf, the true (infinite) KL;
         // written out because (-inf) - (-inf) would be NaN while the row's student max is -inf
@@ -218,9 +225,22 @@ __device__ __forceinline__ void finish_row(const State& a, float s_y, const Para
 
 __device__ __forceinline__ float grad_element(float s, float t, bool is_label, const State& a, float cs, float ct,
                                               float ch, const Params& p) {
-    float g = cs * exp2f((s - a.ms) * p.k) - ct * exp2f((t - a.mt) * p.k);
-    if (p.hard != 0.f) g += ch * exp2f((s - a.ms) * LOG2E) - (is_label ? ch * a.Z1 : 0.f);
+    const float ds = s - a.ms;
+    float g = 0.f, es = 0.f;
+    if (p.soft != 0.f) {
+        es = exp2f(ds * p.k);
+        g = cs * es - ct * exp2f((t - a.mt) * p.k);
+    }
+    if (p.hard != 0.f) g += ch * (same_exp(p) ? es : exp2f(ds * LOG2E)) - (is_label ? ch * a.Z1 : 0.f);
     return g;
+}
+
+// The gradient's coefficients; a term with weight 0 has no sums (they were skipped), so 0, not 0/0.
+__device__ __forceinline__ void coefficients(float w, float Zs, float Zt, float Z1, const Params& p, float& cs,
+                                             float& ct, float& ch) {
+    cs = p.soft != 0.f ? w * p.soft * p.inv_T / Zs : 0.f;
+    ct = p.soft != 0.f ? w * p.soft * p.inv_T / Zt : 0.f;
+    ch = p.hard != 0.f ? w * p.hard / Z1 : 0.f;
 }
 
 // ---------------------------------------------------------------- one warp per row
@@ -251,7 +271,8 @@ __device__ void softmax_kl_warp(const T* s, const T* __restrict__ t, const long 
         for (int c = lane; c < p.C; c += 32) out[base + c] = from_f<T>(0.f);
         return;
     }
-    const float cs = w * p.soft * p.inv_T / a.Zs, ct = w * p.soft * p.inv_T / a.Zt, ch = w * p.hard / a.Z1;
+    float cs, ct, ch;
+    coefficients(w, a.Zs, a.Zt, a.Z1, p, cs, ct, ch);
     for (int c = lane; c < p.C; c += 32) {
         float g = grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, cs, ct, ch, p);
         out[base + c] = from_f<T>(g);
@@ -321,10 +342,11 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
         for (int j = 0; j < ELEMS; ++j) {
             const float ds = sv[j] - ms;              // -inf for padding and -inf classes
             if (sv[j] > -CUDART_INF_F) {
-                Zs += exp2f(ds * p.k);
-                Z1 += exp2f(ds * LOG2E);
+                const float es = p.soft != 0.f ? exp2f(ds * p.k) : 0.f;
+                Zs += es;
+                if (p.hard != 0.f) Z1 += same_exp(p) ? es : exp2f(ds * LOG2E);
             }
-            if (tv[j] > -CUDART_INF_F) {
+            if (p.soft != 0.f && tv[j] > -CUDART_INF_F) {
                 const float dt = tv[j] - mt;
                 const float e = exp2f(dt * p.k);
                 const float d = p.kind == 0 ? (dt - ds) * p.inv_T : -ds * p.inv_T;   // +inf: the true, infinite KL
@@ -353,16 +375,22 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
         }
         row_loss[row] = loss;
     }
-    const float cs = zero ? 0.f : w * p.soft * p.inv_T / Zs, ct = zero ? 0.f : w * p.soft * p.inv_T / Zt;
-    const float ch = zero ? 0.f : w * p.hard / Z1, wh = zero ? 0.f : w * p.hard;
+    float cs = 0.f, ct = 0.f, ch = 0.f;
+    if (!zero) coefficients(w, Zs, Zt, Z1, p, cs, ct, ch);
+    const float wh = zero ? 0.f : w * p.hard;
 #pragma unroll
     for (int j = 0; j < ELEMS; ++j) {
         const int c = j * LANES + sub;
         if (c < p.C) {
             float g = 0.f;
             if (!zero) {
-                g = cs * exp2f((sv[j] - ms) * p.k) - ct * exp2f((tv[j] - mt) * p.k);
-                if (p.hard != 0.f) g += ch * exp2f((sv[j] - ms) * LOG2E) - (c == y ? wh : 0.f);
+                const float ds = sv[j] - ms;
+                float es = 0.f;
+                if (p.soft != 0.f) {
+                    es = exp2f(ds * p.k);
+                    g = cs * es - ct * exp2f((tv[j] - mt) * p.k);
+                }
+                if (p.hard != 0.f) g += ch * (same_exp(p) ? es : exp2f(ds * LOG2E)) - (c == y ? wh : 0.f);
             }
             out[base + c] = from_f<T>(g);
         }
@@ -419,7 +447,8 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
         for (int c = threadIdx.x; c < p.C; c += blockDim.x) out[base + c] = from_f<T>(0.f);
         return;
     }
-    const float cs = w * p.soft * p.inv_T / a.Zs, ct = w * p.soft * p.inv_T / a.Zt, ch = w * p.hard / a.Z1;
+    float cs, ct, ch;
+    coefficients(w, a.Zs, a.Zt, a.Z1, p, cs, ct, ch);
     if (VEC > 1) {
         const Pack<T, VEC>* sv = reinterpret_cast<const Pack<T, VEC>*>(s + base);
         const Pack<T, VEC>* tv = reinterpret_cast<const Pack<T, VEC>*>(t + base);
@@ -543,7 +572,8 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
     a = *row_state;
     if (rank == 0 && tid == 0) finish_row(a, s_y, p, row_loss, flags, row);
     const bool bad = row_flag(a) != 0;
-    const float cs = w * p.soft * p.inv_T / a.Zs, ct = w * p.soft * p.inv_T / a.Zt, ch = w * p.hard / a.Z1;
+    float cs, ct, ch;
+    coefficients(w, a.Zs, a.Zt, a.Z1, p, cs, ct, ch);
     for (int i = tid; i < n; i += nthreads) {
         const P xs = ss[i], xt = ts[i];
         P g;
