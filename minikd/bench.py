@@ -67,6 +67,7 @@ def add_arguments(ap):
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark: CuPy kernel, PyTorch eager and "
                     "torch.compile, float32 and bfloat16, full-size shapes (needs CuPy and a CUDA GPU)")
     ap.add_argument("--out", default="benchmarks/results", help="where the JSON and PNG go (default benchmarks/results)")
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of a results JSON (CPU or GPU) next to it")
     ap.add_argument("--compile-budget", type=float, default=240.0, metavar="S",
                     help="GPU: seconds of torch.compile timing in all; later shapes skip it (default 240)")
 
@@ -78,6 +79,9 @@ def main(argv=None):
 
 
 def run(args):
+    if getattr(args, "plot", None):
+        print(f"wrote {plot_results(args.plot)}")
+        return 0
     if getattr(args, "gpu", False):
         from .bench_gpu import run_gpu  # noqa: PLC0415
         return run_gpu(args)
@@ -134,9 +138,17 @@ def run_cpu(args):
     result = {"machine": machine, "processor": platform.processor(), "copy_bandwidth_GBps": bw / 1e9,
               "T": T, "alpha": alpha, "rows": rows, "date": time.strftime("%Y-%m-%d")}
     (out_dir / f"softmax_kl-{machine}.json").write_text(json.dumps(result, indent=1))
+    plot_cpu(result, out_dir / f"softmax_kl-{machine}.png")
+    print(f"wrote {out_dir}/softmax_kl-{machine}.json and .png")
+    return 0
+
+
+def plot_cpu(result, path):
+    """ms per call (log scale) per shape: the floor, the Numba kernel, the NumPy reference, PyTorch eager."""
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    rows = result["rows"]
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"({r['N']},{r['C']})" for r in rows]
     x = np.arange(len(rows))
@@ -145,11 +157,23 @@ def run_cpu(args):
         if key in rows[0]:
             ax.bar(x + (i - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=name)
     ax.set_xticks(x, labels)
-    ax.set(yscale="log", ylabel="ms per call (median)", title=f"softmax-KL loss + gradient, float32, {machine}")
+    ax.set(yscale="log", ylabel="ms per call (median)", title=f"softmax-KL loss + gradient, float32, {result['machine']}")
     ax.legend()
-    fig.savefig(out_dir / f"softmax_kl-{machine}.png", dpi=120, bbox_inches="tight")
-    print(f"wrote {out_dir}/softmax_kl-{machine}.json and .png")
-    return 0
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_results(json_path) -> Path:
+    """Draw the PNG of a results JSON (CPU or GPU) next to it; returns the PNG's path."""
+    json_path = Path(json_path)
+    result = json.loads(json_path.read_text())
+    png = json_path.with_suffix(".png")
+    if "device" in result:
+        from .bench_gpu import plot_gpu  # noqa: PLC0415
+        plot_gpu(result, png)
+    else:
+        plot_cpu(result, png)
+    return png
 
 
 if __name__ == "__main__":

@@ -253,3 +253,6 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
         assert ("torch_eager_ms" in r) == with_torch and "torch_compile_ms" not in r
     kernels = {v["kernel"].split("_")[2] for r in result["rows"] for v in r["variants"]}
     assert kernels == {"rows", "warp", "cluster", "block"}
+    png = tmp_path / "softmax_kl-gpu-CPU-emulator.png"
+    png.unlink()
+    assert main(["--plot", str(path)]) == 0 and png.exists()   # redrawn from the JSON alone
