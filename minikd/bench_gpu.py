@@ -58,6 +58,7 @@ def _variants(N, C, itemsize, aligned, dtype):
     out = [("default", plan(N, C, itemsize, aligned, dtype=dtype))]
     if C <= ROWS_UP_TO:
         out += [("rows 256 threads", plan(N, C, itemsize, aligned, dtype=dtype, threads=256)),
+                ("rows, recompute", plan(N, C, itemsize, aligned, dtype=dtype, variant="rows_recompute")),
                 ("warp per row", plan(N, C, itemsize, aligned, dtype=dtype, variant="warp"))]
     else:
         for cl in CLUSTER_SIZES:

@@ -44,13 +44,15 @@ def emulated(student, teacher, labels, *, T, alpha, kind="kl", reduction="batchm
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("C", [1, 3, 10, 33, 100, 129, 1000])
-def test_rows_kernel(dtype, C):
+@pytest.mark.parametrize("C,variant", [(1, "rows"), (3, "rows"), (10, "rows"), (33, "rows"), (100, "rows"),
+                                       (129, "rows"), (1000, "rows"), (129, "rows_recompute"),
+                                       (1000, "rows_recompute")])
+def test_rows_kernel(dtype, C, variant):
     s, t, y, mask = make(11, C, C, dtype)   # 11 rows: the last block is partly past N
     for (T, alpha), kind, reduction in zip(SETTINGS, ("kl", "ce", "kl", "ce"), ("batchmean", "sum", "none", "batchmean")):
         kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
-        loss, grad, flags, launch = emulated(s, t, y, **kw)
-        assert launch.kernel.startswith("softmax_kl_rows_") and not flags.any()
+        loss, grad, flags, launch = emulated(s, t, y, variant=variant, **kw)
+        assert launch.kernel.startswith(f"softmax_kl_{variant}_") and not flags.any()
         check(loss, grad, s, t, y, dtype, **kw)
 
 
@@ -79,7 +81,8 @@ def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, 
     every kernel family that can take the shape, against the float64 reference."""
     s, t, y, mask = make(N, C, seed, dtype)
     vec = 16 // s.dtype.itemsize
-    families = ["auto", "block", "warp"] + (["rows"] if C <= 1024 else []) + (["cluster"] if C % vec == 0 else [])
+    families = ["auto", "block", "warp"] + (["rows", "rows_recompute"] if C <= 1024 else []) + \
+        (["cluster"] if C % vec == 0 else [])
     variant = data.draw(st.sampled_from(families), label="variant")
     options = {}
     if variant == "cluster":
@@ -124,7 +127,8 @@ def test_block_and_warp_kernels(dtype, C):
     check(loss, grad, s, t, y, dtype, **kw)
 
 
-@pytest.mark.parametrize("variant,C,options", [("rows", 10, {}), ("rows", 1000, {}), ("cluster", 5000, {"cluster": 4}),
+@pytest.mark.parametrize("variant,C,options", [("rows", 10, {}), ("rows", 1000, {}), ("rows_recompute", 1000, {}),
+                                               ("cluster", 5000, {"cluster": 4}),
                                                ("cluster", 2048, {"cluster": 1}), ("block", 1031, {}),
                                                ("warp", 300, {})])
 def test_in_place_and_repeatable(variant, C, options):

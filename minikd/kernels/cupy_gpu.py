@@ -5,7 +5,9 @@ Which kernel runs is decided by ``plan(N, C, itemsize, aligned)``, a pure functi
 the same plans on the CPU emulator of ``tests/cuda_emu``):
 
 * C <= 1024: ``softmax_kl_rows`` -- a few lanes per row (LANES = 1..32), the row held in registers,
-  memory read once and written once, no online rescaling.
+  memory read once and written once, no online rescaling; its three exponentials per element are
+  kept in registers for the gradient (variant "rows_recompute" computes them again: fewer
+  registers, twice the special-function work; the benchmark compares the two).
 * longer rows whose byte length is a multiple of 16 (pointers 16-byte aligned): ``softmax_kl_cluster``
   -- a cluster of CL = 1, 2, 4 or 8 blocks splits each row, each block keeps its chunk in shared
   memory (cp.async in), the blocks merge their partial sums through distributed shared memory, and
@@ -43,7 +45,7 @@ PORTABLE_CLUSTER = 8
 SMEM_HEAD = 1280             # as in softmax_kl.cu
 SMEM_TARGET = 100 * 1024     # two blocks per SM on H100 (228 KB of shared memory per SM)
 SMEM_MAX = 227 * 1024        # the most dynamic shared memory one block may opt in to (sm_90)
-VARIANTS = ("auto", "rows", "warp", "block", "cluster")
+VARIANTS = ("auto", "rows", "rows_recompute", "warp", "block", "cluster")
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 _MODULE = None
 _PREPARED = set()
@@ -72,15 +74,17 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
     vec = 16 // itemsize
     if variant == "auto":
         variant = "rows" if C <= ROWS_UP_TO else ("cluster" if aligned and C % vec == 0 else "block")
-    if variant == "rows":
+    if variant in ("rows", "rows_recompute"):
         if C > ROWS_UP_TO:
             raise ValueError(f"the rows kernel takes C <= {ROWS_UP_TO}, got {C}")
         if C <= 128:
             lanes, elems = _next_pow2(-(-C // 4)), 4
         else:
             lanes, elems = 32, _next_pow2(-(-C // 32))
+        # "rows_recompute": the gradient's exponentials computed again (fewer registers), for elems >= 8
+        name = "softmax_kl_rows_recompute" if variant == "rows_recompute" and elems >= 8 else "softmax_kl_rows"
         nthreads = threads or ROWS_BLOCK_THREADS
-        return Launch(f"softmax_kl_rows_{sfx}_L{lanes}_E{elems}", -(-N * lanes // nthreads), nthreads, 0, 1)
+        return Launch(f"{name}_{sfx}_L{lanes}_E{elems}", -(-N * lanes // nthreads), nthreads, 0, 1)
     if variant == "warp":   # the first design (a warp per row, online sums), kept as a benchmark baseline
         nthreads = threads or 128
         return Launch(f"softmax_kl_warp_{sfx}", -(-N // (nthreads // 32)), nthreads, 0, 1)

@@ -285,7 +285,8 @@ __device__ void softmax_kl_warp(const T* s, const T* __restrict__ t, const long 
 // each: element c = j LANES + lane_in_row, so a warp's loads and stores cover consecutive
 // addresses. The row never leaves registers and memory is touched once each way: the maxima first
 // (a max over the row's lanes), then the sums from exponentials measured from the final maxima (no
-// online rescaling), then the gradient. Padding (c >= C) holds -inf, which adds to no sum. Every
+// online rescaling), then the gradient from the exponentials kept in registers (three a element,
+// each computed once). Padding (c >= C) holds -inf, which adds to no sum. Every
 // lane runs every shuffle, rows past N included: a full-mask shuffle needs all 32 lanes.
 template <int LANES> __device__ __forceinline__ float group_max(float v) {
 #pragma unroll
@@ -304,7 +305,10 @@ template <int LANES> __device__ __forceinline__ int group_or(int v) {
     return v;
 }
 
-template <typename T, int LANES, int ELEMS>
+// KEEP: the exponentials stay in registers for the gradient (3 per element in all; 191 registers at
+// ELEMS = 32) or are computed again (6 per element; 128 registers): fewer special-function
+// operations against more warps per SM, settled by the benchmark's variants.
+template <typename T, int LANES, int ELEMS, bool KEEP>
 __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long long* __restrict__ labels,
                                 const float* __restrict__ weights, Params p, T* out, float* __restrict__ row_loss,
                                 signed char* __restrict__ flags) {
@@ -336,24 +340,34 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
     // the row's values were all read above; with out == s no lane writes before these shuffles
     ms = group_max<LANES>(ms);
     mt = group_max<LANES>(mt);
+    // The sums; each element's three exponentials then replace its logits in registers (sv <- es,
+    // tv <- et, e1v <- e1): the gradient needs only them, so each is computed once, not twice.
     float Zs = 0.f, Z1 = 0.f, Zt = 0.f, B = 0.f, sy = 0.f;
+    float e1v[KEEP ? ELEMS : 1];
     if (ms > -CUDART_INF_F && mt > -CUDART_INF_F) {   // otherwise the row is flagged below
 #pragma unroll
         for (int j = 0; j < ELEMS; ++j) {
             const float ds = sv[j] - ms;              // -inf for padding and -inf classes
+            float es = 0.f, e1 = 0.f, et = 0.f;
             if (sv[j] > -CUDART_INF_F) {
-                const float es = p.soft != 0.f ? exp2f(ds * p.k) : 0.f;
-                Zs += es;
-                if (p.hard != 0.f) Z1 += same_exp(p) ? es : exp2f(ds * LOG2E);
+                if (p.soft != 0.f) es = exp2f(ds * p.k);
+                if (p.hard != 0.f) e1 = same_exp(p) ? es : exp2f(ds * LOG2E);
             }
             if (p.soft != 0.f && tv[j] > -CUDART_INF_F) {
                 const float dt = tv[j] - mt;
-                const float e = exp2f(dt * p.k);
+                et = exp2f(dt * p.k);
                 const float d = p.kind == 0 ? (dt - ds) * p.inv_T : -ds * p.inv_T;   // +inf: the true, infinite KL
-                Zt += e;
-                if (e > 0.f) B += e * d;
+                if (et > 0.f) B += et * d;
             }
+            Zs += es;
+            Z1 += e1;
+            Zt += et;
             if (j * LANES + sub == y) sy = ds;       // CE needs s_y - ms
+            if (KEEP) {
+                sv[j] = es;
+                tv[j] = et;
+                e1v[KEEP ? j : 0] = e1;
+            }
         }
     }
     Zs = group_sum<LANES>(Zs);
@@ -383,7 +397,9 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
         const int c = j * LANES + sub;
         if (c < p.C) {
             float g = 0.f;
-            if (!zero) {
+            if (!zero && KEEP) {   // the stored exponentials
+                g = cs * sv[j] - ct * tv[j] + ch * e1v[KEEP ? j : 0] - (c == y ? wh : 0.f);
+            } else if (!zero) {    // computed again from the logits
                 const float ds = sv[j] - ms;
                 float es = 0.f;
                 if (p.soft != 0.f) {
@@ -617,7 +633,11 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
 
 #define ROWS(NAME, T, L, E)                                                                               \
     extern "C" __global__ void softmax_kl_rows_##NAME##_L##L##_E##E(KERNEL_ARGS(T)) {                      \
-        MAKE_PARAMS softmax_kl_rows<T, L, E>(s, t, labels, weights, p, out, row_loss, flags);               \
+        MAKE_PARAMS softmax_kl_rows<T, L, E, true>(s, t, labels, weights, p, out, row_loss, flags);         \
+    }
+#define ROWS_RECOMPUTE(NAME, T, L, E)                                                                     \
+    extern "C" __global__ void softmax_kl_rows_recompute_##NAME##_L##L##_E##E(KERNEL_ARGS(T)) {            \
+        MAKE_PARAMS softmax_kl_rows<T, L, E, false>(s, t, labels, weights, p, out, row_loss, flags);        \
     }
 #define CLUSTER(NAME, T, CL)                                                                              \
     extern "C" __global__ void __cluster_dims__(CL, 1, 1) softmax_kl_cluster_##NAME##_c##CL(KERNEL_ARGS(T)) { \
@@ -625,7 +645,7 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
     }
 
 // The (LANES, ELEMS) pairs of the launcher's plan (minikd/kernels/cupy_gpu.py): ELEMS = 4 and
-// LANES = 1..32 for C <= 128, LANES = 32 and ELEMS = 8, 16, 32 for C <= 1024.
+// LANES = 1..32 for C <= 128, LANES = 32 and ELEMS = 8, 16, 32 for C <= 1024 (also "recompute").
 #define INSTANTIATE(NAME, T)                                                                              \
     extern "C" __global__ void softmax_kl_warp_##NAME(KERNEL_ARGS(T)) {                                    \
         MAKE_PARAMS softmax_kl_warp<T>(s, t, labels, weights, p, out, row_loss, flags);                     \
@@ -638,6 +658,7 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
     }                                                                                                     \
     ROWS(NAME, T, 1, 4) ROWS(NAME, T, 2, 4) ROWS(NAME, T, 4, 4) ROWS(NAME, T, 8, 4) ROWS(NAME, T, 16, 4)   \
     ROWS(NAME, T, 32, 4) ROWS(NAME, T, 32, 8) ROWS(NAME, T, 32, 16) ROWS(NAME, T, 32, 32)                  \
+    ROWS_RECOMPUTE(NAME, T, 32, 8) ROWS_RECOMPUTE(NAME, T, 32, 16) ROWS_RECOMPUTE(NAME, T, 32, 32)         \
     CLUSTER(NAME, T, 1) CLUSTER(NAME, T, 2) CLUSTER(NAME, T, 4) CLUSTER(NAME, T, 8) CLUSTER(NAME, T, 16)
 
 INSTANTIATE(f32, float)

@@ -44,6 +44,9 @@ template <typename T> std::function<void(void**)> bind(KernelFn<T> f) {
     {"softmax_kl_rows_" #NAME "_L32_E8", bind<T>(softmax_kl_rows_##NAME##_L32_E8)},                  \
     {"softmax_kl_rows_" #NAME "_L32_E16", bind<T>(softmax_kl_rows_##NAME##_L32_E16)},                \
     {"softmax_kl_rows_" #NAME "_L32_E32", bind<T>(softmax_kl_rows_##NAME##_L32_E32)},                \
+    {"softmax_kl_rows_recompute_" #NAME "_L32_E8", bind<T>(softmax_kl_rows_recompute_##NAME##_L32_E8)},   \
+    {"softmax_kl_rows_recompute_" #NAME "_L32_E16", bind<T>(softmax_kl_rows_recompute_##NAME##_L32_E16)}, \
+    {"softmax_kl_rows_recompute_" #NAME "_L32_E32", bind<T>(softmax_kl_rows_recompute_##NAME##_L32_E32)}, \
     {"softmax_kl_warp_" #NAME, bind<T>(softmax_kl_warp_##NAME)},                                     \
     {"softmax_kl_block_" #NAME, bind<T>(softmax_kl_block_##NAME)},                                   \
     {"softmax_kl_block_vec_" #NAME, bind<T>(softmax_kl_block_vec_##NAME)},                           \
