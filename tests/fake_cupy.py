@@ -16,13 +16,29 @@ import numpy as np
 import emu_runner
 
 
+HOST_READS = 0   # values read back to the host (each one a device-to-host sync on a GPU)
+
+
+def _read(fn):
+    def read(self, *args):
+        global HOST_READS
+        HOST_READS += 1
+        return fn(np.asarray(self).view(np.ndarray), *args)
+    return read
+
+
 class ndarray(np.ndarray):   # noqa: N801  (CuPy's name)
     @property
     def data(self):   # CuPy: a MemoryPointer with .ptr
         return types.SimpleNamespace(ptr=self.ctypes.data)
 
-    def get(self):
-        return np.array(self).view(np.ndarray)
+    get = _read(lambda a: np.array(a))
+    __bool__ = _read(np.ndarray.__bool__)
+    __int__ = _read(np.ndarray.__int__)
+    __float__ = _read(np.ndarray.__float__)
+    __index__ = _read(np.ndarray.__index__)
+    item = _read(np.ndarray.item)
+    tolist = _read(np.ndarray.tolist)
 
 
 ndarray.__module__ = "cupy"
@@ -80,7 +96,7 @@ def make_module() -> types.ModuleType:
         return _wrapped(attr)
     mod.__getattr__ = __getattr__
     mod.asarray = lambda x, dtype=None: np.array(x, dtype=dtype).view(ndarray)
-    mod.asnumpy = lambda x: np.array(x).view(np.ndarray)
+    mod.asnumpy = lambda x: x.get() if isinstance(x, ndarray) else np.array(x)
     mod.RawModule = RawModule
     mod.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
     cuda = types.ModuleType("cupy.cuda")

@@ -26,7 +26,7 @@ def emulated(student, teacher, labels, *, T, alpha, kind="kl", reduction="batchm
     """What softmax_kl_cupy does, with NumPy arrays and the emulator: (loss, grad, flags, launch)."""
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=True,
                         reduction=reduction, ignore_index=-100, mask=mask, weight_dtype=np.float32)
-    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau = rows
+    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, _ = rows
     N, C = s.shape
     buf = out if out is not None else np.empty_like(s)
     row_loss = np.full(N, np.nan, np.float32)
@@ -218,6 +218,45 @@ def test_cupy_launcher_on_the_emulator(monkeypatch):
     s[2, 3] = np.nan
     with pytest.raises(ValueError, match="student: row 2 contains NaN"):
         softmax_kl(s, cp.zeros_like(s), cp.zeros(4, np.int64), T=1.0, alpha=0.5, backend="cupy")
+
+
+def test_cupy_launcher_label_errors_like_the_reference(monkeypatch):
+    """The label range is checked on the device (flag 4, read back with the row flags: one sync a
+    call); the error is still the reference's, word for word, also for a masked row (the reference
+    checks labels before the mask). No valid row at all: loss 0 and gradient 0."""
+    import fake_cupy
+    cp = fake_cupy.install(monkeypatch)
+    import minikd as mk
+    from minikd.kernels import softmax_kl
+    s, t, y, _ = make(5, 10, 0, "float32")
+    for bad, mask in ((50, None), (-3, None), (10, np.array([True, False, True, True, True]))):
+        yb = y.copy()
+        yb[1] = bad
+        with pytest.raises(ValueError) as ref:
+            mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), yb, T=2.0, alpha=0.5, mask=mask)
+        with pytest.raises(ValueError) as got:
+            softmax_kl(cp.asarray(s), cp.asarray(t), cp.asarray(yb), T=2.0, alpha=0.5, backend="cupy",
+                       mask=None if mask is None else cp.asarray(mask))
+        assert str(got.value) == str(ref.value) and "labels: row 1 has label" in str(got.value)
+    loss, grad = softmax_kl(cp.asarray(s), cp.asarray(t), cp.asarray(np.full(5, -100)), T=2.0, alpha=0.5,
+                            backend="cupy")
+    assert float(loss) == 0.0 and not cp.asnumpy(grad).any()
+
+
+def test_cupy_launcher_reads_back_once(monkeypatch):
+    """A valid call reads one thing back to the host (the row flags): counted on the stand-in cupy's
+    arrays, whose bool / int / float / item / get count as reads (a sync each on a GPU)."""
+    import fake_cupy
+    cp = fake_cupy.install(monkeypatch)
+    from minikd.kernels import softmax_kl
+    s, t, y, mask = make(6, 100, 4, "float32")
+    args = [cp.asarray(a) for a in (s, t, y, mask)]
+    for reduction in ("batchmean", "sum", "none"):
+        fake_cupy.HOST_READS = 0
+        loss, grad = softmax_kl(*args[:3], mask=args[3], T=2.0, alpha=0.5, reduction=reduction, backend="cupy")
+        assert fake_cupy.HOST_READS == 1, reduction
+        check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "float32", T=2.0, alpha=0.5, kind="kl",
+              reduction=reduction, mask=mask)
 
 
 @pytest.mark.parametrize("with_torch", [False, True])

@@ -67,34 +67,46 @@ class Rows(NamedTuple):
     """What every fused kernel needs, prepared once (the same for NumPy and CuPy arrays)."""
     s: object            # (N, C) contiguous student rows
     t: object            # (N, C) contiguous teacher rows
-    labels: object       # (N,) int64, 0 where a row does not count or no labels were given
+    labels: object       # (N,) int64, 0 where a row does not count, no labels were given, or (on_device) the label is out of range
     weights: object      # (N,) d(reduced loss)/d(row loss): 1/|V| (batchmean) or 1 on valid rows, else 0
     valid: object        # (N,) bool
-    n_valid: int
+    n_valid: object      # int; on_device: a 0-d device array
     lead: tuple          # the leading shape of the logits
     T: float
     alpha: float
     tau: float
+    bad_labels: object = None   # on_device: (N,) bool, label outside [0, C) and not ignore_index (unchecked yet)
 
 
 def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                 weight_dtype):
+                 weight_dtype, on_device=False):
     """Validate (with the reference's checks, student values excepted: the kernels check those
-    in their first pass) and lay out the rows for a kernel."""
+    in their first pass) and lay out the rows for a kernel. ``on_device=True`` (CuPy) syncs with
+    the host nowhere: the label range becomes ``bad_labels`` for the kernel's flags, and the count
+    of valid rows stays a device scalar."""
     xp, T, alpha, valid, labels_flat = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
-        ignore_index=ignore_index, mask=mask, check_student=False)
+        ignore_index=ignore_index, mask=mask, check_student=False, check_label_range=not on_device)
     C = student.shape[-1]
     s = xp.ascontiguousarray(student.reshape(-1, C))
     t = xp.ascontiguousarray(teacher.reshape(-1, C))
-    n_valid = int(valid.sum())
+    bad_labels = None
+    use = valid
+    if on_device and labels_flat is not None:
+        in_range = (labels_flat >= 0) & (labels_flat < C)
+        bad_labels = (labels_flat != ignore_index) & ~in_range   # as valid_rows would refuse, mask or not
+        use = valid & in_range
+    n_valid = valid.sum() if on_device else int(valid.sum())
     weights = valid.astype(weight_dtype)
     if reduction == "batchmean":
-        weights *= 1.0 / max(n_valid, 1)
+        if on_device:
+            weights /= xp.maximum(n_valid, 1).astype(weight_dtype)
+        else:
+            weights *= 1.0 / max(n_valid, 1)
     lab = xp.zeros(s.shape[0], xp.int64) if labels_flat is None else \
-        xp.where(valid, labels_flat, 0).astype(xp.int64, copy=False)
+        xp.where(use, labels_flat, 0).astype(xp.int64, copy=False)
     return Rows(s, t, lab, weights, valid, n_valid, tuple(student.shape[:-1]), T, alpha,
-                T * T if scale_t2 else 1.0)
+                T * T if scale_t2 else 1.0, bad_labels)
 
 
 def sum_of_logs(x, C: int) -> float:
@@ -122,7 +134,7 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
         raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, weight_dtype=np.float64)
-    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau = rows
+    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, _ = rows
     N, C = s.shape
     # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
     buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else np.empty_like(s)

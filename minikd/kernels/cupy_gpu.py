@@ -170,22 +170,28 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     import cupy  # noqa: PLC0415
 
     from ..backend import check_logits  # noqa: PLC0415
+    from ..losses.kd import check_kd_arguments  # noqa: PLC0415
     from . import prepare_rows  # noqa: PLC0415
     name = student.dtype.name
     if name not in _SUFFIX:
         raise TypeError(f"student: the CuPy kernel takes float32, float16 or bfloat16, got {student.dtype}")
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
-                        reduction=reduction, ignore_index=ignore_index, mask=mask, weight_dtype=cupy.float32)
-    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau = rows
+                        reduction=reduction, ignore_index=ignore_index, mask=mask, weight_dtype=cupy.float32,
+                        on_device=True)
+    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, bad_labels = rows
     N, C = s.shape
     buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else cupy.empty_like(s)
     row_loss = cupy.empty(N, cupy.float32)
-    flags = cupy.zeros(N, cupy.int8)
+    # flag 4: a label out of range (the kernels write 1 / 2 / 3 over it for bad values); all flags
+    # are read back with one sync below
+    flags = cupy.zeros(N, cupy.int8) if bad_labels is None else bad_labels.astype(cupy.int8) * 4
     args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
     aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, t, buf))
     total = None if reduction == "none" else cupy.zeros((), cupy.float64)
     launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
-    if bool(flags.any()):  # rare: let the reference's checks raise their exact message
+    if bool(flags.any()):  # the call's one sync; rare: let the reference's checks raise their exact message
+        check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
+                           reduction=reduction, ignore_index=ignore_index, mask=mask, check_student=False)
         check_logits(student, "student", valid)
         check_logits(teacher, "teacher", valid)
         raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
@@ -197,5 +203,5 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
         grad = buf.reshape(student.shape)
     if reduction == "none":
         return row_loss.astype(student.dtype).reshape(lead), grad
-    loss = total / max(n_valid, 1) if reduction == "batchmean" else total
+    loss = total / cupy.maximum(n_valid, 1) if reduction == "batchmean" else total
     return loss, grad

@@ -78,11 +78,13 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def valid_rows(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, xp=None):
+def valid_rows(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, xp=None, check_range=True):
     """Boolean (N,) of rows that count: label != ignore_index and mask True.
 
     Validates labels (integer, shaped like the leading axes, in [0, C) or ignore_index) and
     mask (boolean, shaped like the leading axes). Returns (valid, labels_flat or None).
+    ``check_range=False`` leaves the range of the labels to the caller (the CuPy kernel folds it
+    into its row flags, which saves a device-to-host sync; on a flag it calls this again to raise).
     """
     n = 1
     for d in lead_shape:
@@ -99,7 +101,7 @@ def valid_rows(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100,
         labels_flat = labels.reshape(-1)
         valid = labels_flat != ignore_index
         out_of_range = valid & ((labels_flat < 0) | (labels_flat >= n_classes))
-        if bool(out_of_range.any()):
+        if check_range and bool(out_of_range.any()):
             i = first_bad_row(out_of_range)
             raise ValueError(f"labels: row {row_index(i, lead_shape)} has label "
                              f"{int(labels_flat[i])}, expected 0..{n_classes - 1} or "
@@ -183,7 +185,7 @@ def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
 # ---------------------------------------------------------------- forward / backward
 
 def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, reduction,
-                       ignore_index, mask, check_student=True):
+                       ignore_index, mask, check_student=True, check_label_range=True):
     """Validate every KD argument once (shared by the reference and the fused kernels, so both
     give the same errors). Returns (xp, T, alpha, valid rows (N,), labels flattened or None)."""
     check_float_array(student, "student", ndim_min=2)
@@ -213,7 +215,7 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
 
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
-    valid, labels_flat = valid_rows(lead, C, labels, mask, ignore_index, xp)
+    valid, labels_flat = valid_rows(lead, C, labels, mask, ignore_index, xp, check_range=check_label_range)
     if check_student:  # a fused kernel checks the values itself, in its first pass
         check_logits(student, "student", valid)
     return xp, T, alpha, valid, labels_flat
