@@ -201,8 +201,34 @@ __device__ __forceinline__ State warp_merge(State a, const Params& p) {
     return a;   // every lane holds the row's state (xor butterfly)
 }
 
+// A block's State: each warp merges by shuffles, then warp 0 merges the warps' States (through
+// warp_states, 32 slots of shared memory). The result is in every lane of warp 0.
+__device__ __forceinline__ State block_merge(State a, State* warp_states, const Params& p) {
+    a = warp_merge(a, p);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    if (lane == 0) warp_states[warp] = a;
+    __syncthreads();
+    State b = empty_state();
+    if (warp == 0) {
+        if (lane < n_warps) b = warp_states[lane];
+        b = warp_merge(b, p);
+    }
+    return b;
+}
+
 __device__ __forceinline__ int row_flag(const State& a) {
     return ((a.bad_s || a.ms == -CUDART_INF_F) ? 1 : 0) + ((a.bad_t || a.mt == -CUDART_INF_F) ? 2 : 0);
+}
+
+// The loss of an unflagged row from its State; sy = s_y - ms.
+__device__ __forceinline__ float row_loss_value(const State& a, float sy, const Params& p) {
+    float loss = 0.f;
+    if (p.soft != 0.f) {
+        float kd = p.kind == 0 ? a.B / a.Zt - logf(a.Zt) + logf(a.Zs) : a.B / a.Zt + logf(a.Zs);
+        loss += p.soft * kd;
+    }
+    if (p.hard != 0.f) loss += p.hard * (logf(a.Z1) - sy);
+    return loss;
 }
 
 // Row loss and flags from the merged state (one thread per row calls it).
@@ -214,24 +240,19 @@ __device__ __forceinline__ void finish_row(const State& a, float s_y, const Para
         row_loss[row] = 0.f;
         return;
     }
-    float loss = 0.f;
-    if (p.soft != 0.f) {
-        float kd = p.kind == 0 ? a.B / a.Zt - logf(a.Zt) + logf(a.Zs) : a.B / a.Zt + logf(a.Zs);
-        loss += p.soft * kd;
-    }
-    if (p.hard != 0.f) loss += p.hard * (logf(a.Z1) - (s_y - a.ms));
-    row_loss[row] = loss;
+    row_loss[row] = row_loss_value(a, s_y - a.ms, p);
 }
 
+// One gradient element from the logits; `label` is what the hard term subtracts at the label.
 __device__ __forceinline__ float grad_element(float s, float t, bool is_label, const State& a, float cs, float ct,
-                                              float ch, const Params& p) {
+                                              float ch, float label, const Params& p) {
     const float ds = s - a.ms;
     float g = 0.f, es = 0.f;
     if (p.soft != 0.f) {
         es = exp2f(ds * p.k);
         g = cs * es - ct * exp2f((t - a.mt) * p.k);
     }
-    if (p.hard != 0.f) g += ch * (same_exp(p) ? es : exp2f(ds * LOG2E)) - (is_label ? ch * a.Z1 : 0.f);
+    if (p.hard != 0.f) g += ch * (same_exp(p) ? es : exp2f(ds * LOG2E)) - (is_label ? label : 0.f);
     return g;
 }
 
@@ -274,7 +295,7 @@ __device__ void softmax_kl_warp(const T* s, const T* __restrict__ t, const long 
     float cs, ct, ch;
     coefficients(w, a.Zs, a.Zt, a.Z1, p, cs, ct, ch);
     for (int c = lane; c < p.C; c += 32) {
-        float g = grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, cs, ct, ch, p);
+        float g = grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, cs, ct, ch, ch * a.Z1, p);
         out[base + c] = from_f<T>(g);
     }
 }
@@ -378,16 +399,13 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
     bad_s = group_or<LANES>(bad_s);
     bad_t = group_or<LANES>(bad_t);
     if (!active) return;                             // after the last shuffle
-    const int flag = live ? ((bad_s || ms == -CUDART_INF_F) ? 1 : 0) + ((bad_t || mt == -CUDART_INF_F) ? 2 : 0) : 0;
+    State a;
+    a.ms = ms; a.mt = mt; a.Zs = Zs; a.Z1 = Z1; a.Zt = Zt; a.B = B; a.bad_s = bad_s; a.bad_t = bad_t;
+    const int flag = live ? row_flag(a) : 0;
     const bool zero = !live || flag;
     if (sub == 0) {
         if (flag) flags[row] = (signed char)flag;
-        float loss = 0.f;
-        if (!zero) {
-            if (p.soft != 0.f) loss += p.soft * (p.kind == 0 ? B / Zt - logf(Zt) + logf(Zs) : B / Zt + logf(Zs));
-            if (p.hard != 0.f) loss += p.hard * (logf(Z1) - sy);
-        }
-        row_loss[row] = loss;
+        row_loss[row] = zero ? 0.f : row_loss_value(a, sy, p);
     }
     float cs = 0.f, ct = 0.f, ch = 0.f;
     if (!zero) coefficients(w, Zs, Zt, Z1, p, cs, ct, ch);
@@ -400,13 +418,7 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
             if (!zero && KEEP) {   // the stored exponentials
                 g = cs * sv[j] - ct * tv[j] + ch * e1v[KEEP ? j : 0] - (c == y ? wh : 0.f);
             } else if (!zero) {    // computed again from the logits
-                const float ds = sv[j] - ms;
-                float es = 0.f;
-                if (p.soft != 0.f) {
-                    es = exp2f(ds * p.k);
-                    g = cs * es - ct * exp2f((tv[j] - mt) * p.k);
-                }
-                if (p.hard != 0.f) g += ch * (same_exp(p) ? es : exp2f(ds * LOG2E)) - (c == y ? wh : 0.f);
+                g = grad_element(sv[j], tv[j], c == y, a, cs, ct, ch, wh, p);
             }
             out[base + c] = from_f<T>(g);
         }
@@ -445,17 +457,10 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
     } else {
         for (int c = threadIdx.x; c < p.C; c += blockDim.x) add_element(a, to_f(s[base + c]), to_f(t[base + c]), p);
     }
-    a = warp_merge(a, p);
     const long long y = labels[row];
     const float s_y = to_f(s[base + y]);   // before the barriers: pass 2 may overwrite s in place
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
-    if (lane == 0) warp_states[warp] = a;
-    __syncthreads();
-    if (warp == 0) {
-        State b = lane < n_warps ? warp_states[lane] : empty_state();
-        b = warp_merge(b, p);
-        if (lane == 0) row_state = b;
-    }
+    const State b = block_merge(a, warp_states, p);
+    if (threadIdx.x == 0) row_state = b;
     __syncthreads();
     a = row_state;
     if (threadIdx.x == 0) finish_row(a, s_y, p, row_loss, flags, row);
@@ -473,12 +478,14 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
             Pack<T, VEC> xs = sv[i], xt = tv[i], g;
 #pragma unroll
             for (int j = 0; j < VEC; ++j)
-                g.v[j] = from_f<T>(grad_element(to_f(xs.v[j]), to_f(xt.v[j]), (long long)i * VEC + j == y, a, cs, ct, ch, p));
+                g.v[j] = from_f<T>(grad_element(to_f(xs.v[j]), to_f(xt.v[j]), (long long)i * VEC + j == y, a, cs, ct, ch,
+                                                ch * a.Z1, p));
             ov[i] = g;   // 16-byte store
         }
     } else {
         for (int c = threadIdx.x; c < p.C; c += blockDim.x)
-            out[base + c] = from_f<T>(grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, cs, ct, ch, p));
+            out[base + c] = from_f<T>(grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, cs, ct, ch,
+                                                   ch * a.Z1, p));
     }
 }
 
@@ -568,15 +575,9 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
             }
         }
     }
-    a = warp_merge(a, p);
-    const int warp = tid >> 5, lane = tid & 31, n_warps = nthreads >> 5;
-    if (lane == 0) warp_states[warp] = a;
-    __syncthreads();
-    if (warp == 0) {
-        State b = lane < n_warps ? warp_states[lane] : empty_state();
-        b = warp_merge(b, p);
-        if (lane == 0) *block_state = b;
-    }
+    const State merged = block_merge(a, warp_states, p);
+    if (tid == 0) *block_state = merged;
+    const int warp = tid >> 5, lane = tid & 31;
     cluster_barrier<CL>();   // every block's State is written (and, CL > 1, visible to the cluster)
     if (warp == 0) {
         State b = empty_state();
@@ -596,7 +597,7 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
             g.v[k] = from_f<T>(bad ? 0.f : grad_element(to_f(xs.v[k]), to_f(xt.v[k]), (long long)(v0 + i) * VEC + k == y,
-                                                        a, cs, ct, ch, p));
+                                                        a, cs, ct, ch, ch * a.Z1, p));
         og[i] = g;   // 16-byte store
     }
     if (CL > 1) minikd_cluster_sync();   // no block leaves while another may still read its block_state
