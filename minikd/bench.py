@@ -138,29 +138,10 @@ def run_cpu(args):
     result = {"machine": machine, "processor": platform.processor(), "copy_bandwidth_GBps": bw / 1e9,
               "T": T, "alpha": alpha, "rows": rows, "date": time.strftime("%Y-%m-%d")}
     (out_dir / f"softmax_kl-{machine}.json").write_text(json.dumps(result, indent=1))
-    plot_cpu(result, out_dir / f"softmax_kl-{machine}.png")
+    from .plots import benchmark_cpu  # noqa: PLC0415
+    benchmark_cpu(result, out_dir / f"softmax_kl-{machine}.png")
     print(f"wrote {out_dir}/softmax_kl-{machine}.json and .png")
     return 0
-
-
-def plot_cpu(result, path):
-    """ms per call (log scale) per shape: the floor, the Numba kernel, the NumPy reference, PyTorch eager."""
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"({r['N']},{r['C']})" for r in rows]
-    x = np.arange(len(rows))
-    for i, (key, name) in enumerate([("floor_ms", "memory floor"), ("numba_ms", "Numba kernel"),
-                                     ("numpy_ms", "NumPy reference"), ("torch_eager_ms", "PyTorch eager")]):
-        if key in rows[0]:
-            ax.bar(x + (i - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=name)
-    ax.set_xticks(x, labels)
-    ax.set(yscale="log", ylabel="ms per call (median)", title=f"softmax-KL loss + gradient, float32, {result['machine']}")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_results(json_path) -> Path:
@@ -168,11 +149,8 @@ def plot_results(json_path) -> Path:
     json_path = Path(json_path)
     result = json.loads(json_path.read_text())
     png = json_path.with_suffix(".png")
-    if "device" in result:
-        from .bench_gpu import plot_gpu  # noqa: PLC0415
-        plot_gpu(result, png)
-    else:
-        plot_cpu(result, png)
+    from .plots import benchmark_cpu, benchmark_gpu  # noqa: PLC0415
+    (benchmark_gpu if "device" in result else benchmark_cpu)(result, png)
     return png
 
 

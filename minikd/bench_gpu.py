@@ -116,7 +116,7 @@ def run_gpu(args):
     compile_left = args.compile_budget
     for dtype in ("float32", "bfloat16"):
         npdt = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
-        bytes_per = 12 if dtype == "float32" else 6
+        bytes_per = 3 * np.dtype(npdt).itemsize   # read s and t, write the gradient
         for N, C in SHAPES:
             rng = np.random.default_rng(0)
             s = cupy.asarray((rng.standard_normal((N, C), np.float32) * 3).astype(npdt))
@@ -207,31 +207,10 @@ def run_gpu(args):
             s = t = y = out = rows = kargs = None   # free this shape's device memory
             cupy.get_default_memory_pool().free_all_blocks()
     try:
-        plot_gpu(result, out_dir / f"softmax_kl-{machine}.png")
+        from .plots import benchmark_gpu  # noqa: PLC0415 (matplotlib: maybe missing on a device machine)
+        benchmark_gpu(result, out_dir / f"softmax_kl-{machine}.png")
         print(f"wrote {json_path} and .png")
     except ImportError as exc:   # a device machine without matplotlib: the JSON is what matters
         print(f"wrote {json_path}; no PNG ({exc}): draw it elsewhere with `minikd bench --plot {json_path}`")
     return 0
 
-
-def plot_gpu(result, path):
-    """Percent of the memory floor per shape: the kernel, the whole call, PyTorch eager and compile."""
-    import matplotlib  # noqa: PLC0415
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
-    for ax, dtype in zip(axes, ("float32", "bfloat16")):
-        rows = [r for r in result["rows"] if r["dtype"] == dtype]
-        x = np.arange(len(rows))
-        for i, (key, label) in enumerate([("kernel_ms", "minikd kernel"), ("call_ms", "minikd call"),
-                                          ("torch_eager_ms", "PyTorch eager"), ("torch_compile_ms", "torch.compile")]):
-            ax.bar(x + (i - 1.5) * 0.2, [100 * r["floor_ms"] / r[key] if r.get(key) else 0 for r in rows], 0.2,
-                   label=label)
-        ax.axhline(85, color="k", lw=0.8, ls="--", label="85%: the target at C >= 1000")
-        ax.set_xticks(x, [f"({r['N']},{r['C']})" for r in rows], rotation=20)
-        ax.set(title=f"{dtype}", ylabel="% of the memory floor (higher is better)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=5, bbox_to_anchor=(0.5, -0.16))
-    fig.suptitle(f"softmax-KL loss + gradient on {result['device']} (copy {result['copy_bandwidth_TBps']:.2f} TB/s)")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)

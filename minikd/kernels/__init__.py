@@ -109,6 +109,35 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
                 T * T if scale_t2 else 1.0, bad_labels)
 
 
+def gradient_buffer(out, s, xp):
+    """Where a kernel writes the (N, C) gradient: ``out`` itself when it is C-contiguous (a view,
+    in place over the student allowed), else a new array. Returns (buffer, is_out)."""
+    if out is not None and out.flags.c_contiguous:
+        return out.reshape(-1, s.shape[1]), True
+    return xp.empty_like(s), False
+
+
+def deliver_gradient(buf, is_out, out, shape):
+    """The gradient as the caller asked for it: in ``out`` (copied there unless written there), or
+    the buffer in the logits' shape."""
+    if out is None:
+        return buf.reshape(shape)
+    if not is_out:
+        out[...] = buf.reshape(out.shape)
+    return out
+
+
+def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask):
+    """A kernel flagged rows (bad values, or on the GPU a label out of range): run the reference's
+    checks in the reference's order, so that the error raised is the reference's, word for word."""
+    from ..backend import check_logits  # noqa: PLC0415
+    check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
+                       reduction=reduction, ignore_index=ignore_index, mask=mask, check_student=False)
+    check_logits(student, "student", valid)
+    check_logits(teacher, "teacher", valid)
+    raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
+
+
 def sum_of_logs(x, C: int) -> float:
     """sum_i log x_i for row statistics in [1/C, C] (Zs/Zt, Zs or Z1), as logs of products of k
     consecutive values: C^k stays below 1e290, so no product overflows or underflows, the error is
@@ -128,7 +157,6 @@ SERIAL_BELOW = 1 << 12
 
 def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
                       mask, out):
-    from ..backend import check_logits  # noqa: PLC0415
     from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, get_kernel  # noqa: PLC0415
     if student.dtype not in (np.float32, np.float64):
         raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
@@ -137,7 +165,7 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
     s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, _ = rows
     N, C = s.shape
     # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
-    buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else np.empty_like(s)
+    buf, is_out = gradient_buffer(out, s, np)
     stats = np.empty((4, N), np.float64)
     flags = np.zeros(N, np.int8)
     parallel = s.size >= SERIAL_BELOW
@@ -149,16 +177,10 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
         rows_per_chunk = max(1, -(-N // (8 * n_threads))) if parallel else max(N, 1)
     get_kernel(s.dtype, parallel, short)(s, t, lab, weights, 1.0 / T, alpha * tau,
                                          1.0 - alpha, kind == "ce", T == 1.0, buf, stats, flags, rows_per_chunk)
-    if flags.any():  # rare: let the reference's checks raise their exact message
-        check_logits(student, "student", valid)
-        check_logits(teacher, "teacher", valid)
-        raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
-    if out is not None:
-        if not np.shares_memory(buf, out):
-            out[...] = buf.reshape(out.shape)
-        grad = out
-    else:
-        grad = buf.reshape(student.shape)
+    if flags.any():  # rare
+        raise_for_flags(student, teacher, labels, valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
+                        ignore_index=ignore_index, mask=mask)
+    grad = deliver_gradient(buf, is_out, out, student.shape)
     # row loss = alpha tau (A/Zt + log(Zs/Zt or Zs)) + (1 - alpha)(log Z1 - (s_y - ms)), rows that
     # count nowhere give 0 (neutral statistics); the logs run over all rows at once in NumPy
     if reduction == "none":

@@ -169,9 +169,7 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     smem_target) go to ``plan`` (tests and benchmarks force kernel families with them)."""
     import cupy  # noqa: PLC0415
 
-    from ..backend import check_logits  # noqa: PLC0415
-    from ..losses.kd import check_kd_arguments  # noqa: PLC0415
-    from . import prepare_rows  # noqa: PLC0415
+    from . import deliver_gradient, gradient_buffer, prepare_rows, raise_for_flags  # noqa: PLC0415
     name = student.dtype.name
     if name not in _SUFFIX:
         raise TypeError(f"student: the CuPy kernel takes float32, float16 or bfloat16, got {student.dtype}")
@@ -180,7 +178,7 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
                         on_device=True)
     s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, bad_labels = rows
     N, C = s.shape
-    buf = out.reshape(-1, C) if out is not None and out.flags.c_contiguous else cupy.empty_like(s)
+    buf, is_out = gradient_buffer(out, s, cupy)
     row_loss = cupy.empty(N, cupy.float32)
     # flag 4: a label out of range (the kernels write 1 / 2 / 3 over it for bad values); all flags
     # are read back with one sync below
@@ -189,18 +187,10 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, t, buf))
     total = None if reduction == "none" else cupy.zeros((), cupy.float64)
     launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
-    if bool(flags.any()):  # the call's one sync; rare: let the reference's checks raise their exact message
-        check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
-                           reduction=reduction, ignore_index=ignore_index, mask=mask, check_student=False)
-        check_logits(student, "student", valid)
-        check_logits(teacher, "teacher", valid)
-        raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
-    if out is not None:
-        if buf.data.ptr != out.data.ptr:
-            out[...] = buf.reshape(out.shape)
-        grad = out
-    else:
-        grad = buf.reshape(student.shape)
+    if bool(flags.any()):  # the call's one sync; rare
+        raise_for_flags(student, teacher, labels, valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
+                        ignore_index=ignore_index, mask=mask)
+    grad = deliver_gradient(buf, is_out, out, student.shape)
     if reduction == "none":
         return row_loss.astype(student.dtype).reshape(lead), grad
     loss = total / cupy.maximum(n_valid, 1) if reduction == "batchmean" else total
