@@ -177,22 +177,32 @@ def train_teacher(data: Dataset, cfg: TrainConfig, width: int = 32, progress=Tru
     return model, hist
 
 
-def soft_targets(teacher, x, cache_dir=None):
-    """Step 2. Teacher logits on x (float32), cached under (x content, teacher weights)."""
+def _cached(cache_dir, prefix, key_arrays, compute):
+    """``compute()`` (an array), cached as ``<cache_dir>/<prefix>-<fingerprint of key_arrays>.npy``
+    (written atomically); without a cache_dir, just ``compute()``."""
     if cache_dir is None:
-        return teacher.predict(x).astype(np.float32)
-    weights = nn.state_dict(teacher)
-    key = fingerprint(x, *[weights[k] for k in sorted(weights)])
-    path = Path(cache_dir) / f"soft-targets-{key}.npy"
+        return compute()
+    path = Path(cache_dir) / f"{prefix}-{fingerprint(*key_arrays)}.npy"
     if path.exists():
         return np.load(path, allow_pickle=False)
-    logits = teacher.predict(x).astype(np.float32)
+    arr = compute()
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            np.save(f, logits)
+            np.save(f, arr)
     atomic_write(path, write)
-    return logits
+    return arr
+
+
+def _weight_arrays(model):
+    weights = nn.state_dict(model)
+    return [weights[k] for k in sorted(weights)]
+
+
+def soft_targets(teacher, x, cache_dir=None):
+    """Step 2. Teacher logits on x (float32), cached under (x content, teacher weights)."""
+    return _cached(cache_dir, "soft-targets", [x, *_weight_arrays(teacher)],
+                   lambda: teacher.predict(x).astype(np.float32))
 
 
 def teacher_features(teacher, x, tap: str, cache_dir=None):
@@ -204,20 +214,8 @@ def teacher_features(teacher, x, tap: str, cache_dir=None):
         outs = [teacher.forward(x[i:i + 1024], train=False, taps=(tap,))[1].features[tap]
                 for i in range(0, len(x), 1024)]
         return np.concatenate(outs).astype(np.float32)
-    if cache_dir is None:
-        return compute()
-    weights = nn.state_dict(teacher)
-    key = fingerprint(x, np.frombuffer(tap.encode(), np.uint8), *[weights[k] for k in sorted(weights)])
-    path = Path(cache_dir) / f"teacher-features-{key}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    feats = compute()
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, feats)
-    atomic_write(path, write)
-    return feats
+    key = [x, np.frombuffer(tap.encode(), np.uint8), *_weight_arrays(teacher)]
+    return _cached(cache_dir, "teacher-features", key, compute)
 
 
 def make_feature_terms(specs, teacher, student, x, cache_dir=None, seed=0):
