@@ -33,15 +33,32 @@ def _data(args):
     return mnist1d(args.samples, seed=args.seed, transfer_samples=args.transfer_samples)
 
 
-def _teacher_and_targets(args, data):
-    from .distill import TrainConfig, soft_targets, train_teacher  # noqa: PLC0415
+def _student_config(args, epochs):
+    from .distill import TrainConfig  # noqa: PLC0415
+    return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       seed=args.seed)
+
+
+def _targets(args, teacher, data):
+    """The teacher's logits on the training rows and (None without one) on the transfer set."""
+    from .distill import soft_targets  # noqa: PLC0415
     cache = None if args.no_cache else args.cache_dir
-    tcfg = TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    teacher, thist = train_teacher(data, tcfg, width=args.teacher_width, progress=not args.quiet,
-                                   cache_dir=cache)
     tl = soft_targets(teacher, data.x_train, cache)
     tt = soft_targets(teacher, data.x_transfer, cache) if len(data.x_transfer) else None
-    return teacher, thist, tl, tt
+    return tl, tt
+
+
+def _train_teacher(args, data):
+    """Step 1 (or the cached teacher): (teacher, history)."""
+    from .distill import TrainConfig, train_teacher  # noqa: PLC0415
+    tcfg = TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    return train_teacher(data, tcfg, width=args.teacher_width, progress=not args.quiet,
+                         cache_dir=None if args.no_cache else args.cache_dir)
+
+
+def _teacher_and_targets(args, data):
+    teacher, thist = _train_teacher(args, data)
+    return (teacher, thist, *_targets(args, teacher, data))
 
 
 def _row(name, model, data, teacher_params, extra=None):
@@ -81,14 +98,13 @@ def cmd_distill(args) -> int:
     import time  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from .distill import TrainConfig, export, train_student  # noqa: PLC0415
+    from .distill import export, train_student  # noqa: PLC0415
     from .plots import learning_curves  # noqa: PLC0415
     t0 = time.perf_counter()
     variants = _variants(args)  # option errors before any training
     data = _data(args)
     teacher, thist, tl, tt = _teacher_and_targets(args, data)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, seed=args.seed)
+    cfg = _student_config(args, args.epochs)
     common = dict(hidden=args.student_hidden, progress=not args.quiet, backend=args.backend)
     scratch, sh = train_student(data, cfg, desc="student (scratch)", **common)
     kd, kh = train_student(data, cfg, teacher_logits=tl, T=args.T, alpha=args.alpha, desc="student (KD)", **common)
@@ -107,8 +123,7 @@ def cmd_distill(args) -> int:
         histories[f"KD + {label}"] = vh
         keys.append(key)
     if tt is not None:
-        tcfg = TrainConfig(epochs=args.transfer_epochs, batch_size=args.batch_size, lr=args.lr,
-                           weight_decay=args.weight_decay, seed=args.seed)
+        tcfg = _student_config(args, args.transfer_epochs)
         kdt, kth = train_student(data, tcfg, teacher_logits=tl, teacher_logits_transfer=tt, T=args.T,
                                  alpha=args.alpha, use_transfer=True, desc="student (KD + transfer)", **common)
         rows.append(_row(f"student KD + transfer ({len(data.x_transfer)})", kdt, data, tp,
@@ -172,8 +187,7 @@ def cmd_mutual(args) -> int:
     t0 = time.perf_counter()
     args.transfer_samples = 0
     data = _data(args)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      seed=args.seed)
+    cfg = _student_config(args, args.epochs)
     cohort, mh = train_mutual(data, cfg, args.models, T=args.T, hidden=args.student_hidden, progress=not args.quiet)
     alone = []
     for k in range(args.models):
@@ -202,14 +216,13 @@ def cmd_sweep(args) -> int:
     import time  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from .distill import TrainConfig, export, sweep  # noqa: PLC0415
+    from .distill import export, sweep  # noqa: PLC0415
     from .plots import sweep_heatmap  # noqa: PLC0415
     t0 = time.perf_counter()
     data = _data(args)
     teacher, _, tl, tt = _teacher_and_targets(args, data)
     use_transfer = tt is not None
-    cfg = TrainConfig(epochs=args.transfer_epochs if use_transfer else args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+    cfg = _student_config(args, args.transfer_epochs if use_transfer else args.epochs)
     grid, (val, T, a, model, _) = sweep(data, cfg, args.T, args.alpha, teacher_logits=tl,
                                         teacher_logits_transfer=tt, hidden=args.student_hidden,
                                         use_transfer=use_transfer, progress=not args.quiet)
@@ -235,12 +248,10 @@ def cmd_teacher(args) -> int:
     """Step 1 alone: train (or reuse the cached) teacher and export it."""
     from pathlib import Path  # noqa: PLC0415
 
-    from .distill import TrainConfig, export, train_teacher  # noqa: PLC0415
+    from .distill import export  # noqa: PLC0415
     args.transfer_samples = 0
     data = _data(args)
-    cfg = TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    teacher, _ = train_teacher(data, cfg, width=args.teacher_width, progress=not args.quiet,
-                               cache_dir=None if args.no_cache else args.cache_dir)
+    teacher, _ = _train_teacher(args, data)
     export(teacher, args.out, "teacher", data)
     _print_table([_row("teacher (CNN)", teacher, data, teacher.num_parameters())])
     print(f"\nWrote {Path(args.out)}/teacher.npz/.json; next: minikd soft-targets {args.out} or "
@@ -280,18 +291,15 @@ def cmd_student(args) -> int:
     import time  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    from .distill import TrainConfig, export, soft_targets, train_student  # noqa: PLC0415
+    from .distill import export, train_student  # noqa: PLC0415
     t0 = time.perf_counter()
     if args.data or args.hint or args.rkd_distance or args.rkd_angle:
         raise ValueError("minikd student distills plain KD on the teacher's own dataset (stored with it); "
                          "for --data, --hint or --rkd-* use minikd distill")
     teacher, data = _exported_teacher(args.teacher_dir, args.transfer_samples)
-    cache = None if args.no_cache else args.cache_dir
-    tl = soft_targets(teacher, data.x_train, cache)
-    tt = soft_targets(teacher, data.x_transfer, cache) if len(data.x_transfer) else None
+    tl, tt = _targets(args, teacher, data)
     use_transfer = tt is not None
-    cfg = TrainConfig(epochs=args.transfer_epochs if use_transfer else args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+    cfg = _student_config(args, args.transfer_epochs if use_transfer else args.epochs)
     model, hist = train_student(data, cfg, teacher_logits=tl, teacher_logits_transfer=tt, T=args.T,
                                 alpha=args.alpha, hidden=args.student_hidden, use_transfer=use_transfer,
                                 progress=not args.quiet, desc="student (KD)", backend=args.backend)
