@@ -1,7 +1,11 @@
 """What can be checked of the GPU kernel's source without a GPU, besides running it on the CPU
 emulator (test_kernels_emulated.py): it compiles for sm_90 with nvcc (when nvcc is on the machine)
-without register spills, every kernel the launcher's plan names exists in it, and the launcher's
-argument tuple matches the kernel signature."""
+without register spills and with NVRTC, the compiler CuPy's RawModule uses (when libnvrtc is
+found), every kernel the launcher's plan names exists in it, and the launcher's argument tuple
+matches the kernel signature."""
+import ctypes
+import glob
+import os
 import re
 import shutil
 import subprocess
@@ -64,6 +68,55 @@ def test_cuda_source_compiles_for_sm90(tmp_path):
     assert "sum_rows" in res.stderr
     spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
     assert spills and all(int(n) == 0 for n in spills)
+
+
+def find_nvrtc():
+    """libnvrtc: $MINIKD_NVRTC, else the one a pip wheel put under site-packages
+    (``pip install nvidia-cuda-nvrtc`` for CUDA 13, ``nvidia-cuda-nvrtc-cu12`` for 12), else None."""
+    if os.environ.get("MINIKD_NVRTC"):
+        return os.environ["MINIKD_NVRTC"]
+    import site
+    for root in site.getsitepackages():
+        for pattern in ("nvidia/cu13/lib/libnvrtc.so.*", "nvidia/cuda_nvrtc/lib/libnvrtc.so.*"):
+            found = sorted(p for p in glob.glob(os.path.join(root, pattern)) if "builtins" not in p
+                           and ".alt." not in p)
+            if found:
+                return found[0]
+    return None
+
+
+def cuda_include():
+    """The folder holding cuda_fp16.h / cuda_bf16.h (CuPy passes its CUDA's to NVRTC the same way)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    for inc in (os.path.join(home, "include"), nvcc and os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")):
+        if inc and os.path.exists(os.path.join(inc, "cuda_bf16.h")):
+            return inc
+    return None
+
+
+@pytest.mark.skipif(find_nvrtc() is None or cuda_include() is None,
+                    reason="no libnvrtc (pip install nvidia-cuda-nvrtc) or no CUDA headers")
+def test_cuda_source_compiles_with_nvrtc():
+    """CuPy compiles the .cu with NVRTC, not nvcc: the same source, CuPy's option, for sm_90 (a
+    cubin, so ptxas runs too); every kernel the plan can name is a symbol of the cubin."""
+    lib = ctypes.CDLL(find_nvrtc())
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"softmax_kl.cu", 0, None, None) == 0
+    opts = [b"-std=c++17", b"--gpu-architecture=sm_90", f"-I{cuda_include()}".encode()]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode()[-4000:]
+    assert lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)) == 0 and size.value > 0
+    cubin = ctypes.create_string_buffer(size.value)
+    assert lib.nvrtcGetCUBIN(prog, cubin) == 0
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    symbols = set(re.findall(rb"[A-Za-z_][A-Za-z0-9_]*", cubin.raw))
+    missing = [name for name in sorted(plan_kernel_names() | {"sum_rows"}) if name.encode() not in symbols]
+    assert not missing, missing
 
 
 def test_launcher_arguments_match_the_kernel_signature():
