@@ -54,14 +54,15 @@ def _time_ms(fn, repeats, flush):
 
 def _variants(N, C, itemsize, aligned, dtype):
     """(label, Launch) for every kernel the plan can run on this shape; the default first."""
-    from .kernels.cupy_gpu import CLUSTER_SIZES, ROWS_UP_TO, plan  # noqa: PLC0415
-    out = [("default", plan(N, C, itemsize, aligned, dtype=dtype))]
+    from .kernels.cupy_gpu import CLUSTER_SIZES, ROWS_UP_TO, has_clusters, plan  # noqa: PLC0415
+    clusters = has_clusters()
+    out = [("default", plan(N, C, itemsize, aligned, dtype=dtype, clusters=clusters))]
     if C <= ROWS_UP_TO:
         out += [("rows 256 threads", plan(N, C, itemsize, aligned, dtype=dtype, threads=256)),
                 ("rows, recompute", plan(N, C, itemsize, aligned, dtype=dtype, variant="rows_recompute")),
                 ("warp per row", plan(N, C, itemsize, aligned, dtype=dtype, variant="warp"))]
     else:
-        for cl in CLUSTER_SIZES:
+        for cl in CLUSTER_SIZES if clusters else ():
             for threads in VARIANT_THREADS:
                 try:
                     lc = plan(N, C, itemsize, aligned, dtype=dtype, variant="cluster", cluster=cl, threads=threads)

@@ -63,25 +63,86 @@ class _Event:
         pass
 
 
+COMPUTE_CAPABILITY = "90"   # the emulated device's (cupy.cuda.Device().compute_capability); tests may lower it
+SMEM_OPT_IN_LIMIT = 227 * 1024   # sm_90's most dynamic shared memory a block may opt in to
+_FUNCTIONS = {}   # CUfunction handle -> _Function, for driver.funcSetAttribute
+
+
+class CUDADriverError(RuntimeError):
+    """cupy.cuda.driver.CUDADriverError: what CuPy raises when the driver refuses a call."""
+
+
 class _Function:
+    """cupy.cuda.function.Function: the device's CUfunction (``ptr``), where attributes live."""
+
     def __init__(self, name):
         self.name = name
-        self.ptr = 0
+        self.ptr = id(self)
+        self.max_dynamic_shared = 48 * 1024
+        self.non_portable_cluster = False
+        _FUNCTIONS[self.ptr] = self
 
-    def __call__(self, grid, block, args, shared_mem=0):
-        m = re.search(r"_c(\d+)$", self.name)
+
+class RawKernel:
+    """cupy.RawKernel as RawModule.get_function returns it (a new one each call, over the same
+    function): ``kernel.ptr``, a settable ``max_dynamic_shared_size_bytes``, no ``ptr`` of its own.
+    A launch the driver would refuse raises CUDADriverError: dynamic shared memory over the
+    function's limit, a cluster of more than 8 blocks without the non-portable opt-in."""
+
+    def __init__(self, function):
+        self._function = function
+
+    @property
+    def kernel(self):
+        return self._function
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self._function.max_dynamic_shared
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, n):
+        _set_attribute(self._function.ptr, 8, n)
+
+    def __call__(self, grid, block, args, *, shared_mem=0):
+        f = self._function
+        m = re.search(r"_c(\d+)$", f.name)
+        cluster = int(m.group(1)) if m else 1
+        if shared_mem > f.max_dynamic_shared:
+            raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: {f.name} asks for {shared_mem} bytes of dynamic "
+                                  f"shared memory, its limit is {f.max_dynamic_shared}")
+        if cluster > 8 and not f.non_portable_cluster:
+            raise CUDADriverError(f"CUDA_ERROR_INVALID_CLUSTER_SIZE: {f.name}: {cluster} blocks without the "
+                                  f"non-portable cluster size attribute")
         args = tuple(np.asarray(a).view(np.ndarray) if isinstance(a, np.ndarray) else a for a in args)
-        emu_runner.run(self.name, grid[0], block[0], args, shared=shared_mem, cluster=int(m.group(1)) if m else 1)
+        emu_runner.run(f.name, grid[0], block[0], args, shared=shared_mem, cluster=cluster)
+
+
+def _set_attribute(ptr, attribute, value):
+    f = _FUNCTIONS[ptr]
+    if attribute == 8:    # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if value > SMEM_OPT_IN_LIMIT:
+            raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: {value} bytes of dynamic shared memory")
+        f.max_dynamic_shared = value
+    elif attribute == 14:   # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+        f.non_portable_cluster = bool(value)
+    else:
+        raise CUDADriverError(f"CUDA_ERROR_INVALID_VALUE: attribute {attribute} is not settable")
 
 
 class RawModule:
     def __init__(self, code, options=()):
         self.code = code
+        self.functions = {}
 
     def get_function(self, name):
-        if not re.search(rf'\b{re.escape(name)}\b|_##NAME', self.code):
-            raise KeyError(name)
-        return _Function(name)
+        """As NVRTC would compile the .cu for the emulated device: no cluster kernels before sm_90."""
+        if not re.search(rf'\b{re.escape(name)}\b|_##NAME', self.code) or \
+                (name.startswith("softmax_kl_cluster_") and int(COMPUTE_CAPABILITY) < 90):
+            raise CUDADriverError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
+        if name not in self.functions:
+            self.functions[name] = _Function(name)
+        return RawKernel(self.functions[name])
 
 
 def make_module() -> types.ModuleType:
@@ -102,10 +163,10 @@ def make_module() -> types.ModuleType:
     cuda = types.ModuleType("cupy.cuda")
     cuda.Event = _Event
     cuda.get_elapsed_time = lambda a, b: 1e3 * (b.t - a.t)
-    cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None)
-    cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1,
+    cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability=COMPUTE_CAPABILITY)
+    cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0,
                                          getDeviceProperties=lambda i: {"name": b"CPU emulator"})
-    cuda.driver = types.SimpleNamespace(funcSetAttribute=lambda *a: None,
+    cuda.driver = types.SimpleNamespace(funcSetAttribute=_set_attribute, CUDADriverError=CUDADriverError,
                                         CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
     mod.cuda = cuda
     return mod
@@ -119,5 +180,8 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy.cuda.driver", mod.cuda.driver)
     import minikd.kernels.cupy_gpu as g
     monkeypatch.setattr(g, "_MODULE", None)
-    monkeypatch.setattr(g, "_PREPARED", set())
+    monkeypatch.setattr(g, "_KERNELS", {})
+    monkeypatch.setattr(g, "_SMEM_OPT_IN", {})
+    monkeypatch.setattr(g, "_CLUSTER_OPT_IN", set())
+    monkeypatch.setattr(g, "_CLUSTERS", {})
     return mod

@@ -18,8 +18,9 @@ from minikd.kernels.cupy_gpu import SOURCE
 HERE = Path(__file__).parent
 
 
-def plan_kernel_names():
-    """Every kernel name plan() can return, over dtypes, alignments, variants and sizes."""
+def plan_kernel_names(clusters=True):
+    """Every kernel name plan() can return, over dtypes, alignments, variants and sizes, on a GPU
+    with thread-block clusters (sm_90) or without (older GPUs)."""
     from minikd.kernels.cupy_gpu import CLUSTER_SIZES, VARIANTS, plan
     names = set()
     for dtype, itemsize in (("float32", 4), ("float16", 2), ("bfloat16", 2)):
@@ -27,10 +28,10 @@ def plan_kernel_names():
                   128256, 600000):
             for aligned in (False, True):
                 for variant in VARIANTS:
-                    if variant.startswith("rows") and C > 1024:
+                    if (variant.startswith("rows") and C > 1024) or (variant == "cluster" and not clusters):
                         continue
-                    names.add(plan(7, C, itemsize, aligned, dtype=dtype, variant=variant).kernel)
-                if aligned and C % (16 // itemsize) == 0:
+                    names.add(plan(7, C, itemsize, aligned, dtype=dtype, variant=variant, clusters=clusters).kernel)
+                if clusters and aligned and C % (16 // itemsize) == 0:
                     for cl in CLUSTER_SIZES:
                         try:
                             names.add(plan(7, C, itemsize, True, dtype=dtype, variant="cluster", cluster=cl).kernel)
@@ -57,14 +58,24 @@ def test_plan_names_kernels_of_the_source():
     assert len(names) >= 40   # all three families, every dtype
 
 
+def test_plan_without_clusters_names_no_cluster_kernel():
+    names = plan_kernel_names(clusters=False)
+    assert names and not any(n.startswith("softmax_kl_cluster_") for n in names)
+    assert plan_kernel_names(clusters=True) > names
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-def test_cuda_source_compiles_for_sm90(tmp_path):
-    res = subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-Xptxas", "-v", "-c", str(SOURCE),
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_cuda_source_compiles(tmp_path, arch):
+    """sm_90 (H100): every kernel; sm_80 (A100): all but the cluster kernels, which need sm_90."""
+    res = subprocess.run(["nvcc", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", "-c", str(SOURCE),
                           "-o", str(tmp_path / "softmax_kl.o")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    # every kernel the launcher's plan can name exists, with no register spills
-    for name in sorted(plan_kernel_names()):
+    # every kernel the launcher's plan can name on that GPU exists, with no register spills
+    clusters = arch == "sm_90"
+    for name in sorted(plan_kernel_names(clusters)):
         assert f"Compiling entry function '{name}'" in res.stderr, name
+    assert ("Compiling entry function 'softmax_kl_cluster_" in res.stderr) == clusters
     assert "sum_rows" in res.stderr
     spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
     assert spills and all(int(n) == 0 for n in spills)
@@ -97,13 +108,14 @@ def cuda_include():
 
 @pytest.mark.skipif(find_nvrtc() is None or cuda_include() is None,
                     reason="no libnvrtc (pip install nvidia-cuda-nvrtc) or no CUDA headers")
-def test_cuda_source_compiles_with_nvrtc():
-    """CuPy compiles the .cu with NVRTC, not nvcc: the same source, CuPy's option, for sm_90 (a
-    cubin, so ptxas runs too); every kernel the plan can name is a symbol of the cubin."""
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_cuda_source_compiles_with_nvrtc(arch):
+    """CuPy compiles the .cu with NVRTC, not nvcc, for the GPU at hand: the same source, CuPy's
+    option, a cubin (so ptxas runs too); every kernel the plan can name there is a symbol of it."""
     lib = ctypes.CDLL(find_nvrtc())
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"softmax_kl.cu", 0, None, None) == 0
-    opts = [b"-std=c++17", b"--gpu-architecture=sm_90", f"-I{cuda_include()}".encode()]
+    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), f"-I{cuda_include()}".encode()]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -115,8 +127,10 @@ def test_cuda_source_compiles_with_nvrtc():
     assert lib.nvrtcGetCUBIN(prog, cubin) == 0
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     symbols = set(re.findall(rb"[A-Za-z_][A-Za-z0-9_]*", cubin.raw))
-    missing = [name for name in sorted(plan_kernel_names() | {"sum_rows"}) if name.encode() not in symbols]
+    clusters = arch == "sm_90"
+    missing = [name for name in sorted(plan_kernel_names(clusters) | {"sum_rows"}) if name.encode() not in symbols]
     assert not missing, missing
+    assert any(name.startswith(b"softmax_kl_cluster_") for name in symbols) == clusters
 
 
 def test_launcher_arguments_match_the_kernel_signature():

@@ -204,12 +204,18 @@ def test_cupy_launcher_on_the_emulator(monkeypatch):
     stand-in cupy of fake_cupy.py, against the reference; bad values raise the reference's error."""
     import fake_cupy
     cp = fake_cupy.install(monkeypatch)
+    import warnings
+
     from minikd.kernels import softmax_kl
-    for C, dtype in ((10, "float32"), (2048, "bfloat16"), (1031, "float16")):
-        s, t, y, mask = make(6, C, C, dtype)
+    # 8192 float32: one block a row with 66 KB of shared memory, over the 48 KB a launch gets
+    # without opting in (the stand-in refuses that launch as the driver would)
+    for C, dtype in ((10, "float32"), (2048, "bfloat16"), (1031, "float16"), (8192, "float32")):
+        s, t, y, mask = make(6 if C < 8192 else 3, C, C, dtype)
         kw = dict(T=2.0, alpha=0.7, kind="ce", reduction="batchmean")
         S = cp.asarray(s)
-        loss, grad = softmax_kl(S, cp.asarray(t), cp.asarray(y), mask=cp.asarray(mask), backend="cupy", **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)   # no fallback from the planned kernel
+            loss, grad = softmax_kl(S, cp.asarray(t), cp.asarray(y), mask=cp.asarray(mask), backend="cupy", **kw)
         assert type(grad).__module__ == "cupy"
         check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, dtype, mask=mask, **kw)
         l2, g2 = softmax_kl(S, cp.asarray(t), cp.asarray(y), mask=cp.asarray(mask), out=S, backend="cupy", **kw)
@@ -218,6 +224,63 @@ def test_cupy_launcher_on_the_emulator(monkeypatch):
     s[2, 3] = np.nan
     with pytest.raises(ValueError, match="student: row 2 contains NaN"):
         softmax_kl(s, cp.zeros_like(s), cp.zeros(4, np.int64), T=1.0, alpha=0.5, backend="cupy")
+
+
+def test_cupy_launcher_opt_ins_and_fallback(monkeypatch):
+    """The attributes a launch needs are set on the function CuPy's RawKernel wraps, and raised,
+    never lowered, as launches of one kernel grow and shrink; a cluster launch the driver refuses
+    falls back to the block kernel with a warning (same result), and with ``fallback=False`` the
+    driver's error is raised."""
+    import fake_cupy
+    cp = fake_cupy.install(monkeypatch)
+    import minikd.kernels.cupy_gpu as g
+    kw = dict(T=2.0, alpha=0.5, kind="kl", reduction="sum")
+    forced = dict(scale_t2=True, ignore_index=-100, mask=None, out=None, variant="cluster", cluster=1, **kw)
+    for C in (12288, 8192, 12288):   # 99 KB, 66 KB, 99 KB of shared memory: one kernel, cluster 1
+        s, t, y, _ = make(2, C, C, "float32")
+        loss, grad = g.softmax_kl_cupy(cp.asarray(s), cp.asarray(t), cp.asarray(y), **forced)
+        check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "float32", **kw)
+    fn = g._KERNELS[(0, "softmax_kl_cluster_f32_c1")]
+    assert fn.max_dynamic_shared_size_bytes == g.SMEM_HEAD + 2 * 16 * (12288 // 4)
+    # a limit the driver refuses: the block kernel runs instead, with a warning
+    monkeypatch.setattr(fake_cupy, "SMEM_OPT_IN_LIMIT", 48 * 1024)
+    monkeypatch.setattr(g, "_SMEM_OPT_IN", {})
+    monkeypatch.setattr(g, "_KERNELS", {})
+    monkeypatch.setattr(g, "_MODULE", None)
+    s, t, y, _ = make(2, 8192, 8192, "float32")
+    with pytest.warns(RuntimeWarning, match="ran softmax_kl_block_vec_f32 instead"):
+        loss, grad = g.softmax_kl_cupy(cp.asarray(s), cp.asarray(t), cp.asarray(y), **forced)
+    check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "float32", **kw)
+    args = kernel_args(cp.asarray(s), cp.asarray(t), cp.asarray(y), cp.ones(2, np.float32), 2.0, 0.5, 0.5, "kl",
+                       cp.empty_like(cp.asarray(s)), cp.empty(2, np.float32), cp.zeros(2, np.int8))
+    launch = plan(2, 8192, 4, True, variant="cluster", cluster=1)
+    with pytest.raises(cp.cuda.driver.CUDADriverError, match="INVALID_VALUE"):
+        g.launch_kernels(args, launch, fallback=False)
+
+
+def test_cupy_launcher_before_sm90(monkeypatch):
+    """A GPU without clusters (compute capability < 9.0): the module has no cluster kernels (the
+    .cu leaves them out there; the stand-in's module too) and the plan never names one: long rows
+    run on the block kernel, with no warning. Forcing the cluster variant is an error."""
+    import warnings
+
+    import fake_cupy
+    cp = fake_cupy.install(monkeypatch)
+    monkeypatch.setattr(fake_cupy, "COMPUTE_CAPABILITY", "80")
+    import minikd.kernels.cupy_gpu as g
+    from minikd.kernels import softmax_kl
+    assert not g.has_clusters()
+    s, t, y, mask = make(3, 2048, 5, "bfloat16")
+    kw = dict(T=3.0, alpha=0.6, kind="kl", reduction="batchmean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss, grad = softmax_kl(cp.asarray(s), cp.asarray(t), cp.asarray(y), mask=cp.asarray(mask), backend="cupy",
+                                **kw)
+    check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "bfloat16", mask=mask, **kw)
+    assert {name for _, name in g._KERNELS} == {"softmax_kl_block_vec_bf16", "sum_rows"}
+    with pytest.raises(ValueError, match="compute capability >= 9.0"):
+        g.softmax_kl_cupy(cp.asarray(s), cp.asarray(t), cp.asarray(y), scale_t2=True, ignore_index=-100,
+                          mask=None, out=None, variant="cluster", **kw)
 
 
 def test_cupy_launcher_label_errors_like_the_reference(monkeypatch):

@@ -17,7 +17,8 @@ the same plans on the CPU emulator of ``tests/cuda_emu``):
   non-portable size, opted in; float32 rows up to ~460k classes). A cluster launch the device
   refuses falls back to the block kernel with a warning.
 * anything else: ``softmax_kl_block`` -- a block per row, online sums, the row read twice (the second
-  time, one hopes, from L2).
+  time, one hopes, from L2). Also every long row on a GPU older than sm_90 (no clusters: the .cu
+  leaves the cluster kernels out when NVRTC compiles for such a device).
 
 Inputs float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` arrays); accumulation in float32; the
 gradient in the input dtype, into ``out`` if given (it may be the student array). Per-row losses are
@@ -31,8 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "SOURCE", "ROWS_UP_TO",
-           "BLOCK_THREADS", "CLUSTER_THREADS", "SMEM_TARGET", "SMEM_MAX", "SMEM_HEAD", "VARIANTS"]
+__all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "has_clusters", "SOURCE",
+           "ROWS_UP_TO", "BLOCK_THREADS", "CLUSTER_THREADS", "SMEM_TARGET", "SMEM_MAX", "SMEM_HEAD", "VARIANTS"]
 
 SOURCE = Path(__file__).with_name("softmax_kl.cu")
 ROWS_UP_TO = 1024            # the largest C of the register kernel (LANES 32 x ELEMS 32)
@@ -48,7 +49,10 @@ SMEM_MAX = 227 * 1024        # the most dynamic shared memory one block may opt 
 VARIANTS = ("auto", "rows", "rows_recompute", "warp", "block", "cluster")
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 _MODULE = None
-_PREPARED = set()
+_KERNELS = {}       # (device, kernel name) -> cupy.RawKernel
+_SMEM_OPT_IN = {}   # (device, kernel name) -> the dynamic shared memory it has been allowed
+_CLUSTER_OPT_IN = set()
+_CLUSTERS = {}      # device -> has thread-block clusters
 
 
 class Launch(NamedTuple):
@@ -64,16 +68,20 @@ def _next_pow2(x: int) -> int:
 
 
 def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32", variant: str = "auto",
-         threads: int | None = None, cluster: int | None = None, smem_target: int = SMEM_TARGET) -> Launch:
+         threads: int | None = None, cluster: int | None = None, smem_target: int = SMEM_TARGET,
+         clusters: bool = True) -> Launch:
     """The kernel and launch shape for N rows of C classes. ``aligned``: C * itemsize is a multiple
     of 16 and the student, teacher and output pointers are 16-byte aligned. ``variant`` forces a
-    kernel family (benchmarks compare them); ``threads`` / ``cluster`` override the defaults."""
+    kernel family (benchmarks compare them); ``threads`` / ``cluster`` override the defaults.
+    ``clusters``: the device has thread-block clusters (compute capability >= 9.0)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    if variant == "cluster" and not clusters:
+        raise ValueError("variant 'cluster' needs a GPU with thread-block clusters (compute capability >= 9.0)")
     sfx = _SUFFIX[dtype]
     vec = 16 // itemsize
     if variant == "auto":
-        variant = "rows" if C <= ROWS_UP_TO else ("cluster" if aligned and C % vec == 0 else "block")
+        variant = "rows" if C <= ROWS_UP_TO else ("cluster" if clusters and aligned and C % vec == 0 else "block")
     if variant in ("rows", "rows_recompute"):
         if C > ROWS_UP_TO:
             raise ValueError(f"the rows kernel takes C <= {ROWS_UP_TO}, got {C}")
@@ -127,30 +135,52 @@ def _module():
     return _MODULE
 
 
-def _function(launch: Launch):
-    fn = _module().get_function(launch.kernel)
-    if (launch.kernel, launch.shared) not in _PREPARED:
+def _device() -> int:
+    import cupy  # noqa: PLC0415
+    return cupy.cuda.runtime.getDevice()
+
+
+def has_clusters() -> bool:
+    """The current device has thread-block clusters (compute capability >= 9.0)."""
+    dev = _device()
+    if dev not in _CLUSTERS:
+        import cupy  # noqa: PLC0415
+        _CLUSTERS[dev] = int(cupy.cuda.Device(dev).compute_capability) >= 90
+    return _CLUSTERS[dev]
+
+
+def _kernel(launch: Launch):
+    """The ``cupy.RawKernel`` of a launch, with the attributes it needs set on its function: dynamic
+    shared memory over 48 KB (raised, never lowered: one function serves launches of several sizes)
+    and, for a cluster of more than 8 blocks, the non-portable size. The attributes live on the
+    device's CUfunction (``kernel.kernel.ptr``); CuPy's RawKernel has no ``ptr`` of its own."""
+    key = (_device(), launch.kernel)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        fn = _KERNELS[key] = _module().get_function(launch.kernel)
+    if launch.shared > max(48 * 1024, _SMEM_OPT_IN.get(key, 0)):
+        fn.max_dynamic_shared_size_bytes = launch.shared
+        _SMEM_OPT_IN[key] = launch.shared
+    if launch.cluster > PORTABLE_CLUSTER and key not in _CLUSTER_OPT_IN:
         from cupy.cuda import driver  # noqa: PLC0415
-        if launch.shared > 48 * 1024:   # opt in to more than 48 KB of dynamic shared memory
-            driver.funcSetAttribute(fn.ptr, getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8),
-                                    launch.shared)
-        if launch.cluster > PORTABLE_CLUSTER:   # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
-            driver.funcSetAttribute(fn.ptr, getattr(driver, "CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED", 14),
-                                    1)
-        _PREPARED.add((launch.kernel, launch.shared))
+        driver.funcSetAttribute(fn.kernel.ptr, getattr(driver, "CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED",
+                                                      14), 1)
+        _CLUSTER_OPT_IN.add(key)
     return fn
 
 
 def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
     """Launch the fused kernel (and, given a float64 scalar ``total``, the row-loss sum): the GPU
     work of one call, without the argument checks (benchmarks time this alone). A cluster launch the
-    device refuses (no room to co-schedule the cluster, shared memory over the limit) falls back to
-    the two-pass block kernel with a warning, unless ``fallback`` is False."""
+    device refuses (a CUDA driver error: no room to co-schedule the cluster, shared memory over the
+    limit) falls back to the two-pass block kernel with a warning, unless ``fallback`` is False.
+    Any other error (a bug, not the device's limits) is raised."""
     if int(args[4]) == 0:
         return
+    from cupy.cuda.driver import CUDADriverError  # noqa: PLC0415
     try:
-        _function(launch)((launch.grid,), (launch.block,), args, shared_mem=launch.shared)
-    except Exception as exc:  # noqa: BLE001  (cupy.cuda.driver.CUDADriverError, cupy's launch errors)
+        _kernel(launch)((launch.grid,), (launch.block,), args, shared_mem=launch.shared)
+    except CUDADriverError as exc:
         if not (fallback and launch.kernel.startswith("softmax_kl_cluster_")):
             raise
         import warnings  # noqa: PLC0415
@@ -158,9 +188,9 @@ def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
         block = Launch(f"softmax_kl_block_vec_{sfx}", int(args[4]), BLOCK_THREADS, 0, 1)
         warnings.warn(f"{launch.kernel} did not launch ({exc}); ran {block.kernel} instead", RuntimeWarning,
                       stacklevel=2)
-        _function(block)((block.grid,), (block.block,), args)
+        _kernel(block)((block.grid,), (block.block,), args)
     if total is not None:
-        _module().get_function("sum_rows")((1,), (SUM_THREADS,), (args[12], args[4], total))
+        _kernel(Launch("sum_rows", 1, SUM_THREADS, 0, 1))((1,), (SUM_THREADS,), (args[12], args[4], total))
 
 
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
@@ -186,6 +216,7 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
     aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, t, buf))
     total = None if reduction == "none" else cupy.zeros((), cupy.float64)
+    plan_options.setdefault("clusters", has_clusters())
     launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
     if bool(flags.any()):  # the call's one sync; rare
         raise_for_flags(student, teacher, labels, valid, T=T, alpha=alpha, kind=kind, reduction=reduction,

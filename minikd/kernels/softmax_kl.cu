@@ -51,8 +51,15 @@
 // ---------------------------------------------------------------- Hopper features, one place
 // Thread-block clusters (distributed shared memory) and cp.async, as inline PTX so that NVRTC needs
 // no extra header. The CPU emulator of the tests (tests/cuda_emu/emu.h) defines MINIKD_EMU and
-// supplies the same functions, so the kernels below run there unchanged.
-#ifndef MINIKD_EMU
+// supplies the same functions, so the kernels below run there unchanged. Clusters need sm_90: for
+// an older GPU (NVRTC compiles for the device at hand) the cluster kernels are left out, and the
+// launcher's plan does not name them there (minikd/kernels/cupy_gpu.py, ``clusters``).
+#if defined(MINIKD_EMU) || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define MINIKD_CLUSTERS 1
+#else
+#define MINIKD_CLUSTERS 0
+#endif
+#if !defined(MINIKD_EMU) && MINIKD_CLUSTERS
 __device__ __forceinline__ unsigned char* minikd_dynamic_smem() {
     extern __shared__ __align__(16) unsigned char minikd_smem[];
     return minikd_smem;
@@ -505,6 +512,7 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
 // Shared memory: SMEM_HEAD bytes of States, then the student chunk, then the teacher chunk.
 #define SMEM_HEAD 1280   // >= 34 States of 32 bytes, a multiple of 128
 #define STAGES 4
+#if MINIKD_CLUSTERS
 
 template <int CL> __device__ __forceinline__ void cluster_barrier() {
     if (CL > 1) minikd_cluster_sync(); else __syncthreads();
@@ -602,6 +610,7 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
     }
     if (CL > 1) minikd_cluster_sync();   // no block leaves while another may still read its block_state
 }
+#endif  // MINIKD_CLUSTERS
 
 // ---------------------------------------------------------------- deterministic sum of row losses
 
@@ -640,10 +649,14 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
     extern "C" __global__ void softmax_kl_rows_recompute_##NAME##_L##L##_E##E(KERNEL_ARGS(T)) {            \
         MAKE_PARAMS softmax_kl_rows<T, L, E, false>(s, t, labels, weights, p, out, row_loss, flags);        \
     }
+#if MINIKD_CLUSTERS
 #define CLUSTER(NAME, T, CL)                                                                              \
     extern "C" __global__ void __cluster_dims__(CL, 1, 1) softmax_kl_cluster_##NAME##_c##CL(KERNEL_ARGS(T)) { \
         MAKE_PARAMS softmax_kl_cluster<T, CL>(s, t, labels, weights, p, out, row_loss, flags);              \
     }
+#else
+#define CLUSTER(NAME, T, CL)
+#endif
 
 // The (LANES, ELEMS) pairs of the launcher's plan (minikd/kernels/cupy_gpu.py): ELEMS = 4 and
 // LANES = 1..32 for C <= 128, LANES = 32 and ELEMS = 8, 16, 32 for C <= 1024 (also "recompute").
