@@ -79,6 +79,9 @@ def test_cuda_source_compiles(tmp_path, arch):
     assert "sum_rows" in res.stderr
     spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
     assert spills and all(int(n) == 0 for n in spills)
+    # no local memory either (a row "in registers" indexed at run time would land there unspilled)
+    frames = re.findall(r"(\d+) bytes stack frame", res.stderr)
+    assert len(frames) == len(spills) and all(int(n) == 0 for n in frames)
 
 
 def find_nvrtc():
