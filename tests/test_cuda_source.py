@@ -114,11 +114,14 @@ def cuda_include():
 @pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
 def test_cuda_source_compiles_with_nvrtc(arch):
     """CuPy compiles the .cu with NVRTC, not nvcc, for the GPU at hand: the same source, CuPy's
-    option, a cubin (so ptxas runs too); every kernel the plan can name there is a symbol of it."""
+    options, a cubin (so ptxas runs too); every kernel the plan can name there is a symbol of it."""
     lib = ctypes.CDLL(find_nvrtc())
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.read_bytes(), b"softmax_kl.cu", 0, None, None) == 0
-    opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), f"-I{cuda_include()}".encode()]
+    # what cupy.RawModule passes (CuPy 14.2, read off its compile call): ours, -ftz=true, the
+    # architecture, --device-as-default-execution-space (and include paths for its own headers)
+    opts = [b"-std=c++17", b"-ftz=true", f"-arch={arch}".encode(), b"--device-as-default-execution-space",
+            f"-I{cuda_include()}".encode()]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

@@ -23,6 +23,9 @@ the same plans on the CPU emulator of ``tests/cuda_emu``):
 Inputs float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` arrays); accumulation in float32; the
 gradient in the input dtype, into ``out`` if given (it may be the student array). Per-row losses are
 summed by a single-block kernel in a fixed order, in float64: the same input gives the same bits.
+CuPy compiles RawModule code with NVRTC and ``-ftz=true``: float32 values below 1.2e-38 flush to
+zero (gradient entries that small are far inside the stated tolerances, which are relative to
+max |grad|).
 """
 from __future__ import annotations
 
