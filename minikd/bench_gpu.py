@@ -54,25 +54,26 @@ def _time_ms(fn, repeats, flush):
 
 def _variants(N, C, itemsize, aligned, dtype):
     """(label, Launch) for every kernel the plan can run on this shape; the default first."""
-    from .kernels.cupy_gpu import CLUSTER_SIZES, ROWS_UP_TO, has_clusters, plan  # noqa: PLC0415
-    clusters = has_clusters()
-    out = [("default", plan(N, C, itemsize, aligned, dtype=dtype, clusters=clusters))]
+    from .kernels.cupy_gpu import CLUSTER_SIZES, ROWS_UP_TO, device_caps, plan  # noqa: PLC0415
+    caps = device_caps()._asdict()
+    out = [("default", plan(N, C, itemsize, aligned, dtype=dtype, **caps))]
     if C <= ROWS_UP_TO:
-        out += [("rows 256 threads", plan(N, C, itemsize, aligned, dtype=dtype, threads=256)),
-                ("rows, recompute", plan(N, C, itemsize, aligned, dtype=dtype, variant="rows_recompute")),
-                ("warp per row", plan(N, C, itemsize, aligned, dtype=dtype, variant="warp"))]
+        out += [("rows 256 threads", plan(N, C, itemsize, aligned, dtype=dtype, threads=256, **caps)),
+                ("rows, recompute", plan(N, C, itemsize, aligned, dtype=dtype, variant="rows_recompute", **caps)),
+                ("warp per row", plan(N, C, itemsize, aligned, dtype=dtype, variant="warp", **caps))]
     else:
-        for cl in CLUSTER_SIZES if clusters else ():
+        for cl in CLUSTER_SIZES if caps["clusters"] else ():
             for threads in VARIANT_THREADS:
                 try:
-                    lc = plan(N, C, itemsize, aligned, dtype=dtype, variant="cluster", cluster=cl, threads=threads)
+                    lc = plan(N, C, itemsize, aligned, dtype=dtype, variant="cluster", cluster=cl, threads=threads,
+                              **caps)
                 except ValueError:
                     continue
                 if lc.kernel.startswith("softmax_kl_cluster_") and lc.cluster == cl:
                     out.append((f"cluster {cl} x {threads}", lc))
         for threads in BLOCK_VARIANT_THREADS:
             out.append((f"block {threads}", plan(N, C, itemsize, aligned, dtype=dtype, variant="block",
-                                                   threads=threads)))
+                                                   threads=threads, **caps)))
     return out
 
 
@@ -91,7 +92,7 @@ def run_gpu(args):
     import ml_dtypes  # noqa: PLC0415
 
     from .kernels import prepare_rows, softmax_kl  # noqa: PLC0415
-    from .kernels.cupy_gpu import kernel_args, launch_kernels  # noqa: PLC0415
+    from .kernels.cupy_gpu import device_caps, kernel_args, launch_kernels  # noqa: PLC0415
     try:
         import torch  # noqa: PLC0415
     except ImportError:
@@ -113,6 +114,7 @@ def run_gpu(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"softmax_kl-{machine}.json"
     result = {"machine": machine, "device": name, "copy_bandwidth_TBps": bw / 1e12, "T": T, "alpha": ALPHA,
+              "device_caps": device_caps()._asdict(),
               "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": []}
     compile_left = args.compile_budget
     for dtype in ("float32", "bfloat16"):

@@ -63,8 +63,12 @@ class _Event:
         pass
 
 
-COMPUTE_CAPABILITY = "90"   # the emulated device's (cupy.cuda.Device().compute_capability); tests may lower it
-SMEM_OPT_IN_LIMIT = 227 * 1024   # sm_90's most dynamic shared memory a block may opt in to
+# the emulated device (H100's values; tests may change them): cupy.cuda.Device().compute_capability,
+# the most dynamic shared memory a block may opt in to, an SM's shared memory, the driver's share per block
+COMPUTE_CAPABILITY = "90"
+SMEM_OPT_IN_LIMIT = 227 * 1024
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_BLOCK = 1024
 _FUNCTIONS = {}   # CUfunction handle -> _Function, for driver.funcSetAttribute
 
 
@@ -164,8 +168,13 @@ def make_module() -> types.ModuleType:
     cuda.Event = _Event
     cuda.get_elapsed_time = lambda a, b: 1e3 * (b.t - a.t)
     cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability=COMPUTE_CAPABILITY)
+    attributes = {97: lambda: SMEM_OPT_IN_LIMIT, 81: lambda: SMEM_PER_SM, 111: lambda: SMEM_RESERVED_PER_BLOCK}
     cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0,
-                                         getDeviceProperties=lambda i: {"name": b"CPU emulator"})
+                                         getDeviceProperties=lambda i: {"name": b"CPU emulator"},
+                                         deviceGetAttribute=lambda attr, dev: attributes[attr](),
+                                         cudaDevAttrMaxSharedMemoryPerBlockOptin=97,
+                                         cudaDevAttrMaxSharedMemoryPerMultiprocessor=81,
+                                         cudaDevAttrReservedSharedMemoryPerBlock=111)
     cuda.driver = types.SimpleNamespace(funcSetAttribute=_set_attribute, CUDADriverError=CUDADriverError,
                                         CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
     mod.cuda = cuda
@@ -183,5 +192,5 @@ def install(monkeypatch):
     monkeypatch.setattr(g, "_KERNELS", {})
     monkeypatch.setattr(g, "_SMEM_OPT_IN", {})
     monkeypatch.setattr(g, "_CLUSTER_OPT_IN", set())
-    monkeypatch.setattr(g, "_CLUSTERS", {})
+    monkeypatch.setattr(g, "_CAPS", {})
     return mod

@@ -269,7 +269,7 @@ def test_cupy_launcher_before_sm90(monkeypatch):
     monkeypatch.setattr(fake_cupy, "COMPUTE_CAPABILITY", "80")
     import minikd.kernels.cupy_gpu as g
     from minikd.kernels import softmax_kl
-    assert not g.has_clusters()
+    assert not g.device_caps().clusters
     s, t, y, mask = make(3, 2048, 5, "bfloat16")
     kw = dict(T=3.0, alpha=0.6, kind="kl", reduction="batchmean")
     with warnings.catch_warnings():
@@ -281,6 +281,30 @@ def test_cupy_launcher_before_sm90(monkeypatch):
     with pytest.raises(ValueError, match="compute capability >= 9.0"):
         g.softmax_kl_cupy(cp.asarray(s), cp.asarray(t), cp.asarray(y), scale_t2=True, ignore_index=-100,
                           mask=None, out=None, variant="cluster", **kw)
+
+
+def test_plan_follows_the_device(monkeypatch):
+    """The plan's limits are read off the device: H100 (227 KB a block, 228 KB an SM) keeps the
+    defaults; a GPU with 99 KB a block and 100 KB an SM (sm_120's) gets a smaller share per block,
+    so a larger cluster, for the same row, and no cluster it could not launch."""
+    import fake_cupy
+    fake_cupy.install(monkeypatch)
+    import minikd.kernels.cupy_gpu as g
+    h100 = g.device_caps()
+    assert h100 == g.DeviceCaps(True, g.SMEM_MAX, g.SMEM_TARGET)
+    monkeypatch.setattr(g, "_CAPS", {})
+    monkeypatch.setattr(fake_cupy, "COMPUTE_CAPABILITY", "120")
+    monkeypatch.setattr(fake_cupy, "SMEM_OPT_IN_LIMIT", 99 * 1024)
+    monkeypatch.setattr(fake_cupy, "SMEM_PER_SM", 100 * 1024)
+    small = g.device_caps()
+    assert small == g.DeviceCaps(True, 99 * 1024, 50 * 1024 - 1024)
+    for C, cl_h100, cl_small in ((32000, 4, 8), (128256, 8, 16)):
+        a = g.plan(64, C, 4, True, **h100._asdict())
+        b = g.plan(64, C, 4, True, **small._asdict())
+        assert (a.cluster, b.cluster) == (cl_h100, cl_small), (C, a, b)
+        assert a.shared <= h100.smem_max and b.shared <= small.smem_max
+    # a row no cluster of that device can hold: the block kernel
+    assert g.plan(4, 600000, 4, True, **small._asdict()).kernel == "softmax_kl_block_vec_f32"
 
 
 def test_cupy_launcher_label_errors_like_the_reference(monkeypatch):

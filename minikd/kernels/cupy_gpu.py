@@ -13,9 +13,10 @@ the same plans on the CPU emulator of ``tests/cuda_emu``):
   memory (cp.async in), the blocks merge their partial sums through distributed shared memory, and
   the gradient is written from shared memory: global memory is touched once each way.
   CL is the smallest portable size (<= 8) whose chunk fits ``smem_target`` bytes (two blocks per
-  SM), else the smallest portable one that fits the 227 KB a block may have, else 16 (a
-  non-portable size, opted in; float32 rows up to ~460k classes). A cluster launch the device
-  refuses falls back to the block kernel with a warning.
+  SM), else the smallest portable one that fits the most a block may opt in to (``smem_max``: 227 KB
+  on H100), else 16 (a non-portable size, opted in; float32 rows up to ~460k classes on H100). Both
+  limits are read off the device (``device_caps``). A cluster launch the device refuses falls back
+  to the block kernel with a warning.
 * anything else: ``softmax_kl_block`` -- a block per row, online sums, the row read twice (the second
   time, one hopes, from L2). Also every long row on a GPU older than sm_90 (no clusters: the .cu
   leaves the cluster kernels out when NVRTC compiles for such a device).
@@ -35,8 +36,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "has_clusters", "SOURCE",
-           "ROWS_UP_TO", "BLOCK_THREADS", "CLUSTER_THREADS", "SMEM_TARGET", "SMEM_MAX", "SMEM_HEAD", "VARIANTS"]
+__all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "device_caps", "DeviceCaps",
+           "SOURCE", "ROWS_UP_TO", "BLOCK_THREADS", "CLUSTER_THREADS", "SMEM_TARGET", "SMEM_MAX", "SMEM_HEAD",
+           "VARIANTS"]
 
 SOURCE = Path(__file__).with_name("softmax_kl.cu")
 ROWS_UP_TO = 1024            # the largest C of the register kernel (LANES 32 x ELEMS 32)
@@ -47,15 +49,21 @@ CLUSTER_THREADS = 512
 CLUSTER_SIZES = (1, 2, 4, 8, 16)  # 8 is the portable maximum; 16 needs an opt-in (H100 allows it)
 PORTABLE_CLUSTER = 8
 SMEM_HEAD = 1280             # as in softmax_kl.cu
-SMEM_TARGET = 100 * 1024     # two blocks per SM on H100 (228 KB of shared memory per SM)
-SMEM_MAX = 227 * 1024        # the most dynamic shared memory one block may opt in to (sm_90)
+SMEM_TARGET = 100 * 1024     # two blocks per SM on H100 (228 KB of shared memory per SM); at most half an SM's
+SMEM_MAX = 227 * 1024        # the most dynamic shared memory one block may opt in to (H100; read off the device)
 VARIANTS = ("auto", "rows", "rows_recompute", "warp", "block", "cluster")
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 _MODULE = None
 _KERNELS = {}       # (device, kernel name) -> cupy.RawKernel
 _SMEM_OPT_IN = {}   # (device, kernel name) -> the dynamic shared memory it has been allowed
 _CLUSTER_OPT_IN = set()
-_CLUSTERS = {}      # device -> has thread-block clusters
+_CAPS = {}          # device -> DeviceCaps
+
+
+class DeviceCaps(NamedTuple):
+    clusters: bool     # thread-block clusters (compute capability >= 9.0)
+    smem_max: int      # the most dynamic shared memory a block may opt in to
+    smem_target: int   # a block's share when two blocks are to fit on one SM (at most SMEM_TARGET)
 
 
 class Launch(NamedTuple):
@@ -72,11 +80,13 @@ def _next_pow2(x: int) -> int:
 
 def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32", variant: str = "auto",
          threads: int | None = None, cluster: int | None = None, smem_target: int = SMEM_TARGET,
-         clusters: bool = True) -> Launch:
+         smem_max: int = SMEM_MAX, clusters: bool = True) -> Launch:
     """The kernel and launch shape for N rows of C classes. ``aligned``: C * itemsize is a multiple
     of 16 and the student, teacher and output pointers are 16-byte aligned. ``variant`` forces a
     kernel family (benchmarks compare them); ``threads`` / ``cluster`` override the defaults.
-    ``clusters``: the device has thread-block clusters (compute capability >= 9.0)."""
+    The device's side (``DeviceCaps``, H100's by default): ``clusters``, it has thread-block
+    clusters; ``smem_max``, the most shared memory a block may have; ``smem_target``, a block's
+    share of an SM's when two are to fit."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     if variant == "cluster" and not clusters:
@@ -107,12 +117,12 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
         if cluster is None:   # portable sizes first: within the target, then within the limit; then 16
             portable = [cl for cl in CLUSTER_SIZES if cl <= PORTABLE_CLUSTER]
             fits = [cl for cl in portable if smem(cl) <= smem_target] or \
-                   [cl for cl in portable if smem(cl) <= SMEM_MAX] or \
-                   [cl for cl in CLUSTER_SIZES if cl > PORTABLE_CLUSTER and smem(cl) <= SMEM_MAX]
+                   [cl for cl in portable if smem(cl) <= smem_max] or \
+                   [cl for cl in CLUSTER_SIZES if cl > PORTABLE_CLUSTER and smem(cl) <= smem_max]
             cluster = fits[0] if fits else None
-        elif cluster not in CLUSTER_SIZES or smem(cluster) > SMEM_MAX:
+        elif cluster not in CLUSTER_SIZES or smem(cluster) > smem_max:
             raise ValueError(f"cluster: {cluster} blocks cannot hold a row of {C} classes "
-                             f"(sizes {CLUSTER_SIZES}, {SMEM_MAX} bytes of shared memory each)")
+                             f"(sizes {CLUSTER_SIZES}, {smem_max} bytes of shared memory each)")
         if cluster is not None:   # else too long for any cluster: the two-pass block kernel
             return Launch(f"softmax_kl_cluster_{sfx}_c{cluster}", N * cluster, threads or CLUSTER_THREADS,
                           smem(cluster), cluster)
@@ -143,13 +153,20 @@ def _device() -> int:
     return cupy.cuda.runtime.getDevice()
 
 
-def has_clusters() -> bool:
-    """The current device has thread-block clusters (compute capability >= 9.0)."""
+def device_caps() -> DeviceCaps:
+    """What the plan needs to know of the current device (read once per device): clusters from the
+    compute capability; the opt-in shared-memory limit of a block; half of an SM's shared memory,
+    less the 1 KB the driver reserves per block, capped at SMEM_TARGET (H100: 100 KB)."""
     dev = _device()
-    if dev not in _CLUSTERS:
+    if dev not in _CAPS:
         import cupy  # noqa: PLC0415
-        _CLUSTERS[dev] = int(cupy.cuda.Device(dev).compute_capability) >= 90
-    return _CLUSTERS[dev]
+        rt = cupy.cuda.runtime
+        per_sm = rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev)
+        reserved = rt.deviceGetAttribute(rt.cudaDevAttrReservedSharedMemoryPerBlock, dev)
+        _CAPS[dev] = DeviceCaps(clusters=int(cupy.cuda.Device(dev).compute_capability) >= 90,
+                                smem_max=rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+                                smem_target=min(SMEM_TARGET, per_sm // 2 - reserved))
+    return _CAPS[dev]
 
 
 def _kernel(launch: Launch):
@@ -199,7 +216,8 @@ def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
                     out, **plan_options):
     """The CuPy backend of ``minikd.kernels.softmax_kl``; ``plan_options`` (variant, threads, cluster,
-    smem_target) go to ``plan`` (tests and benchmarks force kernel families with them)."""
+    smem_target, ...) go to ``plan`` (tests and benchmarks force kernel families with them), over
+    the device's own ``device_caps``."""
     import cupy  # noqa: PLC0415
 
     from . import deliver_gradient, gradient_buffer, prepare_rows, raise_for_flags  # noqa: PLC0415
@@ -219,7 +237,7 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
     aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, t, buf))
     total = None if reduction == "none" else cupy.zeros((), cupy.float64)
-    plan_options.setdefault("clusters", has_clusters())
+    plan_options = {**device_caps()._asdict(), **plan_options}
     launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
     if bool(flags.any()):  # the call's one sync; rare
         raise_for_flags(student, teacher, labels, valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
