@@ -18,6 +18,7 @@ at the end.
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import SHAPES
+from .bench import SHAPES, torch_kd_loss
 from .losses import kd_loss_and_grad
 
 T, ALPHA = 4.0, 0.9
@@ -55,36 +56,23 @@ def _time_ms(fn, repeats, flush):
 def _variants(N, C, itemsize, aligned, dtype):
     """(label, Launch) for every kernel the plan can run on this shape; the default first."""
     from .kernels.cupy_gpu import CLUSTER_SIZES, ROWS_UP_TO, device_caps, plan  # noqa: PLC0415
-    caps = device_caps()._asdict()
-    out = [("default", plan(N, C, itemsize, aligned, dtype=dtype, **caps))]
+    caps = device_caps()
+    here = functools.partial(plan, N, C, itemsize, aligned, dtype=dtype, **caps._asdict())   # this shape, this GPU
+    out = [("default", here())]
     if C <= ROWS_UP_TO:
-        out += [("rows 256 threads", plan(N, C, itemsize, aligned, dtype=dtype, threads=256, **caps)),
-                ("rows, recompute", plan(N, C, itemsize, aligned, dtype=dtype, variant="rows_recompute", **caps)),
-                ("warp per row", plan(N, C, itemsize, aligned, dtype=dtype, variant="warp", **caps))]
+        out += [("rows 256 threads", here(threads=256)), ("rows, recompute", here(variant="rows_recompute")),
+                ("warp per row", here(variant="warp"))]
     else:
-        for cl in CLUSTER_SIZES if caps["clusters"] else ():
+        for cl in CLUSTER_SIZES if caps.clusters else ():
             for threads in VARIANT_THREADS:
                 try:
-                    lc = plan(N, C, itemsize, aligned, dtype=dtype, variant="cluster", cluster=cl, threads=threads,
-                              **caps)
+                    lc = here(variant="cluster", cluster=cl, threads=threads)
                 except ValueError:
                     continue
                 if lc.kernel.startswith("softmax_kl_cluster_") and lc.cluster == cl:
                     out.append((f"cluster {cl} x {threads}", lc))
-        for threads in BLOCK_VARIANT_THREADS:
-            out.append((f"block {threads}", plan(N, C, itemsize, aligned, dtype=dtype, variant="block",
-                                                   threads=threads, **caps)))
+        out += [(f"block {threads}", here(variant="block", threads=threads)) for threads in BLOCK_VARIANT_THREADS]
     return out
-
-
-def _torch_loss(torch):
-    F = torch.nn.functional
-
-    def loss_fn(S, Tt, Y):
-        kl = F.kl_div(F.log_softmax(S.float() / T, -1), F.log_softmax(Tt.float() / T, -1), log_target=True,
-                      reduction="batchmean")
-        return ALPHA * T * T * kl + (1 - ALPHA) * F.cross_entropy(S.float(), Y)
-    return loss_fn
 
 
 def run_gpu(args):
@@ -176,7 +164,7 @@ def run_gpu(args):
                     S, Tt = S.view(torch.bfloat16), Tt.view(torch.bfloat16)
                 Y = torch.as_tensor(y, device=TORCH_DEVICE)
                 S = S.clone().requires_grad_(True)
-                loss_fn = _torch_loss(torch)
+                loss_fn = torch_kd_loss(torch, T, ALPHA)
                 tl = loss_fn(S[:k], Tt[:k], Y[:k]).detach()   # the same loss on the same rows as the reference
                 assert abs(float(tl) - ref_l) <= 1e-3 * abs(ref_l), (float(tl), ref_l)
 

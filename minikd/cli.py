@@ -33,6 +33,10 @@ def _data(args):
     return mnist1d(args.samples, seed=args.seed, transfer_samples=args.transfer_samples)
 
 
+def _cache_dir(args):
+    return None if args.no_cache else args.cache_dir
+
+
 def _student_config(args, epochs):
     from .distill import TrainConfig  # noqa: PLC0415
     return TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -42,7 +46,7 @@ def _student_config(args, epochs):
 def _targets(args, teacher, data):
     """The teacher's logits on the training rows and (None without one) on the transfer set."""
     from .distill import soft_targets  # noqa: PLC0415
-    cache = None if args.no_cache else args.cache_dir
+    cache = _cache_dir(args)
     tl = soft_targets(teacher, data.x_train, cache)
     tt = soft_targets(teacher, data.x_transfer, cache) if len(data.x_transfer) else None
     return tl, tt
@@ -53,7 +57,7 @@ def _train_teacher(args, data):
     from .distill import TrainConfig, train_teacher  # noqa: PLC0415
     tcfg = TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     return train_teacher(data, tcfg, width=args.teacher_width, progress=not args.quiet,
-                         cache_dir=None if args.no_cache else args.cache_dir)
+                         cache_dir=_cache_dir(args))
 
 
 def _teacher_and_targets(args, data):
@@ -117,7 +121,7 @@ def cmd_distill(args) -> int:
     for key, label, specs in variants:
         vm, vh = train_student(data, cfg, teacher_logits=tl, T=args.T, alpha=args.alpha,
                                desc=f"student ({label})", feature_specs=specs, teacher=teacher,
-                               cache_dir=None if args.no_cache else args.cache_dir, **common)
+                               cache_dir=_cache_dir(args), **common)
         rows.append(_row(f"student KD + {label}", vm, data, tp, {"T": args.T, "alpha": args.alpha,
                                                                  "terms": [list(x) for x in specs]}))
         histories[f"KD + {label}"] = vh
@@ -175,12 +179,13 @@ def _variants(args):
 
 
 def cmd_mutual(args) -> int:
+    import dataclasses  # noqa: PLC0415
     import time  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
     import numpy as np  # noqa: PLC0415
 
-    from .distill import TrainConfig, export, train_mutual, train_student  # noqa: PLC0415
+    from .distill import export, train_mutual, train_student  # noqa: PLC0415
     from .plots import learning_curves  # noqa: PLC0415
     if args.models < 2:
         raise ValueError(f"--models: mutual learning needs at least 2 models, got {args.models}")
@@ -191,7 +196,7 @@ def cmd_mutual(args) -> int:
     cohort, mh = train_mutual(data, cfg, args.models, T=args.T, hidden=args.student_hidden, progress=not args.quiet)
     alone = []
     for k in range(args.models):
-        m, h = train_student(data, TrainConfig(**{**cfg.__dict__, "seed": args.seed + k}), hidden=args.student_hidden,
+        m, h = train_student(data, dataclasses.replace(cfg, seed=args.seed + k), hidden=args.student_hidden,
                              progress=not args.quiet, desc=f"independent {k}")
         alone.append((m, h))
     tp = cohort[0].num_parameters()

@@ -98,20 +98,18 @@ class FeatureTerm:
     regressor: object = None
 
     def loss_and_tap_grad(self, feat, idx):
-        from .losses import (hint_backward, hint_forward, rkd_angle_backward, rkd_angle_forward,  # noqa: PLC0415
-                             rkd_distance_backward, rkd_distance_forward)
+        from .losses import hint_backward, hint_forward  # noqa: PLC0415
+        from .losses.relational import RKD_TERMS  # noqa: PLC0415
         fs = feat.reshape(len(idx), -1)
         ft = self.teacher[idx].reshape(len(idx), -1)
         if self.kind == "hint":
             r, rc = self.regressor.forward(fs)
             value, hc = hint_forward(r, ft)
             g = self.regressor.backward(hint_backward(self.weight, hc), rc)
-        elif self.kind == "rkd_distance":
-            value, c = rkd_distance_forward(fs, ft)
-            g = rkd_distance_backward(self.weight, c)
         else:
-            value, c = rkd_angle_forward(fs, ft)
-            g = rkd_angle_backward(self.weight, c)
+            forward, backward = RKD_TERMS[self.kind]
+            value, c = forward(fs, ft)
+            g = backward(self.weight, c)
         return self.weight * float(value), g.reshape(feat.shape)
 
 

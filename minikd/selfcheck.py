@@ -97,8 +97,7 @@ def _feature_relational_mutual_cases(rng) -> Iterator:
         for reduction in relational.RKD_REDUCTIONS:
             E, F = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
             g = float(rng.standard_normal())
-            for name, fwd, bwd in (("rkd_distance", relational.rkd_distance_forward, relational.rkd_distance_backward),
-                                   ("rkd_angle", relational.rkd_angle_forward, relational.rkd_angle_backward)):
+            for name, (fwd, bwd) in relational.RKD_TERMS.items():
                 _, c = fwd(E, F, loss=loss, reduction=reduction)
                 yield (name, lambda e, F=F, fwd=fwd, lo=loss, r=reduction: fwd(e, F, loss=lo, reduction=r)[0],
                        [E], g, [bwd(g, c)], 1e-5)

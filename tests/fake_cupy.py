@@ -168,13 +168,14 @@ def make_module() -> types.ModuleType:
     cuda.Event = _Event
     cuda.get_elapsed_time = lambda a, b: 1e3 * (b.t - a.t)
     cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability=COMPUTE_CAPABILITY)
-    attributes = {97: lambda: SMEM_OPT_IN_LIMIT, 81: lambda: SMEM_PER_SM, 111: lambda: SMEM_RESERVED_PER_BLOCK}
+    attributes = {"cudaDevAttrMaxSharedMemoryPerBlockOptin": (97, lambda: SMEM_OPT_IN_LIMIT),   # (CUDA's number,
+                  "cudaDevAttrMaxSharedMemoryPerMultiprocessor": (81, lambda: SMEM_PER_SM),    # the value now)
+                  "cudaDevAttrReservedSharedMemoryPerBlock": (111, lambda: SMEM_RESERVED_PER_BLOCK)}
+    by_number = {number: value for number, value in attributes.values()}
     cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0,
                                          getDeviceProperties=lambda i: {"name": b"CPU emulator"},
-                                         deviceGetAttribute=lambda attr, dev: attributes[attr](),
-                                         cudaDevAttrMaxSharedMemoryPerBlockOptin=97,
-                                         cudaDevAttrMaxSharedMemoryPerMultiprocessor=81,
-                                         cudaDevAttrReservedSharedMemoryPerBlock=111)
+                                         deviceGetAttribute=lambda attr, dev: by_number[attr](),
+                                         **{name: number for name, (number, _) in attributes.items()})
     cuda.driver = types.SimpleNamespace(funcSetAttribute=_set_attribute, CUDADriverError=CUDADriverError,
                                         CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
     mod.cuda = cuda

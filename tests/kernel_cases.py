@@ -21,6 +21,11 @@ def np_dtype(name):
     return np.dtype(name)
 
 
+# pytest filter: a planned cluster kernel that did not launch (the CuPy launcher falls back to the
+# block kernel with a RuntimeWarning, and the result would still be right) fails the test
+NO_FALLBACK = "error:softmax_kl_cluster.*did not launch:RuntimeWarning"
+
+
 def make(N, C, seed, dtype):
     """Logits with x20 outliers, 3% -inf classes (never a whole row, never the label), an ignored
     row (label -100) and a 10% mask."""

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from emu_runner import cuda_include   # the folder of cuda_fp16.h / cuda_bf16.h (CuPy passes its CUDA's too)
 
 from minikd.kernels.cupy_gpu import SOURCE
 
@@ -96,16 +97,6 @@ def find_nvrtc():
                            and ".alt." not in p)
             if found:
                 return found[0]
-    return None
-
-
-def cuda_include():
-    """The folder holding cuda_fp16.h / cuda_bf16.h (CuPy passes its CUDA's to NVRTC the same way)."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    nvcc = shutil.which("nvcc")
-    for inc in (os.path.join(home, "include"), nvcc and os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")):
-        if inc and os.path.exists(os.path.join(inc, "cuda_bf16.h")):
-            return inc
     return None
 
 

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 import minikd as mk
 from minikd.gradcheck import check_vjp
+from minikd.losses.relational import RKD_TERMS
 from minikd.testing import logits as logit_arrays
 from minikd.testing import temperatures
 
@@ -66,26 +67,28 @@ def natural_floor(E):
     return 1e-4 * max(1.0, 1.0 / (len(E) * max(min_distance(E), 1e-12)))
 
 
+def check_rkd_gradient(which, case, loss, reduction):
+    """The hand-derived gradient of RKD term ``which`` ("distance" or "angle") against central
+    differences of its loss."""
+    forward, backward = RKD_TERMS[f"rkd_{which}"]
+    E, F, g = case
+    assume(loss == "squared" or not near_huber_kink(E, F, which))
+    _, c = forward(E, F, loss=loss, reduction=reduction)
+    res = check_vjp(lambda e: forward(e, F, loss=loss, reduction=reduction)[0], [E], g,
+                    [backward(g, c)], eps=step(E), floor=natural_floor(E))
+    assert res.max_rel <= RTOL, res
+
+
 @given(embeddings(), st.sampled_from(["huber", "squared"]), st.sampled_from(["mean", "sum"]))
 def test_rkd_distance_gradient(case, loss, reduction):
-    E, F, g = case
-    assume(loss == "squared" or not near_huber_kink(E, F, "distance"))
-    _, c = mk.rkd_distance_forward(E, F, loss=loss, reduction=reduction)
-    res = check_vjp(lambda e: mk.rkd_distance(e, F, loss=loss, reduction=reduction), [E], g,
-                    [mk.rkd_distance_backward(g, c)], eps=step(E), floor=natural_floor(E))
-    assert res.max_rel <= RTOL, res
+    check_rkd_gradient("distance", case, loss, reduction)
 
 
 # D >= 2: in one dimension every triple is collinear, cos = +-1 is locally constant, the gradient is
 # exactly 0 and finite differences measure only the rounding of ill-conditioned cosines
 @given(embeddings(min_d=2), st.sampled_from(["huber", "squared"]), st.sampled_from(["mean", "sum"]))
 def test_rkd_angle_gradient(case, loss, reduction):
-    E, F, g = case
-    assume(loss == "squared" or not near_huber_kink(E, F, "angle"))
-    _, c = mk.rkd_angle_forward(E, F, loss=loss, reduction=reduction)
-    res = check_vjp(lambda e: mk.rkd_angle(e, F, loss=loss, reduction=reduction), [E], g,
-                    [mk.rkd_angle_backward(g, c)], eps=step(E), floor=natural_floor(E))
-    assert res.max_rel <= RTOL, res
+    check_rkd_gradient("angle", case, loss, reduction)
 
 
 def random_rotation(d, r):

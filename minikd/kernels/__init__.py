@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import is_cupy_array
+from ..backend import check_logits, is_cupy_array
 from ..losses.kd import check_kd_arguments, kd_loss_and_grad
 
 __all__ = ["softmax_kl", "resolve_backend", "prepare_rows", "Rows", "sum_of_logs"]
@@ -130,7 +130,6 @@ def deliver_gradient(buf, is_out, out, shape):
 def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask):
     """A kernel flagged rows (bad values, or on the GPU a label out of range): run the reference's
     checks in the reference's order, so that the error raised is the reference's, word for word."""
-    from ..backend import check_logits  # noqa: PLC0415
     check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
                        reduction=reduction, ignore_index=ignore_index, mask=mask, check_student=False)
     check_logits(student, "student", valid)

@@ -37,6 +37,7 @@ class MutualCache(NamedTuple):
     coef: float
     shape: tuple
     dtype: object
+    xp: object           # the array namespace of the logits
 
 
 def mutual_forward(logits_list, labels=None, *, T=1.0, mode="detached", average_peers=True,
@@ -77,9 +78,8 @@ def mutual_forward(logits_list, labels=None, *, T=1.0, mode="detached", average_
             pairs.append((s, t, c))
             total = total + coef * value
         losses.append(total)
-    if mode == "detached":
-        return xp.asarray(losses), MutualCache(mode, pairs, ce, M, coef, shape, logits_list[0].dtype)
-    return sum(losses), MutualCache(mode, pairs, ce, M, coef, shape, logits_list[0].dtype)
+    value = xp.asarray(losses) if mode == "detached" else sum(losses)
+    return value, MutualCache(mode, pairs, ce, M, coef, shape, logits_list[0].dtype, xp)
 
 
 def mutual_backward(dloss, cache: MutualCache):
@@ -89,10 +89,7 @@ def mutual_backward(dloss, cache: MutualCache):
     is that of L_i alone. "joint": dloss is a scalar; every pair term reaches both models.
     """
     c = cache
-    xp = get_namespace(c.pairs[0][2].p) if c.pairs else (get_namespace(c.ce[0].p) if c.ce[0] is not None else None)
-    if xp is None:
-        import numpy as xp  # noqa: PLC0415  (a lone model without labels has no arrays cached)
-    shape, dtype = c.shape, c.dtype
+    xp, shape, dtype = c.xp, c.shape, c.dtype
     if c.mode == "detached":
         d = [float(v) for v in (dloss if hasattr(dloss, "__len__") else [dloss] * c.M)]
         if len(d) != c.M:

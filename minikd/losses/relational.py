@@ -102,7 +102,7 @@ def _gram_d2(E):
 # ---------------------------------------------------------------- distance
 
 def _distance_matrix(E):
-    """(psi, d, mu, D2) with the authors' clamp and zero diagonal."""
+    """(psi, d, mu, D2, off-diagonal mask) with the authors' clamp and zero diagonal."""
     xp = get_namespace(E)
     N = E.shape[0]
     _, D2 = _gram_d2(E)
@@ -168,9 +168,6 @@ def _anchor_cosines(G, D2, a, tol):
     return K * inv_n[:, None] * inv_n[None, :], inv_n, live
 
 
-COINCIDENT_TOL = 64 * np.finfo(np.float64).eps / 2
-
-
 class RKDAngleCache(NamedTuple):
     E: object          # centered embeddings
     F: object
@@ -182,14 +179,14 @@ def _angle_terms(E, F, loss, scale, want_grad, dloss=1.0):
     """Loss (and the coefficient matrix Omega) anchor by anchor: O(N^2) memory."""
     xp = get_namespace(E)
     N = E.shape[0]
-    tol_s = COINCIDENT_TOL if E.dtype == np.float64 else 64 * float(np.finfo(E.dtype).eps) / 2
+    tol = 64 * float(np.finfo(E.dtype).eps) / 2   # coincident points: |e_b - e_a|^2 below this relative size
     Gs, D2s = _gram_d2(E)
     Gt, D2t = _gram_d2(F)
     total = 0.0
     Omega = xp.zeros((N, N), dtype=E.dtype) if want_grad else None
     for a in range(N):
-        cs, inv_n, _ = _anchor_cosines(Gs, D2s, a, tol_s)
-        ct = _anchor_cosines(Gt, D2t, a, tol_s)[0]
+        cs, inv_n, _ = _anchor_cosines(Gs, D2s, a, tol)
+        ct = _anchor_cosines(Gt, D2t, a, tol)[0]
         x = cs - ct
         total = total + xp.sum(_h(x, loss, xp))
         if not want_grad:
@@ -226,3 +223,9 @@ def rkd_angle_backward(dloss, cache: RKDAngleCache):
 
 def rkd_angle(student_emb, teacher_emb, *, loss="huber", reduction="mean"):
     return rkd_angle_forward(student_emb, teacher_emb, loss=loss, reduction=reduction)[0]
+
+
+# (forward, backward) by name: the training loop, the gradient checks and the PyTorch comparison
+# take the relational terms from here
+RKD_TERMS = {"rkd_distance": (rkd_distance_forward, rkd_distance_backward),
+             "rkd_angle": (rkd_angle_forward, rkd_angle_backward)}
