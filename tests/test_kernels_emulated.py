@@ -299,6 +299,9 @@ def test_plan_follows_the_device(monkeypatch):
         assert a.shared <= h100.smem_max and b.shared <= small.smem_max
     # a row no cluster of that device can hold: the block kernel
     assert g.plan(4, 600000, 4, True, **small._asdict()).kernel == "softmax_kl_block_vec_f32"
+    # a target above the block limit is held to the limit
+    tight = g.DeviceCaps(True, 48 * 1024, g.SMEM_TARGET)
+    assert g.plan(4, 8192, 4, True, **tight._asdict()).shared <= 48 * 1024
 
 
 def test_cupy_launcher_label_errors_like_the_reference(monkeypatch):

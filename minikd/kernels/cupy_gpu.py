@@ -114,6 +114,7 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
 
         def smem(cl):
             return SMEM_HEAD + 2 * 16 * -(-n_vec // cl)
+        smem_target = min(smem_target, smem_max)
         if cluster is None:   # portable sizes first: within the target, then within the limit; then 16
             portable = [cl for cl in CLUSTER_SIZES if cl <= PORTABLE_CLUSTER]
             fits = [cl for cl in portable if smem(cl) <= smem_target] or \
