@@ -21,7 +21,7 @@ if os.environ.get("MINIKD_EMULATED_GPU"):
     import fake_cupy
 
     _fake = fake_cupy.make_module()
-    sys.modules.update({"cupy": _fake, "cupy.cuda": _fake.cuda, "cupy.cuda.driver": _fake.cuda.driver})
+    sys.modules.update({"cupy": _fake, "cupy.cuda": _fake.cuda})   # not cupy.cuda.driver: see fake_cupy.install
     import minikd.kernels.cupy_gpu as _gpu
 
     _gpu.BLOCK_THREADS = _gpu.CLUSTER_THREADS = 64

@@ -183,11 +183,13 @@ def make_module() -> types.ModuleType:
 
 
 def install(monkeypatch):
-    """Put the stand-in in sys.modules as ``cupy`` (and ``cupy.cuda``, ``cupy.cuda.driver``) for one test."""
+    """Put the stand-in in sys.modules as ``cupy`` and ``cupy.cuda`` for one test. Not as
+    ``cupy.cuda.driver``: in CuPy that is an attribute of ``cupy.cuda`` (the module is
+    ``cupy_backends.cuda.api.driver``), so ``from cupy.cuda.driver import X`` fails on a real GPU and
+    must fail here too."""
     mod = make_module()
     monkeypatch.setitem(sys.modules, "cupy", mod)
     monkeypatch.setitem(sys.modules, "cupy.cuda", mod.cuda)
-    monkeypatch.setitem(sys.modules, "cupy.cuda.driver", mod.cuda.driver)
     import minikd.kernels.cupy_gpu as g
     monkeypatch.setattr(g, "_MODULE", None)
     monkeypatch.setattr(g, "_KERNELS", {})

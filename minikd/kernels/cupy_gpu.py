@@ -198,10 +198,12 @@ def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
     Any other error (a bug, not the device's limits) is raised."""
     if int(args[4]) == 0:
         return
-    from cupy.cuda.driver import CUDADriverError  # noqa: PLC0415
+    # `cupy.cuda.driver` is an attribute of cupy.cuda (the module is cupy_backends.cuda.api.driver),
+    # not an importable submodule: `from cupy.cuda.driver import ...` fails on a real CuPy
+    from cupy.cuda import driver  # noqa: PLC0415
     try:
         _kernel(launch)((launch.grid,), (launch.block,), args, shared_mem=launch.shared)
-    except CUDADriverError as exc:
+    except driver.CUDADriverError as exc:
         if not (fallback and launch.kernel.startswith("softmax_kl_cluster_")):
             raise
         import warnings  # noqa: PLC0415
