@@ -97,12 +97,30 @@ def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, 
 
 def test_cluster_sizes_of_the_plan():
     """Portable sizes first; 16 only when no portable size fits; nothing fits -> the block kernel."""
+    from functools import partial
+
     from minikd.kernels.cupy_gpu import plan
-    assert plan(2048, 128256, 4, True).cluster == 8          # 1 MB rows: 128 KB a block
-    assert plan(4096, 32000, 4, True).cluster == 4           # 256 KB rows: 64 KB a block (target 100 KB)
-    assert plan(64, 262144, 4, True).cluster == 16          # 2 MB rows: 8 blocks would need 256 KB each
-    assert plan(64, 600000, 4, True).kernel == "softmax_kl_block_vec_f32"
-    assert plan(64, 600000, 2, True, dtype="bfloat16").cluster == 16
+    cluster = partial(plan, variant="cluster")
+    assert cluster(2048, 128256, 4, True).cluster == 8          # 1 MB rows: 128 KB a block
+    assert cluster(4096, 32000, 4, True).cluster == 4           # 256 KB rows: 64 KB a block (target 100 KB)
+    assert cluster(64, 262144, 4, True).cluster == 16          # 2 MB rows: 8 blocks would need 256 KB each
+    assert cluster(64, 600000, 4, True).kernel == "softmax_kl_block_vec_f32"
+    assert cluster(64, 600000, 2, True, dtype="bfloat16").cluster == 16
+
+
+def test_default_plan_is_the_measured_winners():
+    """The H200 run's winners (cupy_gpu's module doc): rows for C <= 128, recompute (float32) or a
+    warp per row (16-bit) up to 1024, the 512-thread block kernel above, 16-byte loads when aligned."""
+    from minikd.kernels.cupy_gpu import plan
+    assert plan(65536, 10, 4, False).kernel == "softmax_kl_rows_f32_L4_E4"
+    assert plan(65536, 100, 2, True, dtype="bfloat16").kernel == "softmax_kl_rows_bf16_L32_E4"
+    assert plan(16384, 1000, 4, True).kernel == "softmax_kl_rows_recompute_f32_L32_E32"
+    assert plan(16384, 1000, 2, True, dtype="bfloat16").kernel == "softmax_kl_warp_bf16"
+    assert plan(16384, 1000, 2, True, dtype="float16").kernel == "softmax_kl_warp_f16"
+    for C, itemsize, dtype in ((32000, 4, "float32"), (128256, 2, "bfloat16")):
+        launch = plan(2048, C, itemsize, True, dtype=dtype)
+        assert launch.kernel.startswith("softmax_kl_block_vec_") and launch.block == 512 and launch.grid == 2048
+    assert plan(7, 4099, 4, True).kernel == "softmax_kl_block_f32"     # C not a multiple of the vector
 
 
 def test_cluster_size_chosen_by_shared_memory():
@@ -293,15 +311,15 @@ def test_plan_follows_the_device(monkeypatch):
     small = g.device_caps()
     assert small == g.DeviceCaps(True, 99 * 1024, 50 * 1024 - 1024)
     for C, cl_h100, cl_small in ((32000, 4, 8), (128256, 8, 16)):
-        a = g.plan(64, C, 4, True, **h100._asdict())
-        b = g.plan(64, C, 4, True, **small._asdict())
+        a = g.plan(64, C, 4, True, variant="cluster", **h100._asdict())
+        b = g.plan(64, C, 4, True, variant="cluster", **small._asdict())
         assert (a.cluster, b.cluster) == (cl_h100, cl_small), (C, a, b)
         assert a.shared <= h100.smem_max and b.shared <= small.smem_max
     # a row no cluster of that device can hold: the block kernel
-    assert g.plan(4, 600000, 4, True, **small._asdict()).kernel == "softmax_kl_block_vec_f32"
+    assert g.plan(4, 600000, 4, True, variant="cluster", **small._asdict()).kernel == "softmax_kl_block_vec_f32"
     # a target above the block limit is held to the limit
     tight = g.DeviceCaps(True, 48 * 1024, g.SMEM_TARGET)
-    assert g.plan(4, 8192, 4, True, **tight._asdict()).shared <= 48 * 1024
+    assert g.plan(4, 8192, 4, True, variant="cluster", **tight._asdict()).shared <= 48 * 1024
 
 
 def test_cupy_launcher_label_errors_like_the_reference(monkeypatch):
@@ -346,7 +364,8 @@ def test_cupy_launcher_reads_back_once(monkeypatch):
 @pytest.mark.parametrize("with_torch", [False, True])
 def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
     """`minikd bench --gpu` end to end on tiny shapes: every variant checked against the reference,
-    the JSON and the PNG written; with PyTorch (if installed) its eager lines run on the CPU
+    the JSON and the PNG written (N = 70 > the 64 rows the reference is computed on: the batchmean
+    gradient of N rows is 64/N of the reference's); with PyTorch (if installed) its eager lines run on the CPU
     (torch.compile is left out: budget 0). The times are the emulator's: meaningless."""
     import json
     import sys
@@ -359,7 +378,8 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
         monkeypatch.setattr(bg, "TORCH_DEVICE", "cpu")
     else:
         monkeypatch.setitem(sys.modules, "torch", None)   # import torch -> ImportError
-    monkeypatch.setattr(bg, "SHAPES", [(9, 10), (3, 2048), (2, 1030)] if not with_torch else [(9, 10), (3, 2048)])
+    monkeypatch.setattr(bg, "SHAPES", [(70, 10), (3, 2048), (2, 1030)] if not with_torch else [(70, 10), (3, 2048)])
+    monkeypatch.setattr(bg, "GPU_EXTRA_SHAPES", [])
     monkeypatch.setattr(bg, "VARIANT_THREADS", (64,))   # every emulated CUDA thread is an OS thread
     monkeypatch.setattr(bg, "BLOCK_VARIANT_THREADS", (64,))
     import minikd.kernels.cupy_gpu as g

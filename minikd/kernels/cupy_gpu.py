@@ -4,22 +4,32 @@ launches it (the algorithms and their numerics are documented in the .cu file).
 Which kernel runs is decided by ``plan(N, C, itemsize, aligned)``, a pure function (the tests run
 the same plans on the CPU emulator of ``tests/cuda_emu``):
 
-* C <= 1024: ``softmax_kl_rows`` -- a few lanes per row (LANES = 1..32), the row held in registers,
-  memory read once and written once, no online rescaling; its three exponentials per element are
-  kept in registers for the gradient (variant "rows_recompute" computes them again: fewer
-  registers, twice the special-function work; the benchmark compares the two).
-* longer rows whose byte length is a multiple of 16 (pointers 16-byte aligned): ``softmax_kl_cluster``
-  -- a cluster of CL = 1, 2, 4 or 8 blocks splits each row, each block keeps its chunk in shared
-  memory (cp.async in), the blocks merge their partial sums through distributed shared memory, and
-  the gradient is written from shared memory: global memory is touched once each way.
-  CL is the smallest portable size (<= 8) whose chunk fits ``smem_target`` bytes (two blocks per
-  SM), else the smallest portable one that fits the most a block may opt in to (``smem_max``: 227 KB
-  on H100), else 16 (a non-portable size, opted in; float32 rows up to ~460k classes on H100). Both
-  limits are read off the device (``device_caps``). A cluster launch the device refuses falls back
-  to the block kernel with a warning.
-* anything else: ``softmax_kl_block`` -- a block per row, online sums, the row read twice (the second
-  time, one hopes, from L2). Also every long row on a GPU older than sm_90 (no clusters: the .cu
-  leaves the cluster kernels out when NVRTC compiles for such a device).
+The defaults are the winners of the first GPU run (NVIDIA H200, 2026-11-28,
+``benchmarks/results/softmax_kl-gpu-NVIDIA-H200.json``; kernel alone, median of 20, L2 flushed):
+
+* C <= 128: ``softmax_kl_rows`` -- a few lanes per row (LANES = 1..32, ELEMS = 4), the row held in
+  registers, memory read once and written once, no online rescaling (at C = 10 and 100 the
+  register-kept and recomputed forms timed the same, the warp-per-row kernel 1.7-3.7x slower).
+* 128 < C <= 1024: float32 ``softmax_kl_rows_recompute`` (32 lanes, ELEMS = 8..32; the gradient's
+  exponentials computed again: 0.121 ms at (16384, 1000) against 0.136 ms keeping them in
+  registers, 0.154 ms a warp per row); float16 / bfloat16 ``softmax_kl_warp`` (a warp per row,
+  online sums: 0.116 ms in bfloat16 against 0.143 / 0.159 ms for the two rows forms).
+* longer rows: ``softmax_kl_block`` -- a block of 512 threads per row, online sums, the row read
+  twice (the second time from L2), 16-byte loads when the rows allow. It beat every cluster
+  configuration at each long shape measured: float32 (4096, 32000) 0.631 ms (59% of the floor)
+  against 0.846 ms for the best cluster (4 x 256), (2048, 128256) 1.277 against 1.899 ms; bfloat16
+  0.511 against 0.619 and 0.889 against 1.326 ms; 512 threads beat 1024 at all four.
+* variant "cluster" (forced; the benchmark's comparison, sm_90 and later): a cluster of CL blocks
+  splits each row (rows whose byte length is a multiple of 16), each block keeps its chunk in
+  shared memory (cp.async in), the blocks merge their partial sums through distributed shared
+  memory: global memory is touched once each way. CL is the smallest portable size (<= 8) whose
+  chunk fits ``smem_target`` bytes (two blocks per SM), else the smallest portable one that fits
+  the most a block may opt in to (``smem_max``: 227 KB on H100), else 16 (a non-portable size,
+  opted in). Both limits are read off the device (``device_caps``). A cluster launch the device
+  refuses falls back to the block kernel with a warning. Its premise (a 1 MB row re-read from L2
+  costs more than the cluster's synchronization) did not hold on the H200 at 2048 rows; whether
+  it wins with few rows (64 x 128256: one block a row leaves most SMs idle) is the benchmark's
+  shape ``GPU_EXTRA_SHAPES`` for the next GPU run.
 
 Inputs float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` arrays); accumulation in float32; the
 gradient in the input dtype, into ``out`` if given (it may be the student array). Per-row losses are
@@ -43,7 +53,8 @@ __all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels",
 SOURCE = Path(__file__).with_name("softmax_kl.cu")
 ROWS_UP_TO = 1024            # the largest C of the register kernel (LANES 32 x ELEMS 32)
 ROWS_BLOCK_THREADS = 128
-BLOCK_THREADS = 1024         # the two-pass block kernel
+BLOCK_THREADS = 512          # the two-pass block kernel (512 beat 1024 at every long shape on the H200)
+RECOMPUTE_FROM_ELEMS = 8     # float32 rows with ELEMS >= 8 (C > 128): the recompute form (H200 winner)
 SUM_THREADS = 1024           # sum_rows: one block, a power of two <= 1024
 CLUSTER_THREADS = 512
 CLUSTER_SIZES = (1, 2, 4, 8, 16)  # 8 is the portable maximum; 16 needs an opt-in (H100 allows it)
@@ -93,8 +104,13 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
         raise ValueError("variant 'cluster' needs a GPU with thread-block clusters (compute capability >= 9.0)")
     sfx = _SUFFIX[dtype]
     vec = 16 // itemsize
-    if variant == "auto":
-        variant = "rows" if C <= ROWS_UP_TO else ("cluster" if clusters and aligned and C % vec == 0 else "block")
+    if variant == "auto":   # the H200's winners (module doc)
+        if C <= 128:
+            variant = "rows"
+        elif C <= ROWS_UP_TO:
+            variant = "rows_recompute" if itemsize == 4 else "warp"
+        else:
+            variant = "block"
     if variant in ("rows", "rows_recompute"):
         if C > ROWS_UP_TO:
             raise ValueError(f"the rows kernel takes C <= {ROWS_UP_TO}, got {C}")
