@@ -1,16 +1,15 @@
 """Forward + backward time of the pipeline's default teacher CNN on a batch of 128 MNIST-1D-shaped
 inputs, minikd (NumPy) next to the same network in PyTorch eager on the CPU (median of repeats).
 
-    python benchmarks/nn_teacher.py
+    python benchmarks/nn_teacher.py [--out DIR]      # results in bench-out/ unless told
 """
+import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
 
-from minikd.bench import median_time
+from harness import add_out_argument, cpu_machine, median_time
 from minikd.nn.models import teacher_cnn
 
 
@@ -19,6 +18,9 @@ def median_ms(fn, repeats=30):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_out_argument(ap)
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((128, 40)).astype(np.float32)
     g = rng.standard_normal((128, 10)).astype(np.float32)
@@ -47,9 +49,10 @@ def main():
         res["torch_parameters"] = sum(p.numel() for p in tm.parameters())
     except ImportError:
         pass
-    res["machine"] = f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+    res["machine"] = cpu_machine()
     print(json.dumps(res, indent=1))
-    out = Path(__file__).parent / "results" / f"nn_teacher-{res['machine']}.json"
+    out = Path(args.out) / f"nn_teacher-{res['machine']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
 
 

@@ -1,7 +1,134 @@
-"""The softmax-KL benchmark (the harness lives in minikd/bench.py, also run as `minikd bench`)."""
-import sys
+"""Benchmark the fused softmax-KL (loss + student gradient) against the NumPy reference, PyTorch
+eager and the memory-bandwidth floor: 12 bytes per float32 element (read s, read t, write grad)
+over the measured copy bandwidth of this machine.
 
-from minikd.bench import main
+    python benchmarks/softmax_kl.py                    # CPU: the Numba kernel (results in bench-out/)
+    python benchmarks/softmax_kl.py --gpu              # GPU: the CuPy kernel (softmax_kl_gpu.py)
+    python benchmarks/softmax_kl.py --plot RESULT.json # redraw a result's PNG
+    python benchmarks/softmax_kl.py --out benchmarks/results   # replace the committed results
+
+CPU shapes keep the issue's C and scale the rows down so one call stays below ~1 s. Correctness is
+checked against the float64 reference before anything is timed; each time is the median of
+repeats after a warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harness import ALPHA, CPU_ROWS, SHAPES, T, add_out_argument, copy_bandwidth, cpu_machine, median_time, \
+    torch_kd_loss
+from minikd import kd_loss_and_grad
+from minikd.kernels import softmax_kl
+
+
+def torch_eager(s, t, y):
+    import torch  # noqa: PLC0415
+    loss_fn = torch_kd_loss(torch, T, ALPHA)
+    S = torch.from_numpy(s).requires_grad_(True)
+    Tt, Y = torch.from_numpy(t), torch.from_numpy(y)
+
+    def run():
+        S.grad = None
+        loss = loss_fn(S, Tt, Y)
+        loss.backward()
+        return loss
+    return run
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU 3 instead of 7, GPU 5 instead of 20)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU benchmark: CuPy kernel, PyTorch eager and "
+                    "torch.compile, float32 and bfloat16, full-size shapes (needs CuPy and a CUDA GPU)")
+    add_out_argument(ap)
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG of a results JSON (CPU or GPU) next to it")
+    ap.add_argument("--compile-budget", type=float, default=240.0, metavar="S",
+                    help="GPU: seconds of torch.compile timing in all; later shapes skip it (default 240)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot_results(args.plot)}")
+        return 0
+    if args.gpu:
+        from softmax_kl_gpu import run_gpu  # noqa: PLC0415  (CuPy only here)
+        return run_gpu(args)
+    return run_cpu(args)
+
+
+def run_cpu(args):
+    repeats = 3 if args.quick else 7
+    try:
+        import torch  # noqa: PLC0415
+        torch_threads = torch.get_num_threads()
+    except ImportError:
+        torch = None
+    bw = copy_bandwidth()
+    machine = cpu_machine()
+    print(f"machine {machine}; copy bandwidth {bw / 1e9:.2f} GB/s" +
+          (f"; torch threads {torch_threads}" if torch else ""))
+    print(f"{'shape':>16} {'floor ms':>9} {'numpy ms':>9} {'numba ms':>9} {'torch ms':>9} "
+          f"{'numba %floor':>12} {'vs numpy':>9} {'vs torch':>9}")
+    cases = []
+    for _, C in SHAPES:
+        N = CPU_ROWS[C]
+        rng = np.random.default_rng(0)
+        s = (rng.standard_normal((N, C)) * 3).astype(np.float32)
+        t = (rng.standard_normal((N, C)) * 3).astype(np.float32)
+        y = rng.integers(0, C, N)
+        # correctness first: the kernel against the float64 reference on the first rows (a call of
+        # their own, so both batch means divide by the same count)
+        k = min(N, 256)
+        ref_l, ref_g = kd_loss_and_grad(s[:k].astype(np.float64), t[:k].astype(np.float64), y[:k], T=T, alpha=ALPHA)
+        kl, kg = softmax_kl(s[:k], t[:k], y[:k], T=T, alpha=ALPHA, backend="numba")
+        assert abs(kl - ref_l) <= 1e-5 * abs(ref_l) and np.abs(kg - ref_g).max() <= 1e-5 * np.abs(ref_g).max()
+        cases.append((s, t, y, {"N": N, "C": C, "dtype": "float32", "floor_ms": 1e3 * 12 * s.size / bw}))
+    # one implementation at a time over all shapes: PyTorch's OpenMP workers spin after each call
+    # and would steal the cores from whatever is timed right after them
+    for s, t, y, r in cases:
+        out = np.empty_like(s)
+        r["numba_ms"] = 1e3 * median_time(lambda: softmax_kl(s, t, y, T=T, alpha=ALPHA, out=out, backend="numba"),
+                                          repeats)
+    for s, t, y, r in cases:
+        r["numpy_ms"] = 1e3 * median_time(lambda: kd_loss_and_grad(s, t, y, T=T, alpha=ALPHA), max(3, repeats // 2))
+    if torch is not None:
+        for s, t, y, r in cases:
+            r["torch_eager_ms"] = 1e3 * median_time(torch_eager(s, t, y), repeats)
+    rows = [r for *_, r in cases]
+    for r in rows:
+        N, C = r["N"], r["C"]
+        r["numba_pct_floor"] = 100 * r["floor_ms"] / r["numba_ms"]
+        print(f"{f'({N}, {C})':>16} {r['floor_ms']:>9.2f} {r['numpy_ms']:>9.2f} {r['numba_ms']:>9.2f} "
+              f"{r.get('torch_eager_ms', float('nan')):>9.2f} {r['numba_pct_floor']:>11.1f}% "
+              f"{r['numpy_ms'] / r['numba_ms']:>8.1f}x {r.get('torch_eager_ms', float('nan')) / r['numba_ms']:>8.1f}x")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine, "processor": platform.processor(), "copy_bandwidth_GBps": bw / 1e9,
+              "T": T, "alpha": ALPHA, "rows": rows, "date": time.strftime("%Y-%m-%d")}
+    json_path = out_dir / f"softmax_kl-{machine}.json"
+    json_path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {plot_results(json_path)} and its JSON")
+    return 0
+
+
+def plot_results(json_path) -> Path:
+    """Draw the PNG of a results JSON (CPU or GPU) next to it; returns the PNG's path."""
+    from plots import benchmark_cpu, benchmark_gpu  # noqa: PLC0415  (matplotlib only here)
+    json_path = Path(json_path)
+    result = json.loads(json_path.read_text())
+    png = json_path.with_suffix(".png")
+    (benchmark_gpu if "device" in result else benchmark_cpu)(result, png)
+    return png
+
 
 if __name__ == "__main__":
     sys.exit(main())

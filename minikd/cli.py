@@ -357,11 +357,6 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import run  # noqa: PLC0415
-    return run(args)
-
-
 def _positive_int(s):
     v = int(s)
     if v <= 0:
@@ -464,10 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="tune T and alpha on the validation split, draw a heatmap")
     _add_pipeline_options(s, [1.0, 2.0, 4.0, 8.0], [0.5, 0.9, 1.0], many=True)
     s.set_defaults(func=cmd_sweep)
-    b = sub.add_parser("bench", help="time the fused softmax-KL kernel against NumPy, PyTorch and the memory floor")
-    from .bench import add_arguments  # noqa: PLC0415
-    add_arguments(b)
-    b.set_defaults(func=cmd_bench)
     te = sub.add_parser("teacher", help="step 1 alone: train the teacher and export it")
     _add_pipeline_options(te, 4.0, 0.9)
     te.set_defaults(func=cmd_teacher, out="minikd-teacher")

@@ -1,6 +1,12 @@
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
+
+# the benchmark scripts (benchmarks/, outside the package) import each other by file name, as they
+# do when run as scripts; the tests of their harness import them the same way
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 # "ci" (the default) keeps the suite within minutes on 2 cores and draws the same examples on every
 # run (derandomized: a submission's CI cannot fail on a case no one has seen); "thorough" draws
@@ -15,8 +21,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # emulator of tests/cuda_emu through the stand-in cupy of tests/fake_cupy.py (about 8 minutes;
 # blocks narrowed to 64 threads, since every emulated CUDA thread is an OS thread).
 if os.environ.get("MINIKD_EMULATED_GPU"):
-    import sys
-
     sys.path.insert(0, os.path.dirname(__file__))
     import fake_cupy
 

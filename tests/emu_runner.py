@@ -1,4 +1,4 @@
-"""Runs minikd/kernels/softmax_kl.cu on the CPU: builds tests/cuda_emu/harness.cpp with g++ against
+"""Runs kernels/softmax_kl.cu on the CPU: builds tests/cuda_emu/harness.cpp with g++ against
 the CUDA headers (for the half and bfloat16 types) and calls kernels through ctypes on NumPy arrays.
 ``available()`` says why it cannot (no g++, no CUDA headers) so tests can skip."""
 from __future__ import annotations

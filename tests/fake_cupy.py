@@ -1,7 +1,7 @@
 """A stand-in ``cupy`` module for tests on machines without a GPU: NumPy arrays in a subclass whose
 type claims the ``cupy`` module (as minikd.backend checks), and ``RawModule`` kernels that run on
 the CPU emulator of tests/cuda_emu. With it, the CuPy launcher (``softmax_kl(..., backend="cupy")``)
-and the GPU benchmark (``minikd bench --gpu``) execute every line they would on a GPU; the
+and the GPU benchmark (``benchmarks/softmax_kl.py --gpu``) execute every line they would on a GPU; the
 numbers they time are the emulator's and mean nothing. Only what minikd uses is provided.
 """
 from __future__ import annotations

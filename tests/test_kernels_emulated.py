@@ -1,4 +1,4 @@
-"""The CUDA kernels of minikd/kernels/softmax_kl.cu, the source itself, run on the CPU emulator of
+"""The CUDA kernels of kernels/softmax_kl.cu, the source itself, run on the CPU emulator of
 tests/cuda_emu (g++; CUDA threads are OS threads, barriers and shuffles are std::barriers) against
 the float64 reference, through the launcher's own plan and argument tuple. What this cannot see:
 timing, the real memory model beyond what barriers order, and the PTX of the cluster and cp.async
@@ -363,7 +363,7 @@ def test_cupy_launcher_reads_back_once(monkeypatch):
 
 @pytest.mark.parametrize("with_torch", [False, True])
 def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
-    """`minikd bench --gpu` end to end on tiny shapes: every variant checked against the reference,
+    """`python benchmarks/softmax_kl.py --gpu` end to end on tiny shapes: every variant checked against the reference,
     the JSON and the PNG written (N = 70 > the 64 rows the reference is computed on: the batchmean
     gradient of N rows is 64/N of the reference's); with PyTorch (if installed) its eager lines run on the CPU
     (torch.compile is left out: budget 0). The times are the emulator's: meaningless."""
@@ -372,7 +372,7 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
 
     import fake_cupy
     fake_cupy.install(monkeypatch)
-    import minikd.bench_gpu as bg
+    import softmax_kl_gpu as bg
     if with_torch:
         pytest.importorskip("torch")
         monkeypatch.setattr(bg, "TORCH_DEVICE", "cpu")
@@ -389,7 +389,7 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
     monkeypatch.setattr(g, "CLUSTER_SIZES", (1, 2, 16))   # fewer variants; 16 still takes the opt-in path
     monkeypatch.setattr(bg, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(bg, "FLUSH_BYTES", 1 << 16)
-    from minikd.bench import main
+    from softmax_kl import main
     assert main(["--gpu", "--quick", "--compile-budget", "0", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("softmax_kl-gpu-CPU-emulator.json")
     result = json.loads(path.read_text())

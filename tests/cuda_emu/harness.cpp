@@ -1,4 +1,4 @@
-// The kernels of minikd/kernels/softmax_kl.cu, unchanged, on the CPU emulator (emu.h), behind one
+// The kernels of kernels/softmax_kl.cu, unchanged, on the CPU emulator (emu.h), behind one
 // C entry point for ctypes: emu_run(name, grid, block, shared bytes, cluster size, args), where
 // args points to the argument values in the order of the kernel's parameters (as cuLaunchKernel).
 #include "emu.h"

@@ -1,6 +1,7 @@
-"""GPU benchmark of the fused softmax-KL kernel (``minikd bench --gpu``): every shape of
-``minikd.bench.SHAPES`` in float32 and bfloat16, against the memory floor (12 / 6 bytes an element
-over the device copy bandwidth measured in the same run), PyTorch eager and torch.compile.
+"""GPU benchmark of the fused softmax-KL kernel (``python benchmarks/softmax_kl.py --gpu``): every
+shape of ``harness.SHAPES`` (and ``GPU_EXTRA_SHAPES``) in float32 and bfloat16, against the memory
+floor (12 / 6 bytes an element over the device copy bandwidth measured in the same run), PyTorch
+eager and torch.compile.
 
 Columns of each result row:
   kernel_ms        the fused kernel and the row-loss sum, launched on prepared buffers: the GPU work
@@ -26,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import SHAPES, torch_kd_loss
-from .losses import kd_loss_and_grad
+from harness import ALPHA, SHAPES, T, torch_kd_loss
+from minikd import kd_loss_and_grad
+from minikd.kernels import prepare_rows, softmax_kl
+from minikd.kernels import cupy_gpu   # by module: tests narrow its constants for the emulator
 
-T, ALPHA = 4.0, 0.9
 # beyond the issue's shapes: few long rows, where one block a row leaves most SMs idle and the
 # cluster kernels (which lost at 2048 and 4096 rows on the H200) might still win
 GPU_EXTRA_SHAPES = [(64, 128256)]
@@ -58,15 +60,14 @@ def _time_ms(fn, repeats, flush):
 
 def _variants(N, C, itemsize, aligned, dtype):
     """(label, Launch) for every kernel the plan can run on this shape; the default first."""
-    from .kernels.cupy_gpu import CLUSTER_SIZES, ROWS_UP_TO, device_caps, plan  # noqa: PLC0415
-    caps = device_caps()
-    here = functools.partial(plan, N, C, itemsize, aligned, dtype=dtype, **caps._asdict())   # this shape, this GPU
+    caps = cupy_gpu.device_caps()
+    here = functools.partial(cupy_gpu.plan, N, C, itemsize, aligned, dtype=dtype, **caps._asdict())   # this shape, this GPU
     out = [("default", here())]
-    if C <= ROWS_UP_TO:
+    if C <= cupy_gpu.ROWS_UP_TO:
         out += [("rows 256 threads", here(threads=256)), ("rows, recompute", here(variant="rows_recompute")),
                 ("warp per row", here(variant="warp"))]
     else:
-        for cl in CLUSTER_SIZES if caps.clusters else ():
+        for cl in cupy_gpu.CLUSTER_SIZES if caps.clusters else ():
             for threads in VARIANT_THREADS:
                 try:
                     lc = here(variant="cluster", cluster=cl, threads=threads)
@@ -81,9 +82,6 @@ def _variants(N, C, itemsize, aligned, dtype):
 def run_gpu(args):
     import cupy  # noqa: PLC0415
     import ml_dtypes  # noqa: PLC0415
-
-    from .kernels import prepare_rows, softmax_kl  # noqa: PLC0415
-    from .kernels.cupy_gpu import device_caps, kernel_args, launch_kernels  # noqa: PLC0415
     try:
         import torch  # noqa: PLC0415
     except ImportError:
@@ -105,7 +103,7 @@ def run_gpu(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / f"softmax_kl-{machine}.json"
     result = {"machine": machine, "device": name, "copy_bandwidth_TBps": bw / 1e12, "T": T, "alpha": ALPHA,
-              "device_caps": device_caps()._asdict(),
+              "device_caps": cupy_gpu.device_caps()._asdict(),
               "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "rows": []}
     compile_left = args.compile_budget
     for dtype in ("float32", "bfloat16"):
@@ -135,7 +133,7 @@ def run_gpu(args):
             row_loss = cupy.empty(N, cupy.float32)
             flags = cupy.zeros(N, cupy.int8)
             total = cupy.zeros((), cupy.float64)
-            kargs = kernel_args(rows.s, rows.t, rows.labels, rows.weights, T, ALPHA * T * T, 1 - ALPHA, "kl", out,
+            kargs = cupy_gpu.kernel_args(rows.s, rows.t, rows.labels, rows.weights, T, ALPHA * T * T, 1 - ALPHA, "kl", out,
                                 row_loss, flags)
             aligned = (C * s.dtype.itemsize) % 16 == 0 and all(x.data.ptr % 16 == 0 for x in (s, t, out))
             r["variants"] = []
@@ -144,11 +142,11 @@ def run_gpu(args):
                      "shared": launch.shared, "cluster": launch.cluster}
                 try:
                     out.fill(0)
-                    launch_kernels(kargs, launch, total=total, fallback=False)
+                    cupy_gpu.launch_kernels(kargs, launch, total=total, fallback=False)
                     g = cupy.asnumpy(out[:k]).astype(np.float64)
                     v["max_err_of_max_grad"] = float(np.abs(g - ref_g_of_n).max() / np.abs(ref_g_of_n).max())
                     v["ok"] = v["max_err_of_max_grad"] <= tol and not bool(flags.any())
-                    v["ms"] = _time_ms(lambda: launch_kernels(kargs, launch, total=total, fallback=False), repeats,
+                    v["ms"] = _time_ms(lambda: cupy_gpu.launch_kernels(kargs, launch, total=total, fallback=False), repeats,
                                        flush)
                     v["pct_floor"] = 100 * r["floor_ms"] / v["ms"]
                 except Exception as exc:  # noqa: BLE001  (a launch the device refuses: record it, go on)
@@ -206,10 +204,10 @@ def run_gpu(args):
             s = t = y = out = rows = kargs = None   # free this shape's device memory
             cupy.get_default_memory_pool().free_all_blocks()
     try:
-        from .plots import benchmark_gpu  # noqa: PLC0415 (matplotlib: maybe missing on a device machine)
+        from plots import benchmark_gpu  # noqa: PLC0415 (matplotlib: maybe missing on a device machine)
         benchmark_gpu(result, out_dir / f"softmax_kl-{machine}.png")
         print(f"wrote {json_path} and .png")
     except ImportError as exc:   # a device machine without matplotlib: the JSON is what matters
-        print(f"wrote {json_path}; no PNG ({exc}): draw it elsewhere with `minikd bench --plot {json_path}`")
+        print(f"wrote {json_path}; no PNG ({exc}): draw it elsewhere with "
+              f"`python benchmarks/softmax_kl.py --plot {json_path}`")
     return 0
-

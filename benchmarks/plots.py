@@ -1,0 +1,44 @@
+"""The benchmark figures (matplotlib, no display needed; written atomically like the pipeline's)."""
+from __future__ import annotations
+
+import numpy as np
+
+from minikd.plots import new_figure, save_figure
+
+
+def benchmark_cpu(result, path):
+    """ms per call (log scale) per shape: the floor, the Numba kernel, the NumPy reference, PyTorch eager."""
+    plt = new_figure()
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(rows))
+    for i, (key, name) in enumerate([("floor_ms", "memory floor"), ("numba_ms", "Numba kernel"),
+                                     ("numpy_ms", "NumPy reference"), ("torch_eager_ms", "PyTorch eager")]):
+        if key in rows[0]:
+            ax.bar(x + (i - 1.5) * 0.2, [r[key] for r in rows], 0.2, label=name)
+    ax.set_xticks(x, [f"({r['N']},{r['C']})" for r in rows])
+    ax.set(yscale="log", ylabel="ms per call (median)", title=f"softmax-KL loss + gradient, float32, {result['machine']}")
+    ax.legend()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def benchmark_gpu(result, path):
+    """Percent of the memory floor per shape: the kernel, the whole call, PyTorch eager and torch.compile."""
+    plt = new_figure()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for ax, dtype in zip(axes, ("float32", "bfloat16")):
+        rows = [r for r in result["rows"] if r["dtype"] == dtype]
+        x = np.arange(len(rows))
+        for i, (key, label) in enumerate([("kernel_ms", "minikd kernel"), ("call_ms", "minikd call"),
+                                          ("torch_eager_ms", "PyTorch eager"), ("torch_compile_ms", "torch.compile")]):
+            ax.bar(x + (i - 1.5) * 0.2, [100 * r["floor_ms"] / r[key] if r.get(key) else 0 for r in rows], 0.2,
+                   label=label)
+        ax.axhline(85, color="k", lw=0.8, ls="--", label="85%: the target at C >= 1000")
+        ax.set_xticks(x, [f"({r['N']},{r['C']})" for r in rows], rotation=20)
+        ax.set(title=f"{dtype}", ylabel="% of the memory floor (higher is better)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, bbox_to_anchor=(0.5, -0.16))
+    fig.suptitle(f"softmax-KL loss + gradient on {result['device']} (copy {result['copy_bandwidth_TBps']:.2f} TB/s)")
+    save_figure(fig, path)
+    plt.close(fig)
