@@ -133,8 +133,7 @@ def run_gpu(args):
             row_loss = cupy.empty(N, cupy.float32)
             flags = cupy.zeros(N, cupy.int8)
             total = cupy.zeros((), cupy.float64)
-            kargs = cupy_gpu.kernel_args(rows.s, rows.t, rows.labels, rows.weights, T, ALPHA * T * T, 1 - ALPHA, "kl", out,
-                                row_loss, flags)
+            kargs = cupy_gpu.kernel_args(rows, "kl", out, row_loss, flags)
             aligned = (C * s.dtype.itemsize) % 16 == 0 and all(x.data.ptr % 16 == 0 for x in (s, t, out))
             r["variants"] = []
             for label, launch in _variants(N, C, s.dtype.itemsize, aligned, dtype):

@@ -3,12 +3,13 @@
     loss, grad = mk.kernels.softmax_kl(student, teacher, labels, T=4.0, alpha=0.9)
 
 Same meaning and result as ``mk.kd_loss_and_grad`` with teacher logits (``kind``,
-``scale_t2``, ``reduction``, ``ignore_index``, ``mask`` included; for "none" the gradient of
-the summed loss). Arguments are validated by the reference's own checks, so errors are the
+``scale_t2``, ``reduction``, ``ignore_index``, ``mask``, ``unlabeled`` included; for "none" the
+gradient of the summed loss): the conventions (which rows count, which get the hard term, the
+term weights, the reductions) are ``minikd.losses.conventions``, called here as there. Arguments are validated by the reference's own checks, so errors are the
 same. ``out=`` receives the gradient (it may be the student array itself: in place).
 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
-``softmax_kl.cu``; float32 / float16 / bfloat16; not yet run on a GPU by this project's CI),
+``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
 "auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import check_logits, is_cupy_array
+from ..losses import conventions
 from ..losses.kd import check_kd_arguments, kd_loss_and_grad
 
 __all__ = ["softmax_kl", "resolve_backend", "prepare_rows", "Rows", "sum_of_logs"]
@@ -44,13 +46,14 @@ def resolve_backend(backend: str, x) -> str:
 
 
 def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
-               reduction="batchmean", ignore_index=-100, mask=None, out=None, backend="auto"):
+               reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore", out=None, backend="auto"):
     """Fused KD loss and gradient (see module doc). Returns (loss, grad)."""
     backend = resolve_backend(backend, student)
     if out is not None and (tuple(out.shape) != tuple(student.shape) or out.dtype != student.dtype):
         raise ValueError(f"out: expected shape {tuple(student.shape)} and dtype {student.dtype}, "
                          f"got {tuple(out.shape)} {out.dtype}")
-    kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask)
+    kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
+              unlabeled=unlabeled)
     if backend == "numpy":
         loss, grad = kd_loss_and_grad(student, teacher, labels, scale_t2=scale_t2, **kw)
         if out is not None:
@@ -67,46 +70,41 @@ class Rows(NamedTuple):
     """What every fused kernel needs, prepared once (the same for NumPy and CuPy arrays)."""
     s: object            # (N, C) contiguous student rows
     t: object            # (N, C) contiguous teacher rows
-    labels: object       # (N,) int64, 0 where a row does not count, no labels were given, or (on_device) the label is out of range
-    weights: object      # (N,) d(reduced loss)/d(row loss): 1/|V| (batchmean) or 1 on valid rows, else 0
+    labels: object       # (N,) int64: the label on rows that get the hard term, else -1 (conventions.kernel_labels)
+    weights: object      # (N,) d(reduced loss)/d(row loss) (conventions.row_weights): 0 on rows that count nowhere
     valid: object        # (N,) bool
     n_valid: object      # int; on_device: a 0-d device array
     lead: tuple          # the leading shape of the logits
     T: float
     alpha: float
-    tau: float
+    soft_weight: float   # alpha * tau (conventions.term_weights)
+    hard_weight: float   # 1 - alpha
     bad_labels: object = None   # on_device: (N,) bool, label outside [0, C) and not ignore_index (unchecked yet)
 
 
 def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                 weight_dtype, on_device=False):
+                 weight_dtype, unlabeled="ignore", on_device=False):
     """Validate (with the reference's checks, student values excepted: the kernels check those
     in their first pass) and lay out the rows for a kernel. ``on_device=True`` (CuPy) syncs with
     the host nowhere: the label range becomes ``bad_labels`` for the kernel's flags, and the count
     of valid rows stays a device scalar."""
-    xp, T, alpha, valid, labels_flat = check_kd_arguments(
+    xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
-        ignore_index=ignore_index, mask=mask, check_student=False, check_label_range=not on_device)
+        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, check_student=False,
+        check_label_range=not on_device)
     C = student.shape[-1]
     s = xp.ascontiguousarray(student.reshape(-1, C))
     t = xp.ascontiguousarray(teacher.reshape(-1, C))
     bad_labels = None
-    use = valid
-    if on_device and labels_flat is not None:
-        in_range = (labels_flat >= 0) & (labels_flat < C)
-        bad_labels = (labels_flat != ignore_index) & ~in_range   # as valid_rows would refuse, mask or not
-        use = valid & in_range
-    n_valid = valid.sum() if on_device else int(valid.sum())
-    weights = valid.astype(weight_dtype)
-    if reduction == "batchmean":
-        if on_device:
-            weights /= xp.maximum(n_valid, 1).astype(weight_dtype)
-        else:
-            weights *= 1.0 / max(n_valid, 1)
-    lab = xp.zeros(s.shape[0], xp.int64) if labels_flat is None else \
-        xp.where(use, labels_flat, 0).astype(xp.int64, copy=False)
-    return Rows(s, t, lab, weights, valid, n_valid, tuple(student.shape[:-1]), T, alpha,
-                T * T if scale_t2 else 1.0, bad_labels)
+    if on_device and roles.labels is not None:   # as row_roles would refuse, mask or not
+        bad_labels = (roles.labels != ignore_index) & ((roles.labels < 0) | (roles.labels >= C))
+    n_valid = roles.valid.sum() if on_device else int(roles.valid.sum())
+    # the kernels' gradient: of the reduced loss, or for "none" of the sum of the row losses
+    upstream = xp.ones(s.shape[0], weight_dtype) if reduction == "none" else 1.0
+    weights = conventions.row_weights(upstream, roles.valid, reduction, weight_dtype, n_valid=n_valid)
+    soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2)
+    return Rows(s, t, conventions.kernel_labels(roles, C, xp), weights, roles.valid, n_valid,
+                tuple(student.shape[:-1]), T, alpha, soft_weight, hard_weight, bad_labels)
 
 
 def gradient_buffer(out, s, xp):
@@ -127,11 +125,12 @@ def deliver_gradient(buf, is_out, out, shape):
     return out
 
 
-def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask):
+def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask, unlabeled):
     """A kernel flagged rows (bad values, or on the GPU a label out of range): run the reference's
     checks in the reference's order, so that the error raised is the reference's, word for word."""
     check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
-                       reduction=reduction, ignore_index=ignore_index, mask=mask, check_student=False)
+                       reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
+                       check_student=False)
     check_logits(student, "student", valid)
     check_logits(teacher, "teacher", valid)
     raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
@@ -155,17 +154,18 @@ SERIAL_BELOW = 1 << 12
 
 
 def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
-                      mask, out):
-    from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, get_kernel  # noqa: PLC0415
+                      mask, unlabeled, out):
+    from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, RowStats, get_kernel  # noqa: PLC0415
     if student.dtype not in (np.float32, np.float64):
         raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
-                        reduction=reduction, ignore_index=ignore_index, mask=mask, weight_dtype=np.float64)
-    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, _ = rows
+                        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
+                        weight_dtype=np.float64)
+    s, t = rows.s, rows.t
     N, C = s.shape
     # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
     buf, is_out = gradient_buffer(out, s, np)
-    stats = np.empty((4, N), np.float64)
+    stats = RowStats.empty(N)
     flags = np.zeros(N, np.int8)
     parallel = s.size >= SERIAL_BELOW
     n_threads = __import__("numba").get_num_threads() if parallel else 1
@@ -174,25 +174,25 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
         rows_per_chunk = SHORT_BLOCK_ROWS
     else:       # several chunks of rows per thread balance the load
         rows_per_chunk = max(1, -(-N // (8 * n_threads))) if parallel else max(N, 1)
-    get_kernel(s.dtype, parallel, short)(s, t, lab, weights, 1.0 / T, alpha * tau,
-                                         1.0 - alpha, kind == "ce", T == 1.0, buf, stats, flags, rows_per_chunk)
+    get_kernel(s.dtype, parallel, short)(s, t, rows.labels, rows.weights, 1.0 / rows.T, rows.soft_weight,
+                                         rows.hard_weight, kind == "ce", conventions.shares_exponential(rows.T),
+                                         buf, *stats, flags, rows_per_chunk)
     if flags.any():  # rare
-        raise_for_flags(student, teacher, labels, valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
-                        ignore_index=ignore_index, mask=mask)
+        raise_for_flags(student, teacher, labels, rows.valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
+                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled)
     grad = deliver_gradient(buf, is_out, out, student.shape)
-    # row loss = alpha tau (A/Zt + log(Zs/Zt or Zs)) + (1 - alpha)(log Z1 - (s_y - ms)), rows that
-    # count nowhere give 0 (neutral statistics); the logs run over all rows at once in NumPy
+    # row loss = soft (A/Zt + log(Zs/Zt or Zs)) + hard (log Z1 - (s_y - ms)); rows without a term
+    # hold its neutral statistics (0, 1), so give 0; the logs run over all rows at once in NumPy
     if reduction == "none":
         row_loss = np.zeros(N, np.float64)
-        if alpha > 0:
-            row_loss += (alpha * tau) * (stats[0] + np.log(stats[1]))
-        if alpha < 1:
-            row_loss += (1.0 - alpha) * (np.log(stats[2]) - stats[3])
-        return row_loss.astype(student.dtype).reshape(lead), grad
+        if rows.soft_weight > 0:
+            row_loss += rows.soft_weight * (stats.soft_a + np.log(stats.soft_z))
+        if rows.hard_weight > 0:
+            row_loss += rows.hard_weight * (np.log(stats.hard_z) - stats.hard_sy)
+        return row_loss.astype(student.dtype).reshape(rows.lead), grad
     total = 0.0
-    if alpha > 0:
-        total += (alpha * tau) * (stats[0].sum() + sum_of_logs(stats[1], C))
-    if alpha < 1:
-        total += (1.0 - alpha) * (sum_of_logs(stats[2], C) - stats[3].sum())
-    loss = total / max(n_valid, 1) if reduction == "batchmean" else total
-    return student.dtype.type(loss), grad
+    if rows.soft_weight > 0:
+        total += rows.soft_weight * (stats.soft_a.sum() + sum_of_logs(stats.soft_z, C))
+    if rows.hard_weight > 0:
+        total += rows.hard_weight * (sum_of_logs(stats.hard_z, C) - stats.hard_sy.sum())
+    return student.dtype.type(conventions.reduce_total(total, reduction, rows.n_valid)), grad

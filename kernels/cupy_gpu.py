@@ -46,6 +46,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..losses import conventions
+
 __all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "device_caps", "DeviceCaps",
            "SOURCE", "ROWS_UP_TO", "BLOCK_THREADS", "CLUSTER_THREADS", "SMEM_TARGET", "SMEM_MAX", "SMEM_HEAD",
            "VARIANTS"]
@@ -148,13 +150,17 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
     return Launch(name, N, threads or BLOCK_THREADS, 0, 1)
 
 
-def kernel_args(s, t, labels, weights, T, soft, hard, kind, out, row_loss, flags):
-    """The launch arguments, in the order and C types of KERNEL_ARGS in softmax_kl.cu:
+def kernel_args(rows, kind, out, row_loss, flags):
+    """The launch arguments for prepared rows (``minikd.kernels.prepare_rows``), in the order and C
+    types of KERNEL_ARGS in softmax_kl.cu:
     (const T* s, const T* t, const long long* labels, const float* weights, long long N, int C,
-     float k, float inv_T, float soft, float hard, int kind, T* out, float* row_loss, signed char* flags)."""
-    N, C = s.shape
-    return (s, t, labels, weights, np.int64(N), np.int32(C), np.float32(np.log2(np.e) / T), np.float32(1.0 / T),
-            np.float32(soft), np.float32(hard), np.int32(1 if kind == "ce" else 0), out, row_loss, flags)
+     float k, float inv_T, float soft, float hard, int kind, T* out, float* row_loss, signed char* flags);
+    ``kind`` carries the divergence in bit 0 and ``conventions.shares_exponential`` in bit 1."""
+    N, C = rows.s.shape
+    kind_bits = (1 if kind == "ce" else 0) | (2 if conventions.shares_exponential(rows.T) else 0)
+    return (rows.s, rows.t, rows.labels, rows.weights, np.int64(N), np.int32(C), np.float32(np.log2(np.e) / rows.T),
+            np.float32(1.0 / rows.T), np.float32(rows.soft_weight), np.float32(rows.hard_weight), np.int32(kind_bits),
+            out, row_loss, flags)
 
 
 def _module():
@@ -233,7 +239,7 @@ def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
 
 
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                    out, **plan_options):
+                    out, unlabeled="ignore", **plan_options):
     """The CuPy backend of ``minikd.kernels.softmax_kl``; ``plan_options`` (variant, threads, cluster,
     smem_target, ...) go to ``plan`` (tests and benchmarks force kernel families with them), over
     the device's own ``device_caps``."""
@@ -244,25 +250,24 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     if name not in _SUFFIX:
         raise TypeError(f"student: the CuPy kernel takes float32, float16 or bfloat16, got {student.dtype}")
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
-                        reduction=reduction, ignore_index=ignore_index, mask=mask, weight_dtype=cupy.float32,
-                        on_device=True)
-    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, bad_labels = rows
+                        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
+                        weight_dtype=cupy.float32, on_device=True)
+    s = rows.s
     N, C = s.shape
     buf, is_out = gradient_buffer(out, s, cupy)
     row_loss = cupy.empty(N, cupy.float32)
     # flag 4: a label out of range (the kernels write 1 / 2 / 3 over it for bad values); all flags
     # are read back with one sync below
-    flags = cupy.zeros(N, cupy.int8) if bad_labels is None else bad_labels.astype(cupy.int8) * 4
-    args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
-    aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, t, buf))
+    flags = cupy.zeros(N, cupy.int8) if rows.bad_labels is None else rows.bad_labels.astype(cupy.int8) * 4
+    args = kernel_args(rows, kind, buf, row_loss, flags)
+    aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, rows.t, buf))
     total = None if reduction == "none" else cupy.zeros((), cupy.float64)
     plan_options = {**device_caps()._asdict(), **plan_options}
     launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
     if bool(flags.any()):  # the call's one sync; rare
-        raise_for_flags(student, teacher, labels, valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
-                        ignore_index=ignore_index, mask=mask)
+        raise_for_flags(student, teacher, labels, rows.valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
+                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled)
     grad = deliver_gradient(buf, is_out, out, student.shape)
     if reduction == "none":
-        return row_loss.astype(student.dtype).reshape(lead), grad
-    loss = total / cupy.maximum(n_valid, 1) if reduction == "batchmean" else total
-    return loss, grad
+        return row_loss.astype(student.dtype).reshape(rows.lead), grad
+    return conventions.reduce_total(total, reduction, rows.n_valid), grad

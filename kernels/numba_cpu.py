@@ -7,9 +7,12 @@ Per row (s, t the student and teacher logits, T the temperature, y the label):
             KL(q||p)  = A / Zt + log(Zs / Zt)              (zs, zt the scaled shifted logits)
             H(q, p)   = -sum_{et > 0} et zs / Zt + log Zs  (kind="ce")
             CE        = log Z1 - (s_y - ms)
-            (the kernel stores A / Zt, Zs / Zt or Zs, Z1, s_y - ms per row in a (4, N) array; the
-            caller takes the logs over all rows with NumPy's SIMD log)
-    pass C  grad = w (alpha tau / T (es / Zs - et / Zt) + (1 - alpha)(e1 / Z1 - onehot(y)))
+            (the kernel stores per row, in ``RowStats``: soft_a = A / Zt, soft_z = Zs / Zt or Zs,
+            hard_z = Z1, hard_sy = s_y - ms; the caller takes the logs over all rows with NumPy's
+            SIMD log)
+    pass C  grad = w (soft / T (es / Zs - et / Zt) + hard_i (e1 / Z1 - onehot(y)))
+            soft = alpha tau, hard = 1 - alpha (conventions.term_weights); hard_i = hard on rows
+            with a label (y >= 0), 0 on rows that get the soft term alone (y = -1).
 It reads s and t from memory once in pass A; pass B re-reads the row, which is then in cache
 (C = 32k float32 rows are 128 KB), and pass C reads the row buffers, not the inputs: the
 memory traffic is the 12 bytes per element of the floor plus cache traffic. When T = 1 the hard
@@ -32,12 +35,27 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from typing import NamedTuple
+
 from .fastexp import exp_neg_f32
 
-__all__ = ["FASTMATH", "get_kernel", "BAD_STUDENT", "BAD_TEACHER"]
+__all__ = ["FASTMATH", "get_kernel", "RowStats", "BAD_STUDENT", "BAD_TEACHER"]
 
 FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
 BAD_STUDENT, BAD_TEACHER = 1, 2
+
+
+class RowStats(NamedTuple):
+    """What the kernel leaves per row for the loss (float64 (N,) each; the neutral values 0 and 1
+    on rows without the term): row loss = soft (soft_a + log soft_z) + hard (log hard_z - hard_sy)."""
+    soft_a: object    # A / Zt
+    soft_z: object    # Zs / Zt (kind "kl") or Zs (kind "ce")
+    hard_z: object    # Z1
+    hard_sy: object   # s_y - ms
+
+    @classmethod
+    def empty(cls, n):
+        return cls(*np.empty((4, n), np.float64))
 
 
 @njit(inline="always")
@@ -50,7 +68,7 @@ def _make(exp, parallel):
     # on-disk cache would hand the serial variant to a parallel call (seen: a 2x slowdown)
     @njit(parallel=parallel, fastmath=FASTMATH)
     def kernel(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard,
-               out, stats, flags, rows_per_chunk):
+               out, soft_a, soft_z, hard_z, hard_sy, flags, rows_per_chunk):
         N, C = s.shape
         dt = s.dtype.type
         inv_T_x = dt(inv_T)
@@ -61,10 +79,12 @@ def _make(exp, parallel):
             e1 = es if share_hard else np.empty(C, s.dtype)
             for i in range(k * rows_per_chunk, min(N, (k + 1) * rows_per_chunk)):
                 w = weights[i]
-                stats[0, i] = 0.0  # (A / Zt, log argument of the soft term, Z1, s_y - ms): see below
-                stats[1, i] = 1.0
-                stats[2, i] = 1.0
-                stats[3, i] = 0.0
+                soft_a[i] = 0.0    # the neutral statistics: a row that counts nowhere gives 0
+                soft_z[i] = 1.0
+                hard_z[i] = 1.0
+                hard_sy[i] = 0.0
+                y = labels[i]
+                hard_i = hard_coef if y >= 0 else 0.0   # -1: the soft term alone
                 if w == 0.0:  # a row that counts nowhere: zero gradient, not inspected
                     for c in range(C):
                         out[i, c] = 0
@@ -105,29 +125,29 @@ def _make(exp, parallel):
                     Zt += np.float64(b)
                     d = -zs if kind_ce else zt - zs
                     A += np.float64(b * d) if b > 0 else 0.0
-                if hard_coef != 0.0 and not share_hard:
+                if hard_i != 0.0 and not share_hard:
                     for c in range(C):
                         e = exp(s[i, c] - msx)
                         e1[c] = e
                         Z1 += np.float64(e)
-                elif hard_coef != 0.0:
+                elif hard_i != 0.0:
                     Z1 = Zs
                 # the logs are taken by NumPy over all rows at once (a SIMD log), not here: for
                 # C = 10 three scalar libm logs per row cost more than the row itself
-                y = labels[i]
-                stats[0, i] = A / Zt
-                stats[1, i] = Zs if kind_ce else Zs / Zt
-                stats[2, i] = Z1 if hard_coef != 0.0 else 1.0
-                stats[3, i] = np.float64(s[i, y]) - ms if hard_coef != 0.0 else 0.0
+                soft_a[i] = A / Zt
+                soft_z[i] = Zs if kind_ce else Zs / Zt
+                if hard_i != 0.0:
+                    hard_z[i] = Z1
+                    hard_sy[i] = np.float64(s[i, y]) - ms
                 # pass C: the gradient from the buffers, per-row coefficients
                 gs = w * soft_coef * inv_T
                 a_s = dt(gs / Zs)
                 a_t = dt(gs / Zt)
-                if hard_coef != 0.0:
-                    a_1 = dt(w * hard_coef / Z1)
+                if hard_i != 0.0:
+                    a_1 = dt(w * hard_i / Z1)
                     for c in range(C):
                         out[i, c] = a_s * es[c] - a_t * et[c] + a_1 * e1[c]
-                    out[i, y] -= dt(w * hard_coef)
+                    out[i, y] -= dt(w * hard_i)
                 else:
                     for c in range(C):
                         out[i, c] = a_s * es[c] - a_t * et[c]
@@ -142,9 +162,12 @@ def _make_short(exp, parallel):
     class, contiguous and full width: the maxima, the exponentials, the sums and the gradient.
     The gradient is transposed back at the end. Rows that count nowhere are copied as zeros
     (their statistics stay finite and their coefficients are 0, so their gradient is exactly 0).
+    Rows with the soft term alone (label -1) get a hard coefficient of 0 (their Z1 is computed with
+    the block's and not used).
     """
     @njit(fastmath=FASTMATH)
-    def _short_block(s, t, labels, weights, inv_T, inv_T_x, soft_coef, hard_coef, kind_ce, share_hard, out, stats,
+    def _short_block(s, t, labels, weights, inv_T, inv_T_x, soft_coef, hard_coef, kind_ce, share_hard, out,
+                     soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, nr, sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1):
         """One block of R rows of the short-row kernel (the buffers belong to the caller's group)."""
         C = s.shape[1]
@@ -206,16 +229,17 @@ def _make_short(exp, parallel):
         for r in range(R):
             i = r0 + r
             w = weights[i] if (r < nr and flags[i] == 0) else 0.0
+            y = labels[i] if r < nr else -1
+            hard_r = hard_coef if y >= 0 else 0.0   # -1: the soft term alone
             gs = w * soft_coef * inv_T
             a_s[r] = dt(gs / Zs[r])
             a_t[r] = dt(gs / Zt[r])
-            a_1[r] = dt(w * hard_coef / Z1[r]) if hard_coef != 0.0 else dt(0)
+            a_1[r] = dt(w * hard_r / Z1[r]) if hard_r != 0.0 else dt(0)
             if r < nr:
-                y = labels[i]
-                stats[0, i] = A[r] / Zt[r] if w != 0.0 else 0.0
-                stats[1, i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
-                stats[2, i] = Z1[r] if (hard_coef != 0.0 and w != 0.0) else 1.0
-                stats[3, i] = np.float64(sT[y, r]) - ms[r] if (hard_coef != 0.0 and w != 0.0) else 0.0
+                soft_a[i] = A[r] / Zt[r] if w != 0.0 else 0.0
+                soft_z[i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
+                hard_z[i] = Z1[r] if (hard_r != 0.0 and w != 0.0) else 1.0
+                hard_sy[i] = np.float64(sT[y, r]) - ms[r] if (hard_r != 0.0 and w != 0.0) else 0.0
         if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
             for c in range(C):
                 for r in range(R):
@@ -228,12 +252,12 @@ def _make_short(exp, parallel):
             i = r0 + r
             for c in range(C):
                 out[i, c] = es[c, r]
-            if hard_coef != 0.0 and a_1[r] != 0:
+            if a_1[r] != 0:   # only rows with a label and weight have a hard coefficient
                 out[i, labels[i]] -= dt(weights[i] * hard_coef)
 
     @njit(parallel=parallel, fastmath=FASTMATH)
     def kernel(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard,
-               out, stats, flags, rows_per_block):
+               out, soft_a, soft_z, hard_z, hard_sy, flags, rows_per_block):
         N, C = s.shape
         dt = s.dtype.type
         inv_T_x = dt(inv_T)
@@ -260,7 +284,7 @@ def _make_short(exp, parallel):
             a_1 = np.empty(R, s.dtype)
             for b in range(g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups):
                 _short_block(s, t, labels, weights, inv_T, inv_T_x, soft_coef, hard_coef, kind_ce, share_hard,
-                             out, stats, flags, b * R, min(N, b * R + R) - b * R,
+                             out, soft_a, soft_z, hard_z, hard_sy, flags, b * R, min(N, b * R + R) - b * R,
                              sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1)
     return kernel
 

@@ -2,9 +2,11 @@
 //
 // Per row (s, t student and teacher logits, T the temperature, y the label, w the row weight):
 //   p = softmax(s/T), q = softmax(t/T), p1 = softmax(s)
-//   loss_row = soft * KD + hard * CE,   KD = KL(q||p) (kind 0) or H(q, p) (kind 1)
-//   grad     = w * (soft/T * (p - q) + hard * (p1 - onehot(y)))      soft = alpha T^2, hard = 1 - alpha
-// (the derivation is in minikd/losses/kd.py; this file implements the same formulas).
+//   loss_row = soft * KD + hard_y * CE,   KD = KL(q||p) (kind 0) or H(q, p) (kind 1)
+//   grad     = w * (soft/T * (p - q) + hard_y * (p1 - onehot(y)))    soft = alpha tau, hard = 1 - alpha
+// hard_y = hard on a row with a label, 0 on a row whose label is -1 (it gets the soft term alone:
+// the transfer set). The weights, the labels and w come from minikd/losses/conventions.py (via the
+// launcher); the derivation is in minikd/losses/kd.py; this file implements the same formulas.
 // ``out`` may be ``s`` itself (in place), so ``s`` carries no __restrict__, and every read of s
 // that another thread's gradient write could follow (s_y) happens before a synchronization.
 //
@@ -109,8 +111,9 @@ struct Params {
     float k;          // log2(e) / T
     float inv_T;
     float soft;       // alpha * tau
-    float hard;       // 1 - alpha
+    float hard;       // 1 - alpha; a kernel sets its copy to 0 for a row without a label (y = -1)
     int kind;         // 0: KL(q||p), 1: H(q, p)
+    int share;        // T == 1 (conventions.shares_exponential): softmax(s) is softmax(s/T)
 };
 
 // Partial state of a row: maxima and the sums of the header comment.
@@ -132,10 +135,10 @@ __device__ __forceinline__ float rescale(float m_old, float m_new, float k) {
     return m_old == -CUDART_INF_F ? 0.f : exp2f((m_old - m_new) * k);
 }
 
-// Uniform branches skip the work a term with weight 0 does not need: alpha = 1 (hard = 0) needs
-// no softmax(s) at T = 1, alpha = 0 (soft = 0) no tempered softmax; at T = 1 (k == log2 e exactly,
-// as the host rounds log2(e)/1 to float32 like the literal) the two student exponentials coincide.
-__device__ __forceinline__ bool same_exp(const Params& p) { return p.soft != 0.f && p.k == LOG2E; }
+// Branches skip the work a term with weight 0 does not need: alpha = 1 (hard = 0) or a row without
+// a label needs no softmax(s), alpha = 0 (soft = 0) no tempered softmax; at T = 1 (share, set by the
+// host) the two student exponentials coincide, and the tempered one serves both.
+__device__ __forceinline__ bool same_exp(const Params& p) { return p.soft != 0.f && p.share; }
 
 __device__ __forceinline__ void add_element(State& a, float s, float t, const Params& p) {
     a.bad_s |= (isnan(s) || s == CUDART_INF_F);
@@ -287,12 +290,13 @@ __device__ void softmax_kl_warp(const T* s, const T* __restrict__ t, const long 
         if (lane == 0) row_loss[row] = 0.f;
         return;
     }
+    const long long y = labels[row];
+    if (y < 0) p.hard = 0.f;   // the soft term alone
     State a = empty_state();
     for (int c = lane; c < p.C; c += 32) add_element(a, to_f(s[base + c]), to_f(t[base + c]), p);
     // s_y is read before the shuffles of the merge, which no lane passes before all arrive: with
     // out == s (in place) no lane can have overwritten it yet
-    const long long y = labels[row];
-    const float s_y = to_f(s[base + y]);
+    const float s_y = y >= 0 ? to_f(s[base + y]) : 0.f;
     a = warp_merge(a, p);
     if (lane == 0) finish_row(a, s_y, p, row_loss, flags, row);
     if (row_flag(a)) {
@@ -348,6 +352,7 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
     const float w = active ? weights[row] : 0.f;
     const bool live = active && w != 0.f;        // a row that counts nowhere is not read
     const long long y = live ? labels[row] : -1;
+    if (y < 0) p.hard = 0.f;                     // the soft term alone (or a row that is not live)
     float sv[ELEMS], tv[ELEMS];
     int bad_s = 0, bad_t = 0;
     float ms = -CUDART_INF_F, mt = -CUDART_INF_F;
@@ -452,6 +457,8 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
         if (threadIdx.x == 0) row_loss[row] = 0.f;
         return;
     }
+    const long long y = labels[row];
+    if (y < 0) p.hard = 0.f;   // the soft term alone
     State a = empty_state();
     if (VEC > 1) {
         const Pack<T, VEC>* sv = reinterpret_cast<const Pack<T, VEC>*>(s + base);
@@ -464,8 +471,7 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
     } else {
         for (int c = threadIdx.x; c < p.C; c += blockDim.x) add_element(a, to_f(s[base + c]), to_f(t[base + c]), p);
     }
-    const long long y = labels[row];
-    const float s_y = to_f(s[base + y]);   // before the barriers: pass 2 may overwrite s in place
+    const float s_y = y >= 0 ? to_f(s[base + y]) : 0.f;   // before the barriers: pass 2 may overwrite s in place
     const State b = block_merge(a, warp_states, p);
     if (threadIdx.x == 0) row_state = b;
     __syncthreads();
@@ -550,6 +556,8 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
         if (rank == 0 && tid == 0) row_loss[row] = 0.f;
         return;
     }
+    const long long y = labels[row];
+    if (y < 0) p.hard = 0.f;   // the soft term alone
     // pass 1: the chunk into shared memory; iteration j of thread tid copies pack j * nthreads + tid
     const int iters = (n + nthreads - 1) / nthreads;
 #pragma unroll
@@ -563,9 +571,8 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
         }
         minikd_cp_async_commit();
     }
-    const long long y = labels[row];
     // s_y before the first barrier: no block writes a gradient (perhaps over s) before all pass it
-    const float s_y = (rank == 0 && tid == 0) ? to_f(s[base + y]) : 0.f;
+    const float s_y = (rank == 0 && tid == 0 && y >= 0) ? to_f(s[base + y]) : 0.f;
     State a = empty_state();
 #pragma unroll
     for (int g = 0; g < STAGES; ++g) {
@@ -635,11 +642,13 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
     if (threadIdx.x == 0) *total = part[0];
 }
 
-// Scalars are passed one by one (not as a struct) so that any launcher can call these.
+// Scalars are passed one by one (not as a struct) so that any launcher can call these. `kind`
+// carries the divergence in bit 0 (0 KL, 1 cross-entropy) and `share` (T == 1) in bit 1.
 #define KERNEL_ARGS(T)                                                                                     \
     const T *s, const T *t, const long long *labels, const float *weights, long long N, int C, float k,    \
         float inv_T, float soft, float hard, int kind, T *out, float *row_loss, signed char *flags
-#define MAKE_PARAMS Params p; p.N = N; p.C = C; p.k = k; p.inv_T = inv_T; p.soft = soft; p.hard = hard; p.kind = kind;
+#define MAKE_PARAMS Params p; p.N = N; p.C = C; p.k = k; p.inv_T = inv_T; p.soft = soft; p.hard = hard; \
+    p.kind = kind & 1; p.share = (kind >> 1) & 1;
 
 #define ROWS(NAME, T, L, E)                                                                               \
     extern "C" __global__ void softmax_kl_rows_##NAME##_L##L##_E##E(KERNEL_ARGS(T)) {                      \

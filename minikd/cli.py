@@ -8,7 +8,7 @@ __all__ = ["main"]
 
 
 def cmd_gradcheck(args) -> int:
-    from .selfcheck import run_all
+    from .gradcheck_ops import run_all
     rows = run_all(seed=args.seed, rtol=args.rtol)
     print(f"{'op':<28}{'cases':>6}{'max abs err':>14}{'max rel err':>14}  result")
     for r in rows:
@@ -424,7 +424,7 @@ DEFAULTS = {"epochs": 40, "transfer_epochs": 15, "teacher_epochs": 30, "transfer
 
 def cmd_verify(args) -> int:
     try:
-        from .verify import run_all  # noqa: PLC0415
+        from .torch_parity import run_all  # noqa: PLC0415
         rows = run_all(seed=args.seed)
     except ImportError:
         raise ValueError("PyTorch is not installed; on a CPU machine: pip install torch==2.13.0") from None

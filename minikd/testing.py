@@ -107,18 +107,30 @@ class KDCase(NamedTuple):
     teacher_as: str
     reduction: str
     scale_t2: bool
+    unlabeled: str = "ignore"
+
+    def options(self, **override) -> dict:
+        """The loss options of the case (everything but the arrays), as keyword arguments."""
+        kw = dict(T=self.T, alpha=self.alpha, kind=self.kind, teacher_as=self.teacher_as, reduction=self.reduction,
+                  scale_t2=self.scale_t2, mask=self.mask, unlabeled=self.unlabeled)
+        kw.update(override)
+        return kw
 
 
 @st.composite
 def kd_cases(draw, max_rows: int = 6, max_classes: int = 7, teacher_forms=("logits", "probs",
-             "log_probs"), reductions=("batchmean", "sum", "none"), neg_inf: bool = True):
-    """A consistent KD problem: the teacher is -inf wherever the student is (shared padding)."""
+             "log_probs"), reductions=("batchmean", "sum", "none"), neg_inf: bool = True,
+             unlabeled=("ignore", "soft")):
+    """A consistent KD problem: the teacher is -inf wherever the student is (shared padding).
+    Rows labeled ignore_index count nowhere (``unlabeled="ignore"``) or get the soft term alone
+    ("soft", the transfer set; then the labels may be absent even for alpha < 1)."""
     shape = draw(shapes(max_rows, max_classes))
     student = draw(logits(shape, neg_inf=neg_inf))
     teacher = draw(logits(shape, neg_inf=neg_inf, neg_inf_mask=np.isneginf(student)))
     T = draw(temperatures())
     alpha = draw(alphas())
-    use_labels = alpha < 1.0 or draw(st.booleans())
+    unlabeled_rows = draw(st.sampled_from(unlabeled))
+    use_labels = (alpha < 1.0 and unlabeled_rows == "ignore") or draw(st.booleans())
     labels = draw(labels_for(student)) if use_labels else None
     mask = draw(st.one_of(st.none(), masks(shape[:-1])))
     teacher_as = draw(st.sampled_from(teacher_forms))
@@ -128,4 +140,4 @@ def kd_cases(draw, max_rows: int = 6, max_classes: int = 7, teacher_forms=("logi
         teacher = np.exp(log_q) if teacher_as == "probs" else log_q
     return KDCase(student, teacher, labels, mask, T, alpha,
                   draw(st.sampled_from(["kl", "ce"])), teacher_as,
-                  draw(st.sampled_from(reductions)), draw(st.booleans()))
+                  draw(st.sampled_from(reductions)), draw(st.booleans()), unlabeled_rows)

@@ -9,9 +9,11 @@ loss (float32 arithmetic) to 1e-5, the gradient (rounded once to the dtype on ou
 import numpy as np
 
 import minikd as mk
+from minikd.kernels import prepare_rows
 
 GRAD_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
-SETTINGS = ((0.05, 0.5), (1.0, 0.9), (50.0, 1.0), (4.0, 0.0))   # (T, alpha)
+# (T, alpha, unlabeled): "soft" gives the ignored row of make() the soft term alone (the transfer set)
+SETTINGS = ((0.05, 0.5, "soft"), (1.0, 0.9, "soft"), (50.0, 1.0, "ignore"), (4.0, 0.0, "soft"), (2.0, 0.7, "ignore"))
 
 
 def np_dtype(name):
@@ -47,7 +49,8 @@ def make(N, C, seed, dtype):
 
 
 def check(loss, grad, s, t, y, dtype, **kw):
-    """The kernel's (loss, grad), as NumPy arrays, against the float64 reference on the same inputs."""
+    """The kernel's (loss, grad), as NumPy arrays, against the float64 reference on the same inputs
+    (``kw``: the loss options, ``unlabeled`` included)."""
     ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
     loss, grad = np.asarray(loss, np.float64), np.asarray(grad).astype(np.float64)
     C = s.shape[-1]
@@ -58,3 +61,10 @@ def check(loss, grad, s, t, y, dtype, **kw):
     floor = max(float(finfo(np_dtype(dtype)).smallest_subnormal), float(np.finfo(np.float32).tiny))
     err = np.abs(grad - gref).max()
     assert err <= GRAD_TOL[dtype] * np.abs(gref).max() + floor, (err, np.abs(gref).max())
+
+
+def prepared(s, t, y, *, T=1.0, alpha=0.5, kind="kl", reduction="batchmean", mask=None, unlabeled="ignore",
+             weight_dtype=np.float32, on_device=False):
+    """``prepare_rows`` with the tests' usual options: the rows a launcher hands to ``kernel_args``."""
+    return prepare_rows(s, t, y, T=T, alpha=alpha, kind=kind, scale_t2=True, reduction=reduction, ignore_index=-100,
+                        mask=mask, unlabeled=unlabeled, weight_dtype=weight_dtype, on_device=on_device)

@@ -136,13 +136,14 @@ def test_launcher_arguments_match_the_kernel_signature():
     exact C width (CuPy passes NumPy scalars by value as their own type)."""
     import numpy as np
 
+    from kernel_cases import prepared
     from minikd.kernels.cupy_gpu import kernel_args
     text = SOURCE.read_text()
     macro = re.search(r"#define KERNEL_ARGS\(T\)(.*?)\n#define", text, re.S).group(1).replace("\\", " ")
     params = [" ".join(p.split()) for p in macro.split(",")]
     s = np.zeros((3, 5), np.float32)
-    args = kernel_args(s, s, np.zeros(3, np.int64), np.zeros(3, np.float32), 2.0, 0.5, 0.5, "kl", s,
-                       np.zeros(3, np.float32), np.zeros(3, np.int8))
+    args = kernel_args(prepared(s, s, np.zeros(3, np.int64), T=2.0), "kl", s, np.zeros(3, np.float32),
+                       np.zeros(3, np.int8))
     assert len(params) == len(args)
     scalar = {"long long": np.int64, "int": np.int32, "float": np.float32}
     pointer = {"T": np.float32, "long long": np.int64, "float": np.float32, "signed char": np.int8}

@@ -12,10 +12,7 @@ RTOL = 1e-7
 
 
 def kwargs_of(case, **over):
-    kw = dict(T=case.T, alpha=case.alpha, kind=case.kind, teacher_as=case.teacher_as,
-              reduction=case.reduction, scale_t2=case.scale_t2, mask=case.mask)
-    kw.update(over)
-    return kw
+    return case.options(**over)
 
 
 def floor_of(case, g, eps):
@@ -181,6 +178,38 @@ def test_no_valid_rows_gives_zero():
     s = np.zeros((2, 3))
     loss, g = mk.kd_loss_and_grad(s, s, np.array([-100, -100]), T=1.0, alpha=0.5)
     assert loss == 0 and np.all(g == 0)
+
+
+def test_unlabeled_rows_get_the_soft_term_alone():
+    """The transfer set in one call (unlabeled="soft"), worked by hand: rows labeled -100 get
+    alpha T^2 KL alone, labeled rows both terms, and batchmean divides by every row that counts."""
+    s = np.array([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [0.0, 0.3, 0.1], [2.0, 1.0, 0.0]])
+    t = np.array([[0.0, 1.0, 0.0], [1.0, 1.0, -1.0], [0.2, 0.0, 0.4], [0.0, 0.0, 3.0]])
+    y = np.array([0, -100, 2, -100])
+    T, alpha = 2.0, 0.7
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+    p, q, p1 = softmax(s / T), softmax(t / T), softmax(s)
+    kl = np.sum(q * np.log(q / p), axis=-1)
+    ce = -np.log(p1[[0, 2], [0, 2]])
+    rows = alpha * T**2 * kl
+    rows[[0, 2]] += (1 - alpha) * ce
+    loss, grad = mk.kd_loss_and_grad(s, t, y, T=T, alpha=alpha, unlabeled="soft")
+    assert abs(loss - rows.sum() / 4) <= 1e-15 * rows.sum()
+    g = alpha * T * (p - q)
+    g[[0, 2]] += (1 - alpha) * (p1[[0, 2]] - np.eye(3)[[0, 2]])
+    np.testing.assert_allclose(grad, g / 4, rtol=1e-13, atol=1e-17)
+    # the default ("ignore"): the unlabeled rows count nowhere
+    loss_ignore, grad_ignore = mk.kd_loss_and_grad(s, t, y, T=T, alpha=alpha)
+    assert abs(loss_ignore - rows[[0, 2]].sum() / 2) <= 1e-15 * rows.sum() and not grad_ignore[[1, 3]].any()
+    # a mask still removes a row of either kind; no labels at all: every row soft-only
+    m = np.array([True, False, True, True])
+    assert abs(mk.kd_loss(s, t, y, T=T, alpha=alpha, unlabeled="soft", mask=m) - rows[m].sum() / 3) <= 1e-14
+    assert abs(mk.kd_loss(s, t, T=T, alpha=alpha, unlabeled="soft") - alpha * T**2 * kl.mean()) <= 1e-14
+    with pytest.raises(ValueError, match="unlabeled: expected one of"):
+        mk.kd_loss(s, t, y, T=T, alpha=alpha, unlabeled="drop")
 
 
 def test_neg_inf_classes():

@@ -15,8 +15,9 @@ pytest.importorskip("numba")
 
 
 def kw_of(case):
-    return dict(T=case.T, alpha=case.alpha, kind=case.kind, scale_t2=case.scale_t2,
-                reduction=case.reduction, mask=case.mask)
+    kw = case.options()
+    del kw["teacher_as"]   # the kernels take teacher logits
+    return kw
 
 
 def rel(a, b, scale):
@@ -49,17 +50,19 @@ def outlier_case(C, N=64, seed=0):
     y = rng.integers(0, C, N)
     y[np.isneginf(np.take_along_axis(s, y[:, None], 1))[:, 0]] = 0
     y[5] = -100
+    y[rng.random(N) < 0.2] = -100            # unlabeled rows (the transfer set, with unlabeled="soft")
     mask = rng.random(N) < 0.9
     return s, t, y, mask
 
 
-@pytest.mark.parametrize("C", [3, 16, 700])
+@pytest.mark.parametrize("C", [3, 16, 700])           # the short-row kernel (C <= 16) and the row kernel
 @pytest.mark.parametrize("kind", ["kl", "ce"])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
-def test_float64_outliers_inf_masks(C, kind, reduction):
+@pytest.mark.parametrize("unlabeled", ["ignore", "soft"])
+def test_float64_outliers_inf_masks(C, kind, reduction, unlabeled):
     s, t, y, mask = outlier_case(C, N=40)
     for T, alpha in ((0.05, 0.3), (1.0, 0.5), (50.0, 1.0), (2.0, 0.0)):
-        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
+        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask, unlabeled=unlabeled)
         loss, grad = mk.kd_loss_and_grad(s, t, y, **kw)
         kloss, kgrad = softmax_kl(s, t, y, backend="numba", **kw)
         np.testing.assert_allclose(kloss, loss, rtol=1e-12, atol=1e-12 * (1 + T * T))
@@ -81,14 +84,14 @@ def test_float32_matches_reference(C, T):
     y = rng.integers(0, C, 64)
     y[np.isneginf(np.take_along_axis(s, y[:, None], 1))[:, 0]] = 0
     y[5] = -100
-    for kind in ("kl", "ce"):
-        ref, gref = mk.kd_loss_and_grad(s, t, y, T=T, alpha=0.6, kind=kind)
-        l32, g32 = softmax_kl(s.astype(np.float32), t.astype(np.float32), y, T=T, alpha=0.6, kind=kind,
-                              backend="numba")
+    y[rng.random(64) < 0.2] = -100
+    for kind, unlabeled in (("kl", "ignore"), ("ce", "ignore"), ("kl", "soft"), ("ce", "soft")):
+        kw = dict(T=T, alpha=0.6, kind=kind, unlabeled=unlabeled)
+        l32, g32 = softmax_kl(s.astype(np.float32), t.astype(np.float32), y, backend="numba", **kw)
         assert g32.dtype == np.float32
         # reference in float64 on the float32-rounded inputs
         ref, gref = mk.kd_loss_and_grad(s.astype(np.float32).astype(np.float64),
-                                        t.astype(np.float32).astype(np.float64), y, T=T, alpha=0.6, kind=kind)
+                                        t.astype(np.float32).astype(np.float64), y, **kw)
         assert abs(l32 - ref) <= 1e-5 * abs(ref)
         assert np.max(np.abs(g32 - gref)) <= 1e-5 * np.max(np.abs(gref))
 

@@ -16,31 +16,29 @@ reason = emu_runner.available()
 if reason:
     pytest.skip(f"CUDA emulator: {reason}", allow_module_level=True)
 
-from kernel_cases import NO_FALLBACK, SETTINGS, check, make  # noqa: E402
-from minikd.kernels import prepare_rows  # noqa: E402
+from kernel_cases import NO_FALLBACK, SETTINGS, check, make, prepared  # noqa: E402
 from minikd.kernels.cupy_gpu import kernel_args, plan  # noqa: E402
+from minikd.losses import conventions  # noqa: E402
 
 
 def emulated(student, teacher, labels, *, T, alpha, kind="kl", reduction="batchmean", mask=None, out=None,
-             **plan_options):
+             unlabeled="ignore", **plan_options):
     """What softmax_kl_cupy does, with NumPy arrays and the emulator: (loss, grad, flags, launch)."""
-    rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=True,
-                        reduction=reduction, ignore_index=-100, mask=mask, weight_dtype=np.float32)
-    s, t, lab, weights, valid, n_valid, lead, T, alpha, tau, _ = rows
-    N, C = s.shape
-    buf = out if out is not None else np.empty_like(s)
+    rows = prepared(student, teacher, labels, T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask,
+                    unlabeled=unlabeled)
+    N, C = rows.s.shape
+    buf = out if out is not None else np.empty_like(rows.s)
     row_loss = np.full(N, np.nan, np.float32)
     flags = np.zeros(N, np.int8)
-    args = kernel_args(s, t, lab, weights, T, alpha * tau, 1.0 - alpha, kind, buf, row_loss, flags)
-    aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.ctypes.data % 16 == 0 for a in (s, t, buf))
-    launch = plan(N, C, s.dtype.itemsize, aligned, dtype=s.dtype.name, **plan_options)
+    args = kernel_args(rows, kind, buf, row_loss, flags)
+    aligned = (C * rows.s.dtype.itemsize) % 16 == 0 and all(a.ctypes.data % 16 == 0 for a in (rows.s, rows.t, buf))
+    launch = plan(N, C, rows.s.dtype.itemsize, aligned, dtype=rows.s.dtype.name, **plan_options)
     emu_runner.run(launch.kernel, launch.grid, launch.block, args, shared=launch.shared, cluster=launch.cluster)
     if reduction == "none":   # in the input dtype, as softmax_kl_cupy returns them
-        return row_loss.astype(s.dtype), buf, flags, launch
+        return row_loss.astype(rows.s.dtype), buf, flags, launch
     total = np.zeros(1, np.float64)
     emu_runner.run("sum_rows", 1, 1024, (row_loss, np.int64(N), total))
-    loss = total[0] / max(n_valid, 1) if reduction == "batchmean" else total[0]
-    return loss, buf, flags, launch
+    return conventions.reduce_total(total[0], reduction, rows.n_valid), buf, flags, launch
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -49,8 +47,9 @@ def emulated(student, teacher, labels, *, T, alpha, kind="kl", reduction="batchm
                                        (1000, "rows_recompute")])
 def test_rows_kernel(dtype, C, variant):
     s, t, y, mask = make(11, C, C, dtype)   # 11 rows: the last block is partly past N
-    for (T, alpha), kind, reduction in zip(SETTINGS, ("kl", "ce", "kl", "ce"), ("batchmean", "sum", "none", "batchmean")):
-        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
+    for (T, alpha, unlabeled), kind, reduction in zip(SETTINGS, ("kl", "ce", "kl", "ce"),
+                                                      ("batchmean", "sum", "none", "batchmean")):
+        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask, unlabeled=unlabeled)
         loss, grad, flags, launch = emulated(s, t, y, variant=variant, **kw)
         assert launch.kernel.startswith(f"softmax_kl_{variant}_") and not flags.any()
         check(loss, grad, s, t, y, dtype, **kw)
@@ -62,8 +61,8 @@ def test_cluster_kernel(dtype, C, cluster):
     """Chunks that do not divide evenly (5000 / 2 packs of 4; 4104 f32 = 1026 packs over 4 blocks),
     a cluster with an empty block (40 classes over 8 blocks of 2 packs: in bf16 5 packs, 3 blocks empty)."""
     s, t, y, mask = make(5, C, C + cluster, dtype)
-    for (T, alpha), kind in zip(SETTINGS, ("kl", "ce", "ce", "kl")):
-        kw = dict(T=T, alpha=alpha, kind=kind, reduction="batchmean", mask=mask)
+    for (T, alpha, unlabeled), kind in zip(SETTINGS, ("kl", "ce", "ce", "kl")):
+        kw = dict(T=T, alpha=alpha, kind=kind, reduction="batchmean", mask=mask, unlabeled=unlabeled)
         loss, grad, flags, launch = emulated(s, t, y, variant="cluster", cluster=cluster,
                                              threads=32 if cluster == 16 else 64, **kw)
         assert launch.kernel.endswith(f"_c{cluster}") and launch.cluster == cluster and not flags.any()
@@ -75,8 +74,8 @@ def test_cluster_kernel(dtype, C, cluster):
 @given(data=st.data(), C=st.integers(1, 3000), N=st.integers(1, 9), seed=st.integers(0, 2**32 - 1),
        dtype=st.sampled_from(["float32", "float16", "bfloat16"]), kind=st.sampled_from(["kl", "ce"]),
        reduction=st.sampled_from(["batchmean", "sum", "none"]), T=st.sampled_from([0.05, 0.5, 1.0, 4.0, 50.0]),
-       alpha=st.sampled_from([0.0, 0.3, 1.0]))
-def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, T, alpha):
+       alpha=st.sampled_from([0.0, 0.3, 1.0]), unlabeled=st.sampled_from(["ignore", "soft"]))
+def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, T, alpha, unlabeled):
     """Fresh shapes, options and inputs (x20 outliers, -inf classes, an ignored row, a mask) through
     every kernel family that can take the shape, against the float64 reference."""
     s, t, y, mask = make(N, C, seed, dtype)
@@ -89,7 +88,7 @@ def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, 
         options["cluster"] = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="cluster")
     if variant in ("block", "cluster") or (variant == "auto" and C > 1024):
         options["threads"] = 32 if options.get("cluster") == 16 else 64
-    kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
+    kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask, unlabeled=unlabeled)
     loss, grad, flags, launch = emulated(s, t, y, variant=variant, **options, **kw)
     assert not flags.any()
     check(loss, grad, s, t, y, dtype, **kw)
@@ -138,11 +137,12 @@ def test_cluster_size_chosen_by_shared_memory():
 def test_block_and_warp_kernels(dtype, C):
     """The two-pass block kernel (with and without 16-byte vectors) and the warp-per-row kernel."""
     s, t, y, mask = make(6, C, C, dtype)
-    kw = dict(T=2.0, alpha=0.7, kind="kl", reduction="batchmean", mask=mask)
     variant = "warp" if C == 100 else "block"
-    loss, grad, _, launch = emulated(s, t, y, variant=variant, threads=64 if variant == "block" else None, **kw)
-    assert variant in launch.kernel
-    check(loss, grad, s, t, y, dtype, **kw)
+    for unlabeled in ("ignore", "soft"):
+        kw = dict(T=2.0, alpha=0.7, kind="kl", reduction="batchmean", mask=mask, unlabeled=unlabeled)
+        loss, grad, _, launch = emulated(s, t, y, variant=variant, threads=64 if variant == "block" else None, **kw)
+        assert variant in launch.kernel
+        check(loss, grad, s, t, y, dtype, **kw)
 
 
 @pytest.mark.parametrize("variant,C,options", [("rows", 10, {}), ("rows", 1000, {}), ("rows_recompute", 1000, {}),
@@ -209,8 +209,8 @@ def test_the_emulator_catches_what_hardware_leaves_undefined():
     with pytest.raises(AssertionError, match="lane that has exited"):
         emu_runner.run("broken_shuffle_after_exit", 1, 32, (x, y))
     s = np.zeros((2, 64), np.float32)
-    args = kernel_args(s, s, np.zeros(2, np.int64), np.ones(2, np.float32), 1.0, 0.5, 0.5, "kl", s.copy(),
-                       np.zeros(2, np.float32), np.zeros(2, np.int8))
+    args = kernel_args(prepared(s, s, np.zeros(2, np.int64)), "kl", s.copy(), np.zeros(2, np.float32),
+                       np.zeros(2, np.int8))
     with pytest.raises(AssertionError, match="multiple of the cluster size"):
         emu_runner.run("softmax_kl_cluster_f32_c2", 3, 64, args, shared=4096, cluster=2)
 
@@ -266,7 +266,7 @@ def test_cupy_launcher_opt_ins_and_fallback(monkeypatch):
     with pytest.warns(RuntimeWarning, match="ran softmax_kl_block_vec_f32 instead"):
         loss, grad = g.softmax_kl_cupy(cp.asarray(s), cp.asarray(t), cp.asarray(y), **forced)
     check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "float32", **kw)
-    args = kernel_args(cp.asarray(s), cp.asarray(t), cp.asarray(y), cp.ones(2, np.float32), 2.0, 0.5, 0.5, "kl",
+    args = kernel_args(prepared(cp.asarray(s), cp.asarray(t), cp.asarray(y), T=2.0, on_device=True), "kl",
                        cp.empty_like(cp.asarray(s)), cp.empty(2, np.float32), cp.zeros(2, np.int8))
     launch = plan(2, 8192, 4, True, variant="cluster", cluster=1)
     with pytest.raises(cp.cuda.driver.CUDADriverError, match="INVALID_VALUE"):

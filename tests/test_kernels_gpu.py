@@ -24,8 +24,8 @@ pytestmark = pytest.mark.filterwarnings(NO_FALLBACK)   # these tests test what t
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_matches_reference(dtype, C, kind, reduction):
     s, t, y, mask = make(64, C, C, dtype)
-    for T, alpha in SETTINGS:
-        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask)
+    for T, alpha, unlabeled in SETTINGS:
+        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask, unlabeled=unlabeled)
         loss, grad = softmax_kl(cupy.asarray(s), cupy.asarray(t), cupy.asarray(y), backend="cupy",
                                 **{**kw, "mask": cupy.asarray(mask)})
         check(cupy.asnumpy(loss), cupy.asnumpy(grad), s, t, y, dtype, **kw)
@@ -39,11 +39,12 @@ def test_every_kernel_family(dtype, variant, C, cluster):
     """The kernels the plan does not pick by default, forced (benchmarks compare them)."""
     from minikd.kernels.cupy_gpu import softmax_kl_cupy
     s, t, y, mask = make(16, C, 7, dtype)
-    kw = dict(T=2.0, alpha=0.7, kind="kl", reduction="batchmean", mask=mask)
-    loss, grad = softmax_kl_cupy(cupy.asarray(s), cupy.asarray(t), cupy.asarray(y), scale_t2=True,
-                                 ignore_index=-100, out=None, variant=variant, cluster=cluster,
-                                 **{**kw, "mask": cupy.asarray(mask)})
-    check(cupy.asnumpy(loss), cupy.asnumpy(grad), s, t, y, dtype, **kw)
+    for unlabeled in ("ignore", "soft"):
+        kw = dict(T=2.0, alpha=0.7, kind="kl", reduction="batchmean", mask=mask, unlabeled=unlabeled)
+        loss, grad = softmax_kl_cupy(cupy.asarray(s), cupy.asarray(t), cupy.asarray(y), scale_t2=True,
+                                     ignore_index=-100, out=None, variant=variant, cluster=cluster,
+                                     **{**kw, "mask": cupy.asarray(mask)})
+        check(cupy.asnumpy(loss), cupy.asnumpy(grad), s, t, y, dtype, **kw)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

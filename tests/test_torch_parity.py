@@ -42,9 +42,12 @@ def torch_kd(case):
     n = s.shape[0]
     valid = torch.ones(n, dtype=torch.bool)
     y = torch.zeros(n, dtype=torch.long)
+    has_label = torch.zeros(n, dtype=torch.bool)
     if case.labels is not None:
         y = torch.tensor(case.labels.reshape(-1))
-        valid &= y != -100
+        has_label = y != -100
+        if case.unlabeled == "ignore":   # "soft": unlabeled rows keep the distillation term
+            valid &= has_label
     if case.mask is not None:
         valid &= torch.tensor(case.mask.reshape(-1))
     log_p = F.log_softmax(s / case.T, dim=-1)
@@ -57,7 +60,8 @@ def torch_kd(case):
         soft = F.cross_entropy(s / case.T, log_q.exp(), reduction="none")
     rows = case.alpha * tau * soft
     if case.alpha < 1:
-        rows = rows + (1 - case.alpha) * F.cross_entropy(s, torch.where(valid, y, 0), reduction="none")
+        ce = F.cross_entropy(s, torch.where(has_label, y, 0), reduction="none")
+        rows = rows + (1 - case.alpha) * torch.where(has_label, ce, 0.0)
     rows = torch.where(valid, rows, 0.0)
     if case.reduction == "batchmean":
         if case.kind == "kl" and case.alpha == 1:  # the framework's own batchmean where it applies
@@ -75,8 +79,7 @@ def torch_kd(case):
 @given(kd_cases(neg_inf=False), st.integers(0, 2**32 - 1))
 def test_kd_loss_and_gradient(case, seed):
     s, loss = torch_kd(case)
-    kw = dict(T=case.T, alpha=case.alpha, kind=case.kind, teacher_as=case.teacher_as,
-              reduction=case.reduction, scale_t2=case.scale_t2, mask=case.mask)
+    kw = case.options()
     ours, cache = mk.kd_forward(case.student, case.teacher, case.labels, **kw)
     if case.reduction == "none":
         g = np.random.default_rng(seed).standard_normal(ours.shape)

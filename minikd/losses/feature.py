@@ -6,8 +6,10 @@ Shapes: r (regressed student features) and h (teacher features) are (N, D) or (N
 
     per sample  l_n = sum_k (r_nk - h_nk)^2          (no 1/2, so that "mean" equals MSE)
     "batchmean" L = (1/N) sum_n l_n                    (the seed's formula: sum over features, mean over batch)
-    "mean"      L = (1/(N K)) sum_n l_n               (every element: what framework MSE losses do)
+    "mean"      L = (1/(N K)) sum_n l_n               (every term: what framework MSE losses do)
     "sum"       L = sum_n l_n
+(the reductions' one meaning for every loss is ``conventions``'s: sum of the terms, over the rows,
+over the terms)
     gradient    dL/dr = c * 2 (r - h),  dL/dh = -dL/dr,  c = 1/N, 1/(N K) or 1
 
 Several tapped layers are several calls, weighted by the caller. Zero exactly when r = h.
@@ -17,10 +19,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import check_float_array, get_namespace
+from . import conventions
 
 __all__ = ["hint_forward", "hint_backward", "hint_loss"]
-
-HINT_REDUCTIONS = ("batchmean", "mean", "sum")
 
 
 class HintCache(NamedTuple):
@@ -36,12 +37,10 @@ def hint_forward(student_feat, teacher_feat, *, reduction: str = "batchmean"):
         raise ValueError(f"teacher_feat: expected the (regressed) student features' shape "
                          f"{tuple(student_feat.shape)}, got {tuple(teacher_feat.shape)}; "
                          f"map the student features with a regressor first")
-    if reduction not in HINT_REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {HINT_REDUCTIONS}, got {reduction!r}")
+    conventions.check_reduction(reduction, conventions.HINT_REDUCTIONS, "the hint loss")
     xp = get_namespace(student_feat, teacher_feat)
     diff = student_feat - teacher_feat
-    n = student_feat.shape[0]
-    scale = {"batchmean": 1.0 / n, "mean": 1.0 / student_feat.size, "sum": 1.0}[reduction]
+    scale = 1.0 / conventions.divisor(reduction, student_feat.shape[0], student_feat.size)
     return xp.sum(diff * diff) * scale, HintCache(diff, scale)
 
 

@@ -11,23 +11,24 @@ Math (one row i; DESIGN.md "Conventions")
     KD_i = KL(q || p) = sum_c q_c (log q_c - log p_c)        kind="kl" (0 when s = t)
     KD_i = H(q, p)    = - sum_c q_c log p_c                  kind="ce" (Hinton's formula)
     CE_i = - log p1_{y_i}
-    l_i  = alpha * tau * KD_i + (1 - alpha) * CE_i,          tau = T**2 (scale_t2=False: tau = 1)
+    l_i  = alpha * tau * KD_i + (1 - alpha) * h_i * CE_i,    tau = T**2 (scale_t2=False: tau = 1)
 
-alpha weights the *distillation* term, as in the seed paper. Frameworks that write
-``alpha * CE + (1 - alpha) * KD`` use alpha' = 1 - alpha. The two kinds differ by the teacher's
-entropy H(q), which does not depend on s, so they have the same student gradient.
+h_i is 1 on rows with a label and 0 on unlabeled rows that count (``unlabeled="soft"``: the
+transfer set gets the distillation term alone). alpha weights the *distillation* term, as in the
+seed paper. Frameworks that write ``alpha * CE + (1 - alpha) * KD`` use alpha' = 1 - alpha. The two
+kinds differ by the teacher's entropy H(q), which does not depend on s, so they have the same
+student gradient.
 
-Reductions over the valid rows V (label != ignore_index and mask True):
-    "batchmean": sum_{i in V} l_i / |V|     (the KL divergence per row; 0 when V is empty)
-    "sum":       sum_{i in V} l_i
-    "none":      l_i per row, 0 on rows outside V, shaped like the leading axes.
-"mean" (divide by N*C, what an element-wise mean does) is refused: it is KL / C, not the KL.
+Which rows count (V), which get the hard term, the weights alpha * tau and 1 - alpha, and the
+reductions ("batchmean": sum over V / |V|, "sum", "none"; "mean" refused: over N*C elements it is
+KL / C) are the conventions module's (``minikd.losses.conventions``), written once for every loss
+and every backend.
 
 Derivation of the gradient with respect to the student. d log p_c / d s_k = (delta_ck - p_k)/T
 (softmax.py), and sum_c q_c = 1, so
     d KD_i / d s_k = - sum_c q_c (delta_ck - p_k) / T = (p_k - q_k) / T      (both kinds)
     d CE_i / d s_k = p1_k - onehot(y_i)_k
-    d l_i / d s    = alpha * tau / T * (p - q) + (1 - alpha) * (p1 - onehot(y_i))
+    d l_i / d s    = alpha * tau / T * (p - q) + (1 - alpha) * h_i * (p1 - onehot(y_i))
 With T**2 scaling the soft gradient is T * (p - q), which keeps its size comparable to the
 hard gradient as T grows (Hinton et al. 2015, section 2); as T -> infinity,
 T * (p - q) -> ((s - mean s) - (t - mean t)) / C, the logit-matching limit.
@@ -52,95 +53,16 @@ from typing import NamedTuple
 
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
 from ..softmax import _log_softmax, check_temperature
+from . import conventions
 
-__all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad", "KDCache",
-           "check_reduction", "valid_rows", "reduce_rows", "row_weights"]
+__all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
+           "KDCache", "KINDS", "TEACHER_FORMS"]
 
 KINDS = ("kl", "ce")
 TEACHER_FORMS = ("logits", "probs", "log_probs")
-REDUCTIONS = ("batchmean", "sum", "none")
 # Tolerance on the row sums of given probabilities (and logsumexp of given log-probabilities):
 # loose enough for float32/float16 soft targets written to disk, tight enough to catch logits.
 SIMPLEX_TOL = 1e-3
-
-
-# ---------------------------------------------------------------- conventions shared by all losses
-
-def check_reduction(reduction: str) -> str:
-    """The one place where reductions are named and "mean" is refused."""
-    if reduction == "mean":
-        raise ValueError(
-            "reduction='mean' divides by N*C (every element), which is the KL divergence divided "
-            "by the number of classes, not the KL divergence; use 'batchmean' (sum over valid rows "
-            "/ number of valid rows), 'sum' or 'none'")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def valid_rows(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, xp=None, check_range=True):
-    """Boolean (N,) of rows that count: label != ignore_index and mask True.
-
-    Validates labels (integer, shaped like the leading axes, in [0, C) or ignore_index) and
-    mask (boolean, shaped like the leading axes). Returns (valid, labels_flat or None).
-    ``check_range=False`` leaves the range of the labels to the caller (the CuPy kernel folds it
-    into its row flags, which saves a device-to-host sync; on a flag it calls this again to raise).
-    """
-    n = 1
-    for d in lead_shape:
-        n *= d
-    valid = xp.ones(n, dtype=bool)
-    labels_flat = None
-    if labels is not None:
-        if not hasattr(labels, "dtype") or labels.dtype.kind not in "iu":
-            raise TypeError(f"labels: expected an integer array, got "
-                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
-        if tuple(labels.shape) != tuple(lead_shape):
-            raise ValueError(f"labels: expected shape {tuple(lead_shape)} (the logits' leading "
-                             f"axes), got {tuple(labels.shape)}")
-        labels_flat = labels.reshape(-1)
-        valid = labels_flat != ignore_index
-        out_of_range = valid & ((labels_flat < 0) | (labels_flat >= n_classes))
-        if check_range and bool(out_of_range.any()):
-            i = first_bad_row(out_of_range)
-            raise ValueError(f"labels: row {row_index(i, lead_shape)} has label "
-                             f"{int(labels_flat[i])}, expected 0..{n_classes - 1} or "
-                             f"ignore_index={ignore_index}")
-    if mask is not None:
-        if not hasattr(mask, "dtype") or mask.dtype != bool:
-            raise TypeError(f"mask: expected a boolean array, got "
-                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != tuple(lead_shape):
-            raise ValueError(f"mask: expected shape {tuple(lead_shape)}, got {tuple(mask.shape)}")
-        valid = valid & mask.reshape(-1)
-    return valid, labels_flat
-
-
-def reduce_rows(rows, valid, reduction: str, lead_shape):
-    """Apply a reduction to per-row losses that are already 0 outside the valid rows."""
-    xp = get_namespace(rows)
-    if reduction == "none":
-        return rows.reshape(lead_shape)
-    total = xp.sum(rows)
-    if reduction == "sum":
-        return total
-    return total / max(int(valid.sum()), 1)
-
-
-def row_weights(dloss, valid, reduction: str, dtype):
-    """Per-row upstream gradient w_i = d(reduced loss) / d l_i times dloss, (N,)."""
-    xp = get_namespace(valid)
-    w = valid.astype(dtype)
-    if reduction == "none":
-        dloss = xp.asarray(dloss, dtype=dtype)
-        if dloss.size != w.size:
-            raise ValueError(f"dloss: reduction='none' needs an upstream gradient shaped like the "
-                             f"loss ({w.size} rows), got shape {tuple(dloss.shape)}")
-        return w * dloss.reshape(-1)
-    dloss = float(dloss)
-    if reduction == "sum":
-        return w * dloss
-    return w * (dloss / max(int(valid.sum()), 1))
 
 
 # ---------------------------------------------------------------- validation of the teacher
@@ -185,9 +107,9 @@ def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
 # ---------------------------------------------------------------- forward / backward
 
 def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, reduction,
-                       ignore_index, mask, check_student=True, check_label_range=True):
+                       ignore_index, mask, unlabeled="ignore", check_student=True, check_label_range=True):
     """Validate every KD argument once (shared by the reference and the fused kernels, so both
-    give the same errors). Returns (xp, T, alpha, valid rows (N,), labels flattened or None)."""
+    give the same errors). Returns (xp, T, alpha, the rows' roles: ``conventions.RowRoles``)."""
     check_float_array(student, "student", ndim_min=2)
     check_float_array(teacher, "teacher", ndim_min=2)
     if tuple(teacher.shape) != tuple(student.shape):
@@ -198,27 +120,24 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
                         f"{student.dtype}; cast one so the reference computes in one dtype")
     xp = get_namespace(student, teacher, labels, mask)
     T = check_temperature(T)
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise TypeError(f"alpha: expected a number in [0, 1], got {alpha!r}") from None
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha}")
+    alpha = conventions.check_alpha(alpha)
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if teacher_as not in TEACHER_FORMS:
         raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
-    check_reduction(reduction)
-    if labels is None and alpha != 1.0:
+    conventions.check_reduction(reduction)
+    conventions.check_unlabeled(unlabeled)
+    if labels is None and alpha != 1.0 and unlabeled == "ignore":
         raise ValueError(f"labels: required when alpha < 1 (the hard term has weight "
-                         f"1 - alpha = {1 - alpha}); pass labels or alpha=1")
+                         f"1 - alpha = {1 - alpha}); pass labels, alpha=1, or unlabeled='soft' "
+                         f"(every row gets the distillation term alone)")
 
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
-    valid, labels_flat = valid_rows(lead, C, labels, mask, ignore_index, xp, check_range=check_label_range)
+    roles = conventions.row_roles(lead, C, labels, mask, ignore_index, unlabeled, xp, check_range=check_label_range)
     if check_student:  # a fused kernel checks the values itself, in its first pass
-        check_logits(student, "student", valid)
-    return xp, T, alpha, valid, labels_flat
+        check_logits(student, "student", roles.valid)
+    return xp, T, alpha, roles
 
 
 class KDCache(NamedTuple):
@@ -227,11 +146,14 @@ class KDCache(NamedTuple):
     log_p: object          # (N, C) log p, 0 where q == 0 (only used against q)
     log_q: object          # (N, C) log q, 0 where q == 0
     p1: object             # (N, C) softmax(s) or None when alpha == 1
-    labels: object         # (N,) labels with ignored rows set to 0, or None
-    valid: object          # (N,) bool
+    labels: object         # (N,) labels, 0 on rows without the hard term, or None
+    valid: object          # (N,) bool: the row counts
+    hard: object           # (N,) bool: the row gets the hard term
     T: float
     alpha: float
     tau: float
+    soft_weight: float     # alpha * tau   (conventions.term_weights)
+    hard_weight: float     # 1 - alpha
     kind: str
     teacher_as: str
     reduction: str
@@ -239,7 +161,7 @@ class KDCache(NamedTuple):
 
 
 def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
-               teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None):
+               teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore"):
     """Hinton KD loss (see module doc). Returns (loss, cache).
 
     Parameters
@@ -250,11 +172,15 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     T : temperature > 0.  alpha : weight of the distillation term in [0, 1].
     kind : "kl" (KL(q||p)) or "ce" (soft cross-entropy).  scale_t2 : multiply the soft term by T**2.
     teacher_as : "logits", "probs" or "log_probs".
-    reduction : "batchmean", "sum" or "none".  ignore_index / mask : rows that count nowhere.
+    reduction : "batchmean", "sum" or "none".  mask : rows that count nowhere where False.
+    ignore_index : the label of a row without one; it counts nowhere (``unlabeled="ignore"``) or gets
+        the distillation term alone (``unlabeled="soft"``: the transfer set; with no labels at all,
+        every row).
     """
-    xp, T, alpha, valid, labels_flat = check_kd_arguments(
+    xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
-        reduction=reduction, ignore_index=ignore_index, mask=mask)
+        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled)
+    valid, hard = roles.valid, roles.hard
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
     s = student.reshape(-1, C)
@@ -271,24 +197,27 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     log_p = xp.where(has_mass, log_p_full, 0)
     log_q = xp.where(has_mass, log_q, 0)
 
-    tau = T * T if scale_t2 else 1.0
+    tau = conventions.soft_scale(T, scale_t2)
+    soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2)
     rows = xp.zeros(s.shape[0], dtype=s.dtype)
-    if alpha > 0.0:
+    if soft_weight > 0.0:
         kd_rows = xp.sum(q * (log_q - log_p), axis=-1) if kind == "kl" else \
             -xp.sum(q * log_p, axis=-1)
-        rows = rows + (alpha * tau) * kd_rows
+        rows = rows + soft_weight * kd_rows
     p1 = None
     labels_safe = None
-    if alpha < 1.0:
-        labels_safe = xp.where(valid, labels_flat, 0)
+    if hard_weight > 0.0:
+        labels_safe = xp.zeros(s.shape[0], dtype=xp.int64) if roles.labels is None else \
+            xp.where(hard, roles.labels, 0)
         log_p1 = _log_softmax(s, 1.0)
         ce_rows = -xp.take_along_axis(log_p1, labels_safe[:, None], axis=-1)[:, 0]
-        rows = rows + (1.0 - alpha) * ce_rows
+        rows = rows + hard_weight * xp.where(hard, ce_rows, 0)
         p1 = xp.exp(log_p1)
     rows = xp.where(valid, rows, 0)
-    loss = reduce_rows(rows, valid, reduction, lead)
-    cache = KDCache(p=p, q=q, log_p=log_p, log_q=log_q, p1=p1, labels=labels_safe, valid=valid,
-                    T=T, alpha=alpha, tau=tau, kind=kind, teacher_as=teacher_as,
+    loss = conventions.reduce_rows(rows, valid, reduction, lead)
+    cache = KDCache(p=p, q=q, log_p=log_p, log_q=log_q, p1=p1, labels=labels_safe, valid=valid, hard=hard,
+                    T=T, alpha=alpha, tau=tau, soft_weight=soft_weight, hard_weight=hard_weight,
+                    kind=kind, teacher_as=teacher_as,
                     reduction=reduction, shape=tuple(student.shape))
     return loss, cache
 
@@ -303,14 +232,15 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     """
     c = cache
     xp = get_namespace(c.p)
-    w = row_weights(dloss, c.valid, c.reduction, c.p.dtype)[:, None]
+    w = conventions.row_weights(dloss, c.valid, c.reduction, c.p.dtype)[:, None]
+    soft_weight, hard_weight = c.soft_weight, c.hard_weight
     ds = xp.zeros_like(c.p)
-    if c.alpha > 0.0:
-        ds = ds + (c.alpha * c.tau / c.T) * (c.p - c.q)
-    if c.alpha < 1.0:
+    if soft_weight > 0.0:
+        ds = ds + (soft_weight / c.T) * (c.p - c.q)
+    if hard_weight > 0.0:
         onehot = xp.zeros_like(c.p1)
         xp.put_along_axis(onehot, c.labels[:, None], 1, axis=-1)
-        ds = ds + (1.0 - c.alpha) * (c.p1 - onehot)
+        ds = ds + hard_weight * xp.where(c.hard[:, None], c.p1 - onehot, 0)
     ds = (w * ds).reshape(c.shape)
     if not teacher_grad:
         return ds
@@ -322,7 +252,7 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
         dt = c.q * (g - xp.sum(c.q * g, axis=-1, keepdims=True)) / c.T
     else:  # log_probs: d/du_c of F(exp(u)) = q_c * dF/dq_c; the kl "+1" stays here
         dt = c.q * (g + 1.0) if c.kind == "kl" else c.q * g
-    dt = (w * (c.alpha * c.tau) * dt).reshape(c.shape)
+    dt = (w * soft_weight * dt).reshape(c.shape)
     return ds, dt
 
 

@@ -15,13 +15,14 @@ gradient for every model: each pair term is ``kd`` with z_j as student and z_i a
 ``kd_backward(teacher_grad=True)`` supplies the teacher side.
 
 Every KL and CE here is ``minikd.losses.kd`` (one implementation of the conventions:
-batchmean over valid rows, ignore_index, -inf classes); CE_i is absent without labels.
+batchmean over valid rows or sum, ignore_index, -inf classes); CE_i is absent without labels.
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
 from ..backend import get_namespace
+from . import conventions
 from .kd import kd_backward, kd_forward
 
 __all__ = ["mutual_forward", "mutual_backward", "mutual_loss"]
@@ -41,10 +42,12 @@ class MutualCache(NamedTuple):
 
 
 def mutual_forward(logits_list, labels=None, *, T=1.0, mode="detached", average_peers=True,
-                   scale_t2=True, ignore_index=-100):
-    """Returns (losses (M,) for "detached" or a scalar for "joint", cache)."""
+                   scale_t2=True, ignore_index=-100, reduction="batchmean"):
+    """Returns (losses (M,) for "detached" or a scalar for "joint", cache). ``reduction``
+    ("batchmean" or "sum", the conventions module's meaning) applies to every KL and CE term."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    conventions.check_reduction(reduction, conventions.MUTUAL_REDUCTIONS, "mutual learning")
     logits_list = list(logits_list)
     M = len(logits_list)
     if M < 1:
@@ -55,14 +58,14 @@ def mutual_forward(logits_list, labels=None, *, T=1.0, mode="detached", average_
             raise ValueError(f"logits_list[{k}]: expected shape {shape} like model 0, got {tuple(z.shape)}")
     xp = get_namespace(*logits_list)
     coef = 1.0 / (M - 1) if (average_peers and M > 1) else 1.0
-    kw = dict(T=T, alpha=1.0, scale_t2=scale_t2, kind="kl", ignore_index=ignore_index)
+    kw = dict(T=T, alpha=1.0, scale_t2=scale_t2, kind="kl", ignore_index=ignore_index, reduction=reduction)
     ce, ce_loss = [], []
     for z in logits_list:
         if labels is None:
             ce.append(None)
             ce_loss.append(0.0)
         else:
-            value, c = kd_forward(z, z, labels, T=1.0, alpha=0.0, ignore_index=ignore_index)
+            value, c = kd_forward(z, z, labels, T=1.0, alpha=0.0, ignore_index=ignore_index, reduction=reduction)
             ce.append(c)
             ce_loss.append(value)
     pairs, losses = [], []

@@ -47,13 +47,13 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import check_float_array, get_namespace
+from . import conventions
 
 __all__ = ["rkd_distance_forward", "rkd_distance_backward", "rkd_angle_forward", "rkd_angle_backward",
            "rkd_distance", "rkd_angle"]
 
 EPS = 1e-12
 LOSSES = ("huber", "squared")
-RKD_REDUCTIONS = ("mean", "sum")
 
 
 def _check(student_emb, teacher_emb, loss, reduction):
@@ -69,8 +69,7 @@ def _check(student_emb, teacher_emb, loss, reduction):
         raise ValueError("student_emb: relational losses need at least 2 samples in the batch")
     if loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
-    if reduction not in RKD_REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {RKD_REDUCTIONS}, got {reduction!r}")
+    conventions.check_reduction(reduction, conventions.RKD_REDUCTIONS, "the RKD losses")
 
 
 def _h(x, loss, xp):
@@ -134,7 +133,7 @@ def rkd_distance_forward(student_emb, teacher_emb, *, loss="huber", reduction="m
     psi_s, d, mu, D2, off = _distance_matrix(student_emb)
     psi_t = _distance_matrix(_center(teacher_emb))[0]
     x = psi_s - psi_t
-    scale = 1.0 / (N * N) if reduction == "mean" else 1.0
+    scale = 1.0 / conventions.divisor(reduction, N, N * N)   # "mean": all N^2 pairs, the diagonal's too
     return xp.sum(_h(x, loss, xp)) * scale, RKDDistanceCache(student_emb, x, psi_s, d, mu, D2, off, scale, loss)
 
 
@@ -208,7 +207,7 @@ def rkd_angle_forward(student_emb, teacher_emb, *, loss="huber", reduction="mean
     """RKD angle loss (see module doc). Returns (loss, cache); memory O(N^2 + N D)."""
     _check(student_emb, teacher_emb, loss, reduction)
     N = student_emb.shape[0]
-    scale = 1.0 / N**3 if reduction == "mean" else 1.0
+    scale = 1.0 / conventions.divisor(reduction, N, N**3)    # "mean": all N^3 triples
     E, F = _center(student_emb), _center(teacher_emb)
     value, _ = _angle_terms(E, F, loss, scale, want_grad=False)
     return value, RKDAngleCache(E, F, loss, scale)

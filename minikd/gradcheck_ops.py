@@ -1,18 +1,21 @@
-"""Gradient checks of every op in the package, run by ``minikd gradcheck``.
+"""The gradient checks of every op in the package: what ``minikd gradcheck`` runs.
 
 Each entry draws seeded random float64 inputs with x20 outliers and -inf classes, a random
-upstream gradient, and compares the op's hand-derived backward with finite differences
-(``minikd.gradcheck``). Ops from later floors add their cases to ``CASES``.
+upstream gradient, and compares the op's hand-derived backward with finite differences through
+``minikd.gradcheck.check_vjp`` (the generic tool, usable on any function). Ops from later floors
+add their cases to ``CASES``. (``minikd verify`` is ``minikd.torch_parity``: the losses against
+PyTorch autograd; ``minikd.testing`` holds hypothesis strategies for tests.)
 """
 from __future__ import annotations
 
 import importlib
+import itertools
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from .gradcheck import check_vjp
-from .losses import kd
+from .losses import conventions, kd
 
 # `minikd.softmax` the attribute is the function; the module is reached by its full name
 sm = importlib.import_module("minikd.softmax")
@@ -59,7 +62,7 @@ def _softmax_cases(rng) -> Iterator:
 def _kd_cases(rng) -> Iterator:
     for kind in kd.KINDS:
         for teacher_as in kd.TEACHER_FORMS:
-            for reduction in kd.REDUCTIONS:
+            for reduction, unlabeled in itertools.product(conventions.KD_REDUCTIONS, conventions.UNLABELED):
                 for T in (0.05, 1.0, 4.0, 50.0):
                     shape = (2, 3, 6) if reduction == "none" else (6, 6)
                     s = random_logits(rng, shape)
@@ -69,10 +72,11 @@ def _kd_cases(rng) -> Iterator:
                         t = np.exp(t) if teacher_as == "probs" else t
                     y = rng.integers(0, shape[-1], shape[:-1])
                     y = np.where(np.isneginf(np.take_along_axis(s, y[..., None], -1))[..., 0], 0, y)
-                    y.reshape(-1)[0] = -100
+                    y.reshape(-1)[0] = -100          # a row without a label (and more, at random)
+                    y[rng.random(y.shape) < 0.2] = -100
                     mask = rng.random(shape[:-1]) < 0.8
                     kw = dict(T=T, alpha=float(rng.uniform(0.2, 0.9)), kind=kind, teacher_as=teacher_as,
-                              reduction=reduction, mask=mask)
+                              reduction=reduction, mask=mask, unlabeled=unlabeled)
                     g = rng.standard_normal(shape[:-1]) if reduction == "none" else float(rng.standard_normal())
                     _, c = kd.kd_forward(s, t, y, **kw)
                     eps = 2e-4 * min(T, 1)
@@ -87,36 +91,37 @@ def _kd_cases(rng) -> Iterator:
 
 def _feature_relational_mutual_cases(rng) -> Iterator:
     from .losses import feature, mutual, relational  # noqa: PLC0415
-    for reduction in feature.HINT_REDUCTIONS:
+    for reduction in conventions.HINT_REDUCTIONS:
         s, t = rng.standard_normal((4, 3, 5)), rng.standard_normal((4, 3, 5))
         g = float(rng.standard_normal())
         _, c = feature.hint_forward(s, t, reduction=reduction)
         yield ("hint", lambda s, t, r=reduction: feature.hint_loss(s, t, reduction=r), [s, t], g,
                list(feature.hint_backward(g, c, teacher_grad=True)), 1e-4)
     for loss in relational.LOSSES:
-        for reduction in relational.RKD_REDUCTIONS:
+        for reduction in conventions.RKD_REDUCTIONS:
             E, F = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
             g = float(rng.standard_normal())
             for name, (fwd, bwd) in relational.RKD_TERMS.items():
                 _, c = fwd(E, F, loss=loss, reduction=reduction)
                 yield (name, lambda e, F=F, fwd=fwd, lo=loss, r=reduction: fwd(e, F, loss=lo, reduction=r)[0],
                        [E], g, [bwd(g, c)], 1e-5)
-    for mode in mutual.MODES:
+    for mode, reduction in itertools.product(mutual.MODES, conventions.MUTUAL_REDUCTIONS):
         zs = [random_logits(rng, (5, 6), p_inf=0.0) for _ in range(3)]
         y = rng.integers(0, 6, 5)
-        T = 2.0
-        _, c = mutual.mutual_forward(zs, y, T=T, mode=mode)
+        y[1] = -100
+        kw = dict(T=2.0, reduction=reduction)
+        _, c = mutual.mutual_forward(zs, y, mode=mode, **kw)
         if mode == "joint":
             g = float(rng.standard_normal())
-            yield ("mutual (joint)", lambda *z: mutual.mutual_loss(list(z), y, T=T, mode="joint"), zs, g,
+            yield ("mutual (joint)", lambda *z, kw=kw, y=y: mutual.mutual_loss(list(z), y, mode="joint", **kw), zs, g,
                    mutual.mutual_backward(g, c), 1e-4)
         else:
             d = rng.standard_normal(3)
             grads = mutual.mutual_backward(d, c)
             for i in range(3):
                 yield ("mutual (detached)",
-                       lambda z, i=i, zs=zs: mutual.mutual_loss([z if k == i else zs[k] for k in range(3)], y,
-                                                                T=T, mode="detached")[i],
+                       lambda z, i=i, zs=zs, kw=kw, y=y: mutual.mutual_loss(
+                           [z if k == i else zs[k] for k in range(3)], y, mode="detached", **kw)[i],
                        [zs[i]], d[i], [grads[i]], 1e-4)
 
 

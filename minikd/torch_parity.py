@@ -1,4 +1,4 @@
-"""Verification against PyTorch autograd (floor 4): ``minikd verify``.
+"""The losses against PyTorch autograd (floor 4): what ``minikd verify`` runs.
 
 Each loss is written here the way a PyTorch user writes it (``F.kl_div(log_target=True)``,
 ``F.cross_entropy``, ``F.mse_loss``, the RKD authors' ``pdist`` / ``F.normalize`` / ``bmm`` code), run
@@ -34,22 +34,25 @@ def _kd_cases(torch, rng):
     F = torch.nn.functional
     for kind in ("kl", "ce"):
         for reduction in ("batchmean", "sum"):
-            for T in (0.5, 1.0, 4.0, 20.0):
+            for T, unlabeled in zip((0.5, 1.0, 4.0, 20.0), ("ignore", "soft", "ignore", "soft")):
                 s, t = rng.standard_normal((16, 10)) * 3, rng.standard_normal((16, 10)) * 3
                 y = rng.integers(0, 10, 16)
-                y[0] = -100
+                y[0] = y[5] = -100
                 alpha = float(rng.uniform(0.1, 0.9))
                 S = torch.tensor(s, requires_grad=True)
                 Y = torch.tensor(y)
-                valid = Y != -100
+                labeled = Y != -100
+                # unlabeled="soft": rows without a label keep the distillation term (the transfer set)
+                counts = labeled if unlabeled == "ignore" else torch.ones_like(labeled)
                 log_p, log_q = F.log_softmax(S / T, -1), F.log_softmax(torch.tensor(t) / T, -1)
                 soft = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1) if kind == "kl" \
                     else -(log_q.exp() * log_p).sum(-1)
-                hard = F.cross_entropy(S, torch.where(valid, Y, 0), reduction="none")
-                rows = torch.where(valid, alpha * T * T * soft + (1 - alpha) * hard, 0.0)
-                L = rows.sum() / valid.sum() if reduction == "batchmean" else rows.sum()
+                hard = torch.where(labeled, F.cross_entropy(S, torch.where(labeled, Y, 0), reduction="none"), 0.0)
+                rows = torch.where(counts, alpha * T * T * soft + (1 - alpha) * hard, 0.0)
+                L = rows.sum() / counts.sum() if reduction == "batchmean" else rows.sum()
                 L.backward()
-                value, cache = kd_forward(s, t, y, T=T, alpha=alpha, kind=kind, reduction=reduction)
+                value, cache = kd_forward(s, t, y, T=T, alpha=alpha, kind=kind, reduction=reduction,
+                                          unlabeled=unlabeled)
                 yield "kd_loss", value, L.item(), kd_backward(1.0, cache), S.grad.numpy()
 
 
