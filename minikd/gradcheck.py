@@ -31,7 +31,7 @@ import numpy as np
 
 from .backend import to_numpy
 
-__all__ = ["numerical_vjp", "compare", "check_vjp", "GradcheckResult"]
+__all__ = ["numerical_vjp", "compare", "check_vjp", "GradcheckResult", "random_logits", "relative_error"]
 
 
 class GradcheckResult(NamedTuple):
@@ -40,6 +40,30 @@ class GradcheckResult(NamedTuple):
 
     def ok(self, rtol: float = 1e-7) -> bool:
         return self.max_rel <= rtol
+
+
+def random_logits(rng, shape, *, scale=2.0, outliers=0.15, p_inf=0.15, neg_inf_mask=None):
+    """Seeded test logits (the one generator of minikd's checks and tests): normal of standard
+    deviation ``scale``, a fraction ``outliers`` of entries multiplied by 20 (they saturate a softmax
+    at low T), a fraction ``p_inf`` at -inf (padded or masked classes). ``neg_inf_mask``: entries
+    that must be -inf as well (a teacher sharing the student's padding). Never a whole row at -inf:
+    without a mask class 0 stays finite; with one, a row that would be all -inf keeps class 0."""
+    shape = tuple(shape)
+    x = rng.standard_normal(shape) * scale
+    x = np.where(rng.random(shape) < outliers, 20 * x, x)
+    mask = rng.random(shape) < p_inf if neg_inf_mask is None else neg_inf_mask | (rng.random(shape) < p_inf)
+    mask[..., 0] = False if neg_inf_mask is None else mask[..., 0] & neg_inf_mask[..., 0]
+    rows = mask.reshape(-1, shape[-1])
+    rows[rows.all(-1), 0] = False
+    return np.where(mask, -np.inf, x)
+
+
+def relative_error(actual, expected, scale=0.0) -> float:
+    """max |actual - expected| / max(max |expected|, scale): the norm-wise relative error the tests
+    state their tolerances in. ``scale`` is the natural size of the quantity where ``expected`` may
+    cancel to far below it (a KL of nearly equal rows is ~0 while its terms are ~log C)."""
+    a, b = np.asarray(to_numpy(actual), np.float64), np.asarray(to_numpy(expected), np.float64)
+    return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), scale, 1e-300))
 
 
 def _phi(f, inputs, upstream):

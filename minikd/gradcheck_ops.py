@@ -14,7 +14,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from .gradcheck import check_vjp
+from .gradcheck import check_vjp, random_logits
 from .losses import conventions, kd
 
 # `minikd.softmax` the attribute is the function; the module is reached by its full name
@@ -31,17 +31,6 @@ class CheckRow(NamedTuple):
 
     def ok(self, rtol: float = 1e-7) -> bool:
         return self.max_rel <= rtol
-
-
-def random_logits(rng, shape, neg_inf_mask=None, p_inf=0.15):
-    """Normal logits with x20 outliers and a fraction ``p_inf`` of -inf classes (never a whole row)."""
-    x = rng.standard_normal(shape) * 2
-    x = np.where(rng.random(shape) < 0.15, 20 * x, x)
-    mask = rng.random(shape) < p_inf if neg_inf_mask is None else neg_inf_mask | (rng.random(shape) < p_inf)
-    mask[..., 0] = False if neg_inf_mask is None else mask[..., 0] & neg_inf_mask[..., 0]
-    rows = mask.reshape(-1, shape[-1])
-    rows[rows.all(-1), 0] = False
-    return np.where(mask, -np.inf, x)
 
 
 def _softmax_cases(rng) -> Iterator:

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .gradcheck import relative_error
 from .losses import hint_backward, hint_forward, kd_backward, kd_forward, mutual_backward, mutual_forward
 from .losses.relational import RKD_TERMS
 
@@ -23,11 +24,6 @@ class VerifyRow(NamedTuple):
     cases: int
     value_rel: float
     grad_rel: float
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-300))
 
 
 def _kd_cases(torch, rng):
@@ -133,5 +129,5 @@ def run_all(seed: int = 0) -> list[VerifyRow]:
     rows: dict[str, list] = {}
     for make in (_kd_cases, _hint_cases, _rkd_cases, _mutual_cases):
         for op, v, tv, g, tg in make(torch, rng):
-            rows.setdefault(op, []).append((_rel(v, tv), _rel(g, tg)))
+            rows.setdefault(op, []).append((relative_error(v, tv), relative_error(g, tg)))
     return [VerifyRow(op, len(r), max(x[0] for x in r), max(x[1] for x in r)) for op, r in rows.items()]

@@ -9,6 +9,7 @@ loss (float32 arithmetic) to 1e-5, the gradient (rounded once to the dtype on ou
 import numpy as np
 
 import minikd as mk
+from minikd.gradcheck import random_logits
 from minikd.kernels import prepare_rows
 
 GRAD_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
@@ -28,21 +29,19 @@ def np_dtype(name):
 NO_FALLBACK = "error:softmax_kl_cluster.*did not launch:RuntimeWarning"
 
 
-def make(N, C, seed, dtype):
-    """Logits with x20 outliers, 3% -inf classes (never a whole row, never the label), an ignored
-    row (label -100) and a 10% mask."""
+def make(N, C, seed, dtype, *, teacher_only_inf=0.0, unlabeled_fraction=0.0):
+    """A KD problem from minikd.gradcheck.random_logits: logits of scale 3 with 1% x20 outliers
+    (student), 3% -inf classes shared by student and teacher (never a whole row, never the label),
+    optionally a fraction ``teacher_only_inf`` the teacher alone rules out; row 1 labeled -100 and
+    optionally a fraction ``unlabeled_fraction`` more; a 10% row mask. Returns (s, t, y, mask)."""
     rng = np.random.default_rng(seed)
-    s = rng.standard_normal((N, C)) * 3
-    t = rng.standard_normal((N, C)) * 3
-    s[rng.random(s.shape) < 0.01] *= 20
-    pad = rng.random(s.shape) < 0.03
-    pad[:, 0] = False
-    s[pad] = -np.inf
-    t[pad] = -np.inf
+    s = random_logits(rng, (N, C), scale=3.0, outliers=0.01, p_inf=0.03)
+    t = random_logits(rng, (N, C), scale=3.0, outliers=0.0, p_inf=teacher_only_inf, neg_inf_mask=np.isneginf(s))
     y = rng.integers(0, C, N)
     y = np.where(np.isneginf(np.take_along_axis(s, y[:, None], 1))[:, 0], 0, y)
     if N > 1:
         y[1] = -100
+    y[rng.random(N) < unlabeled_fraction] = -100
     mask = rng.random(N) < 0.9
     s, t = s.astype(np_dtype(dtype)), t.astype(np_dtype(dtype))
     return s, t, y, mask

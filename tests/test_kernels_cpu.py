@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given
 
 import minikd as mk
+from kernel_cases import make
+from minikd.gradcheck import relative_error
 from minikd.kernels import softmax_kl
 from minikd.testing import kd_cases
 
@@ -20,10 +22,6 @@ def kw_of(case):
     return kw
 
 
-def rel(a, b, scale):
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0) / scale)
-
-
 @given(kd_cases(teacher_forms=("logits",)))
 def test_float64_matches_reference(case):
     kw = kw_of(case)
@@ -32,27 +30,8 @@ def test_float64_matches_reference(case):
     tau = case.T**2 if case.scale_t2 else 1.0
     # relative to the size of the terms (a KL of equal rows cancels to ~0; see test_torch_parity)
     scale_loss = max(np.max(np.abs(loss)), case.alpha * tau * np.log(case.student.shape[-1] + 1) + 1 - case.alpha)
-    assert rel(kloss, loss, scale_loss) <= 1e-12
-    assert rel(kgrad, grad, max(np.max(np.abs(grad)), 1e-300)) <= 1e-12 or np.max(np.abs(kgrad - grad)) <= 1e-15
-
-
-def outlier_case(C, N=64, seed=0):
-    rng = np.random.default_rng(seed + C)
-    s = rng.standard_normal((N, C)) * 3
-    s[rng.random(s.shape) < 0.02] *= 20      # outliers
-    t = rng.standard_normal((N, C)) * 3
-    pad = rng.random(s.shape) < 0.05
-    pad[:, 0] = False
-    s[pad] = -np.inf
-    t[pad] = -np.inf                         # padded classes shared
-    t[rng.random(s.shape) < 0.05] = -np.inf  # and some the teacher alone rules out
-    t[:, 0] = 1.0
-    y = rng.integers(0, C, N)
-    y[np.isneginf(np.take_along_axis(s, y[:, None], 1))[:, 0]] = 0
-    y[5] = -100
-    y[rng.random(N) < 0.2] = -100            # unlabeled rows (the transfer set, with unlabeled="soft")
-    mask = rng.random(N) < 0.9
-    return s, t, y, mask
+    assert relative_error(kloss, loss, scale_loss) <= 1e-12
+    assert relative_error(kgrad, grad) <= 1e-12 or np.max(np.abs(kgrad - grad)) <= 1e-15
 
 
 @pytest.mark.parametrize("C", [3, 16, 700])           # the short-row kernel (C <= 16) and the row kernel
@@ -60,7 +39,8 @@ def outlier_case(C, N=64, seed=0):
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 @pytest.mark.parametrize("unlabeled", ["ignore", "soft"])
 def test_float64_outliers_inf_masks(C, kind, reduction, unlabeled):
-    s, t, y, mask = outlier_case(C, N=40)
+    # some classes the teacher alone rules out; a fifth of the rows unlabeled (the transfer set)
+    s, t, y, mask = make(40, C, C, "float64", teacher_only_inf=0.05, unlabeled_fraction=0.2)
     for T, alpha in ((0.05, 0.3), (1.0, 0.5), (50.0, 1.0), (2.0, 0.0)):
         kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask, unlabeled=unlabeled)
         loss, grad = mk.kd_loss_and_grad(s, t, y, **kw)
@@ -73,18 +53,7 @@ def test_float64_outliers_inf_masks(C, kind, reduction, unlabeled):
 @pytest.mark.parametrize("C", [10, 300, 1000])
 @pytest.mark.parametrize("T", [0.05, 1.0, 50.0])
 def test_float32_matches_reference(C, T):
-    rng = np.random.default_rng(C)
-    s = rng.standard_normal((64, C)) * 3
-    s[rng.random(s.shape) < 0.02] *= 20      # outliers
-    t = rng.standard_normal((64, C)) * 3
-    pad = rng.random(s.shape) < 0.05
-    pad[:, 0] = False
-    s[pad] = -np.inf
-    t[pad] = -np.inf                         # padded classes shared
-    y = rng.integers(0, C, 64)
-    y[np.isneginf(np.take_along_axis(s, y[:, None], 1))[:, 0]] = 0
-    y[5] = -100
-    y[rng.random(64) < 0.2] = -100
+    s, t, y, _ = make(64, C, C, "float64", unlabeled_fraction=0.2)
     for kind, unlabeled in (("kl", "ignore"), ("ce", "ignore"), ("kl", "soft"), ("ce", "soft")):
         kw = dict(T=T, alpha=0.6, kind=kind, unlabeled=unlabeled)
         l32, g32 = softmax_kl(s.astype(np.float32), t.astype(np.float32), y, backend="numba", **kw)

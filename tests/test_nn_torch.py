@@ -6,17 +6,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minikd as mk
+from minikd.gradcheck import relative_error
 
 torch = pytest.importorskip("torch")
 nn = mk.nn
 tnn = torch.nn
 RTOL = 1e-10
 F64 = "float64"
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b), initial=0) / max(np.max(np.abs(b), initial=0), 1e-300))
 
 
 PAIRS = {
@@ -66,14 +62,14 @@ def test_layer_matches_torch(name, seed, train):
     g = rng.standard_normal(y.shape)
     Y.backward(torch.tensor(g))
     dx = ours.backward(g, cache)
-    assert rel(y, Y.detach().numpy()) <= RTOL
-    assert rel(dx, X.grad.numpy()) <= RTOL
+    assert relative_error(y, Y.detach().numpy()) <= RTOL
+    assert relative_error(dx, X.grad.numpy()) <= RTOL
     tparams = dict(theirs.named_parameters())
     for k in ours.params:
-        assert rel(ours.grads[k], tparams[k].grad.numpy()) <= RTOL, k
+        assert relative_error(ours.grads[k], tparams[k].grad.numpy()) <= RTOL, k
     for k in ("running_mean", "running_var"):
         if k in ours.buffers:
-            assert rel(ours.buffers[k], getattr(theirs, k).numpy()) <= RTOL, k
+            assert relative_error(ours.buffers[k], getattr(theirs, k).numpy()) <= RTOL, k
 
 
 def test_state_dict_from_torch_npz(tmp_path):
@@ -89,7 +85,7 @@ def test_state_dict_from_torch_npz(tmp_path):
     with np.load(tmp_path / "sd.npz") as data:
         nn.load_state_dict(ours, data)
     x = np.random.default_rng(1).standard_normal((5, 1, 10))
-    assert rel(ours.predict(x), tm(torch.tensor(x)).detach().numpy()) <= RTOL
+    assert relative_error(ours.predict(x), tm(torch.tensor(x)).detach().numpy()) <= RTOL
 
 
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "adam", "adamw"])
@@ -117,4 +113,4 @@ def test_optimizers_match_torch(opt):
         theirs(torch.tensor(x)).backward(torch.tensor(g))
         o2.step()
     for k, v in theirs.state_dict().items():
-        assert rel(nn.state_dict(ours)["0." + k], v.numpy()) <= 1e-12, k
+        assert relative_error(nn.state_dict(ours)["0." + k], v.numpy()) <= 1e-12, k

@@ -7,16 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minikd as mk
+from minikd.gradcheck import relative_error
 from minikd.torch_parity import reference_rkd_angle, reference_rkd_distance  # the authors' formulation
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 RTOL = 1e-10
-
-
-def rel(a, b, floor=1e-300):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b), initial=0) / max(np.max(np.abs(b), initial=0), floor))
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(2, 12), st.integers(1, 6), st.integers(1, 6),
@@ -32,10 +28,10 @@ def test_rkd_matches_reference_code(seed, n, ds, dt, scale):
         value, cache = ours_f(E, Ft)
         # floors: a loss or gradient that is exactly 0 (n = 2 angles; collinear points in one
         # dimension) comes out as rounding noise of ~1e-16 in both implementations
-        assert rel(value, L.item(), 1e-6) <= RTOL
+        assert relative_error(value, L.item(), 1e-6) <= RTOL
         d = np.sqrt(((E[:, None] - E[None]) ** 2).sum(-1))[~np.eye(n, dtype=bool)]
         natural = 1.0 / (n * d.min())  # the gradient's natural size (cosines vary on the closest pair)
-        assert rel(ours_b(1.0, cache), S.grad.numpy(), natural) <= RTOL
+        assert relative_error(ours_b(1.0, cache), S.grad.numpy(), natural) <= RTOL
 
 
 @given(st.integers(0, 2**32 - 1), st.sampled_from(["batchmean", "mean", "sum"]))
@@ -49,7 +45,7 @@ def test_hint_matches_mse(seed, reduction):
         L = F.mse_loss(S, torch.tensor(t), reduction=reduction)
     L.backward()
     value, cache = mk.hint_forward(s, t, reduction=reduction)
-    assert rel(value, L.item()) <= RTOL and rel(mk.hint_backward(1.0, cache), S.grad.numpy()) <= RTOL
+    assert relative_error(value, L.item()) <= RTOL and relative_error(mk.hint_backward(1.0, cache), S.grad.numpy()) <= RTOL
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(2, 4), st.sampled_from(["detached", "joint"]),
@@ -76,9 +72,9 @@ def test_mutual_matches_torch(seed, M, mode, T):
     total.backward()
     L, cache = mk.mutual_forward(zs, y, T=T, mode=mode)
     grads = mk.mutual_backward(np.ones(M) if mode == "detached" else 1.0, cache)
-    assert rel(np.sum(L), total.item()) <= RTOL
+    assert relative_error(np.sum(L), total.item()) <= RTOL
     for g, z in zip(grads, Z):
-        assert rel(g, z.grad.numpy()) <= RTOL
+        assert relative_error(g, z.grad.numpy()) <= RTOL
 
 
 def test_verify_command(capsys):
