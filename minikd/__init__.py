@@ -35,7 +35,9 @@ __all__ = ["get_namespace", "logsumexp", "logsumexp_forward", "logsumexp_backwar
 # The fast paths live in the checkout's top-level kernels/ folder (DESIGN.md, floor 3). A wheel or
 # an editable install maps that folder to minikd.kernels; a checkout used without installing
 # (PYTHONPATH=., as benchmarks/gpu_check.sh runs on a lent GPU machine) has no such mapping, and
-# this finder supplies it, for that one module name only.
+# this finder supplies it, for that one module name only. It also wins over a stale minikd/kernels/
+# folder (a __pycache__ left by an older checkout, where the kernels used to live), which Python
+# would otherwise import as an empty namespace package.
 _CHECKOUT_KERNELS = _Path(__file__).resolve().parent.parent / "kernels"
 
 
@@ -47,9 +49,10 @@ class _CheckoutKernelsFinder(_importlib_abc.MetaPathFinder):
                                                        submodule_search_locations=[str(_CHECKOUT_KERNELS)])
 
 
-if _importlib_util.find_spec(__name__ + ".kernels") is None and (_CHECKOUT_KERNELS / "__init__.py").exists():
+_spec = _importlib_util.find_spec(__name__ + ".kernels")
+if (_spec is None or not _spec.has_location) and (_CHECKOUT_KERNELS / "__init__.py").exists():
     import sys as _sys
-    _sys.meta_path.append(_CheckoutKernelsFinder())
+    _sys.meta_path.insert(0, _CheckoutKernelsFinder())
 
 
 def __getattr__(name):

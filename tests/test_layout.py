@@ -1,6 +1,7 @@
 """The package's layout: the fused kernels live in the checkout's top-level kernels/ folder and are
 imported as minikd.kernels, on first use; the wheel path is checked by .ci/run."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,18 @@ def test_a_checkout_without_install_finds_the_kernels():
         "print(minikd.kernels.__file__, SOURCE.exists())\n", PYTHONPATH=str(ROOT))
     path, exists = out.split()
     assert Path(path) == ROOT / "kernels" / "__init__.py" and exists == "True"
+
+
+def test_a_stale_minikd_kernels_folder_does_not_shadow_the_kernels(tmp_path):
+    """An older checkout kept the kernels in minikd/kernels/; its ignored __pycache__ survives a pull
+    (and survived on a lent GPU machine) and would import as an empty namespace package."""
+    for name in ("minikd", "kernels"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "minikd" / "kernels" / "__pycache__").mkdir(parents=True)
+    out = run_python(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "from minikd.kernels import softmax_kl\n"
+        "import minikd\n"
+        "print(minikd.kernels.__file__)\n", PYTHONPATH=str(tmp_path))
+    assert Path(out.strip()) == tmp_path / "kernels" / "__init__.py"
