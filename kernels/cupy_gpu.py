@@ -4,32 +4,33 @@ launches it (the algorithms and their numerics are documented in the .cu file).
 Which kernel runs is decided by ``plan(N, C, itemsize, aligned)``, a pure function (the tests run
 the same plans on the CPU emulator of ``tests/cuda_emu``):
 
-The defaults are the winners of the first GPU run (NVIDIA H200, 2026-11-28,
+The defaults are the winners of two GPU runs (NVIDIA H200, 2026-11-28; the second's results in
 ``benchmarks/results/softmax_kl-gpu-NVIDIA-H200.json``; kernel alone, median of 20, L2 flushed):
 
 * C <= 128: ``softmax_kl_rows`` -- a few lanes per row (LANES = 1..32, ELEMS = 4), the row held in
   registers, memory read once and written once, no online rescaling (at C = 10 and 100 the
   register-kept and recomputed forms timed the same, the warp-per-row kernel 1.7-3.7x slower).
-* 128 < C <= 1024: float32 ``softmax_kl_rows_recompute`` (32 lanes, ELEMS = 8..32; the gradient's
-  exponentials computed again: 0.121 ms at (16384, 1000) against 0.136 ms keeping them in
-  registers, 0.154 ms a warp per row); float16 / bfloat16 ``softmax_kl_warp`` (a warp per row,
-  online sums: 0.116 ms in bfloat16 against 0.143 / 0.159 ms for the two rows forms).
-* longer rows: ``softmax_kl_block`` -- a block of 512 threads per row, online sums, the row read
-  twice (the second time from L2), 16-byte loads when the rows allow. It beat every cluster
-  configuration at each long shape measured: float32 (4096, 32000) 0.631 ms (59% of the floor)
-  against 0.846 ms for the best cluster (4 x 256), (2048, 128256) 1.277 against 1.899 ms; bfloat16
-  0.511 against 0.619 and 0.889 against 1.326 ms; 512 threads beat 1024 at all four.
-* variant "cluster" (forced; the benchmark's comparison, sm_90 and later): a cluster of CL blocks
-  splits each row (rows whose byte length is a multiple of 16), each block keeps its chunk in
-  shared memory (cp.async in), the blocks merge their partial sums through distributed shared
-  memory: global memory is touched once each way. CL is the smallest portable size (<= 8) whose
-  chunk fits ``smem_target`` bytes (two blocks per SM), else the smallest portable one that fits
-  the most a block may opt in to (``smem_max``: 227 KB on H100), else 16 (a non-portable size,
-  opted in). Both limits are read off the device (``device_caps``). A cluster launch the device
-  refuses falls back to the block kernel with a warning. Its premise (a 1 MB row re-read from L2
-  costs more than the cluster's synchronization) did not hold on the H200 at 2048 rows; whether
-  it wins with few rows (64 x 128256: one block a row leaves most SMs idle) is the benchmark's
-  shape ``GPU_EXTRA_SHAPES`` for the next GPU run.
+* 128 < C <= 1024: ``softmax_kl_rows_recompute`` (32 lanes, ELEMS = 8..32; the gradient's
+  exponentials computed again). At (16384, 1000) on the second run: float32 0.096 ms against
+  0.157 ms a warp per row; bfloat16 0.108 against 0.117 ms (on the first run, before the
+  conventions change, the warp kernel had won in bfloat16: 0.116 against 0.143 ms).
+* longer rows, N >= the SM count: ``softmax_kl_block`` -- a block of 512 threads per row, online
+  sums, the row read twice (the second time from L2), 16-byte loads when the rows allow. It beat
+  every cluster configuration at each such shape, on both runs: float32 (4096, 32000) 0.627 ms
+  (59% of the floor) against 0.812 ms for the best cluster (4 x 512), (2048, 128256) 1.267 against
+  1.788 ms; bfloat16 0.514 against 0.658 and 0.894 against 1.427 ms; 512 threads beat 1024.
+* longer rows, N < the SM count (a block a row would leave SMs idle), 16-byte-aligned rows on
+  sm_90 and later: ``softmax_kl_cluster`` with 8 blocks a row (the largest portable size), 1024
+  threads (4-byte inputs) or 512 (2-byte). At 64 x 128256: float32 0.085 ms against 0.140 ms for
+  the 512-thread block kernel (a non-portable 16 x 512 took 0.072 ms); bfloat16 0.068 against 0.108
+  ms. A cluster of CL blocks splits each row, each block keeps its chunk in shared memory
+  (cp.async in), the blocks merge their partial sums through distributed shared memory: global
+  memory is touched once each way. When 8 blocks cannot hold the row, or for variant "cluster"
+  with no size given, CL is the smallest portable size (<= 8) whose chunk fits ``smem_target``
+  bytes (two blocks per SM), else the smallest portable one that fits the most a block may opt in
+  to (``smem_max``: 227 KB on H100), else 16 (a non-portable size, opted in), else the block
+  kernel. The limits and the SM count are read off the device (``device_caps``). A cluster launch
+  the device refuses falls back to the block kernel with a warning.
 
 Inputs float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` arrays); accumulation in float32; the
 gradient in the input dtype, into ``out`` if given (it may be the student array). Per-row losses are
@@ -64,6 +65,9 @@ PORTABLE_CLUSTER = 8
 SMEM_HEAD = 1280             # as in softmax_kl.cu
 SMEM_TARGET = 100 * 1024     # two blocks per SM on H100 (228 KB of shared memory per SM); at most half an SM's
 SMEM_MAX = 227 * 1024        # the most dynamic shared memory one block may opt in to (H100; read off the device)
+SMS = 132                    # H100 / H200 SMs (read off the device)
+FEW_ROWS_CLUSTER = 8         # long rows, N < SMs: a cluster of 8 a row (portable), 1024 / 512 threads for
+FEW_ROWS_THREADS = {4: 1024, 2: 512}   # 4- / 2-byte inputs (H200, 64 x 128256: the best portable size)
 VARIANTS = ("auto", "rows", "rows_recompute", "warp", "block", "cluster")
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 _MODULE = None
@@ -77,6 +81,7 @@ class DeviceCaps(NamedTuple):
     clusters: bool     # thread-block clusters (compute capability >= 9.0)
     smem_max: int      # the most dynamic shared memory a block may opt in to
     smem_target: int   # a block's share when two blocks are to fit on one SM (at most SMEM_TARGET)
+    sms: int = SMS     # streaming multiprocessors: fewer long rows than this take a cluster a row
 
 
 class Launch(NamedTuple):
@@ -93,24 +98,34 @@ def _next_pow2(x: int) -> int:
 
 def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32", variant: str = "auto",
          threads: int | None = None, cluster: int | None = None, smem_target: int = SMEM_TARGET,
-         smem_max: int = SMEM_MAX, clusters: bool = True) -> Launch:
+         smem_max: int = SMEM_MAX, clusters: bool = True, sms: int = SMS) -> Launch:
     """The kernel and launch shape for N rows of C classes. ``aligned``: C * itemsize is a multiple
     of 16 and the student, teacher and output pointers are 16-byte aligned. ``variant`` forces a
     kernel family (benchmarks compare them); ``threads`` / ``cluster`` override the defaults.
     The device's side (``DeviceCaps``, H100's by default): ``clusters``, it has thread-block
     clusters; ``smem_max``, the most shared memory a block may have; ``smem_target``, a block's
-    share of an SM's when two are to fit."""
+    share of an SM's when two are to fit; ``sms``, its streaming multiprocessors."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     if variant == "cluster" and not clusters:
         raise ValueError("variant 'cluster' needs a GPU with thread-block clusters (compute capability >= 9.0)")
     sfx = _SUFFIX[dtype]
     vec = 16 // itemsize
+    few_rows_threads = None   # set when the plan itself chooses a cluster for few long rows
+    n_vec = C // vec
+
+    def smem(cl):   # a cluster block's dynamic shared memory: the States, then its student and teacher packs
+        return SMEM_HEAD + 2 * 16 * -(-n_vec // cl)
     if variant == "auto":   # the H200's winners (module doc)
         if C <= 128:
             variant = "rows"
         elif C <= ROWS_UP_TO:
-            variant = "rows_recompute" if itemsize == 4 else "warp"
+            variant = "rows_recompute"
+        elif N < sms and clusters and aligned and C % vec == 0:   # a block a row would leave SMs idle
+            variant = "cluster"
+            if cluster is None and FEW_ROWS_CLUSTER in CLUSTER_SIZES and smem(FEW_ROWS_CLUSTER) <= smem_max:
+                cluster = FEW_ROWS_CLUSTER
+            few_rows_threads = FEW_ROWS_THREADS.get(itemsize, CLUSTER_THREADS)
         else:
             variant = "block"
     if variant in ("rows", "rows_recompute"):
@@ -128,10 +143,6 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
         nthreads = threads or 128
         return Launch(f"softmax_kl_warp_{sfx}", -(-N // (nthreads // 32)), nthreads, 0, 1)
     if variant == "cluster" and aligned and C % vec == 0:
-        n_vec = C // vec
-
-        def smem(cl):
-            return SMEM_HEAD + 2 * 16 * -(-n_vec // cl)
         smem_target = min(smem_target, smem_max)
         if cluster is None:   # portable sizes first: within the target, then within the limit; then 16
             portable = [cl for cl in CLUSTER_SIZES if cl <= PORTABLE_CLUSTER]
@@ -143,8 +154,8 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
             raise ValueError(f"cluster: {cluster} blocks cannot hold a row of {C} classes "
                              f"(sizes {CLUSTER_SIZES}, {smem_max} bytes of shared memory each)")
         if cluster is not None:   # else too long for any cluster: the two-pass block kernel
-            return Launch(f"softmax_kl_cluster_{sfx}_c{cluster}", N * cluster, threads or CLUSTER_THREADS,
-                          smem(cluster), cluster)
+            return Launch(f"softmax_kl_cluster_{sfx}_c{cluster}", N * cluster,
+                          threads or few_rows_threads or CLUSTER_THREADS, smem(cluster), cluster)
     vec_ok = aligned and C % vec == 0
     name = f"softmax_kl_block_vec_{sfx}" if vec_ok else f"softmax_kl_block_{sfx}"
     return Launch(name, N, threads or BLOCK_THREADS, 0, 1)
@@ -179,7 +190,7 @@ def _device() -> int:
 def device_caps() -> DeviceCaps:
     """What the plan needs to know of the current device (read once per device): clusters from the
     compute capability; the opt-in shared-memory limit of a block; half of an SM's shared memory,
-    less the 1 KB the driver reserves per block, capped at SMEM_TARGET (H100: 100 KB)."""
+    less the 1 KB the driver reserves per block, capped at SMEM_TARGET (H100: 100 KB); the SMs."""
     dev = _device()
     if dev not in _CAPS:
         import cupy  # noqa: PLC0415
@@ -188,7 +199,8 @@ def device_caps() -> DeviceCaps:
         reserved = rt.deviceGetAttribute(rt.cudaDevAttrReservedSharedMemoryPerBlock, dev)
         _CAPS[dev] = DeviceCaps(clusters=int(cupy.cuda.Device(dev).compute_capability) >= 90,
                                 smem_max=rt.deviceGetAttribute(rt.cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-                                smem_target=min(SMEM_TARGET, per_sm // 2 - reserved))
+                                smem_target=min(SMEM_TARGET, per_sm // 2 - reserved),
+                                sms=rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, dev))
     return _CAPS[dev]
 
 

@@ -29,3 +29,4 @@ if os.environ.get("MINIKD_EMULATED_GPU"):
     import minikd.kernels.cupy_gpu as _gpu
 
     _gpu.BLOCK_THREADS = _gpu.CLUSTER_THREADS = 64
+    _gpu.FEW_ROWS_THREADS = {4: 64, 2: 64}

@@ -69,6 +69,7 @@ COMPUTE_CAPABILITY = "90"
 SMEM_OPT_IN_LIMIT = 227 * 1024
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
+MULTIPROCESSORS = 132
 _FUNCTIONS = {}   # CUfunction handle -> _Function, for driver.funcSetAttribute
 
 
@@ -170,7 +171,8 @@ def make_module() -> types.ModuleType:
     cuda.Device = lambda *a: types.SimpleNamespace(synchronize=lambda: None, compute_capability=COMPUTE_CAPABILITY)
     attributes = {"cudaDevAttrMaxSharedMemoryPerBlockOptin": (97, lambda: SMEM_OPT_IN_LIMIT),   # (CUDA's number,
                   "cudaDevAttrMaxSharedMemoryPerMultiprocessor": (81, lambda: SMEM_PER_SM),    # the value now)
-                  "cudaDevAttrReservedSharedMemoryPerBlock": (111, lambda: SMEM_RESERVED_PER_BLOCK)}
+                  "cudaDevAttrReservedSharedMemoryPerBlock": (111, lambda: SMEM_RESERVED_PER_BLOCK),
+                  "cudaDevAttrMultiProcessorCount": (16, lambda: MULTIPROCESSORS)}
     by_number = {number: value for number, value in attributes.values()}
     cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDevice=lambda: 0,
                                          getDeviceProperties=lambda i: {"name": b"CPU emulator"},

@@ -108,18 +108,27 @@ def test_cluster_sizes_of_the_plan():
 
 
 def test_default_plan_is_the_measured_winners():
-    """The H200 run's winners (cupy_gpu's module doc): rows for C <= 128, recompute (float32) or a
-    warp per row (16-bit) up to 1024, the 512-thread block kernel above, 16-byte loads when aligned."""
+    """The H200 runs' winners (cupy_gpu's module doc): rows for C <= 128, the recompute form up to
+    1024, above it the 512-thread block kernel (16-byte loads when aligned) once the rows fill the
+    SMs, a cluster of 8 a row (1024 / 512 threads) when they do not."""
     from minikd.kernels.cupy_gpu import plan
     assert plan(65536, 10, 4, False).kernel == "softmax_kl_rows_f32_L4_E4"
     assert plan(65536, 100, 2, True, dtype="bfloat16").kernel == "softmax_kl_rows_bf16_L32_E4"
     assert plan(16384, 1000, 4, True).kernel == "softmax_kl_rows_recompute_f32_L32_E32"
-    assert plan(16384, 1000, 2, True, dtype="bfloat16").kernel == "softmax_kl_warp_bf16"
-    assert plan(16384, 1000, 2, True, dtype="float16").kernel == "softmax_kl_warp_f16"
+    assert plan(16384, 1000, 2, True, dtype="bfloat16").kernel == "softmax_kl_rows_recompute_bf16_L32_E32"
     for C, itemsize, dtype in ((32000, 4, "float32"), (128256, 2, "bfloat16")):
         launch = plan(2048, C, itemsize, True, dtype=dtype)
         assert launch.kernel.startswith("softmax_kl_block_vec_") and launch.block == 512 and launch.grid == 2048
+        few = plan(64, C, itemsize, True, dtype=dtype)
+        assert few.kernel.startswith("softmax_kl_cluster_") and few.cluster == 8 and few.grid == 64 * 8
+        assert few.block == {4: 1024, 2: 512}[itemsize]
+        assert plan(131, C, itemsize, True, dtype=dtype).cluster == 8          # the H200's 132 SMs: the edge
+        assert plan(132, C, itemsize, True, dtype=dtype).kernel.startswith("softmax_kl_block_vec_")
+        assert plan(64, C, itemsize, True, dtype=dtype, sms=32).kernel.startswith("softmax_kl_block_vec_")
+        assert plan(64, C, itemsize, True, dtype=dtype, clusters=False).kernel.startswith("softmax_kl_block_vec_")
     assert plan(7, 4099, 4, True).kernel == "softmax_kl_block_f32"     # C not a multiple of the vector
+    assert plan(64, 262144, 4, True).cluster == 16                      # 8 blocks cannot hold the row
+    assert plan(64, 600000, 4, True)[:3] == ("softmax_kl_block_vec_f32", 64, 512)   # nor can 16
 
 
 def test_cluster_size_chosen_by_shared_memory():
@@ -386,6 +395,7 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
     monkeypatch.setattr(g, "SUM_THREADS", 64)
     monkeypatch.setattr(g, "BLOCK_THREADS", 64)
     monkeypatch.setattr(g, "CLUSTER_THREADS", 64)
+    monkeypatch.setattr(g, "FEW_ROWS_THREADS", {4: 64, 2: 64})
     monkeypatch.setattr(g, "CLUSTER_SIZES", (1, 2, 16))   # fewer variants; 16 still takes the opt-in path
     monkeypatch.setattr(bg, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(bg, "FLUSH_BYTES", 1 << 16)
