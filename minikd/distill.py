@@ -6,7 +6,8 @@
    as logits: the temperature is applied at loss time, so tuning T reuses them.
 3. ``train_student``: the small model with the KD loss; the same model from scratch (same seed,
    same schedule) is the baseline. Labeled rows get alpha * T^2 * KL + (1 - alpha) * CE;
-   transfer-set rows (no label) get the soft term only.
+   transfer-set rows (label -100) get the soft term alone; a batch's loss is the sum over its
+   rows divided by their number (``distill_loss_and_grad``).
 4. ``sweep``: one student per (T, alpha), picked on the validation split, reported on test.
 5. ``export`` / ``load_student``: weights .npz + architecture .json (no pickle) with the
    standardization and dataset spec, so ``minikd evaluate`` and ``minikd predict`` can use it.
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from . import nn
 from .data import Dataset, fingerprint, minibatches
-from .losses import cross_entropy_and_grad, kd_loss_and_grad
+from .kernels import softmax_kl
+from .losses import cross_entropy_and_grad
 from .nn.models import student_mlp, teacher_cnn
 from .nn.serialize import atomic_write
 
@@ -65,22 +67,16 @@ def inference_seconds_per_sample(model, x, repeats: int = 3) -> float:
 
 
 def distill_loss_and_grad(student_logits, teacher_logits, labels, *, T, alpha, backend="numpy"):
-    """Per batch: alpha T^2 KL + (1 - alpha) CE on labeled rows, the soft term alone on rows
-    labeled -100 (transfer set). Each term is a batch mean over the rows it covers."""
-    labeled = labels != -100
+    """The logits' part of a training step: (loss, d loss / d student_logits).
+
+    With teacher logits, the KD loss with ``unlabeled="soft"`` (``minikd.losses.conventions``):
+    alpha T^2 KL + (1 - alpha) CE on labeled rows, the distillation term alone on rows labeled -100
+    (the transfer set), summed over all rows and divided by their number. ``backend`` chooses the
+    implementation ("numpy": the reference, "numba": the fused kernel, "auto"). Without a teacher,
+    the cross-entropy, averaged over the labeled rows."""
     if teacher_logits is None:
         return cross_entropy_and_grad(student_logits, labels)
-    if labeled.all():
-        if backend == "numpy":
-            return kd_loss_and_grad(student_logits, teacher_logits, labels, T=T, alpha=alpha)
-        from .kernels import softmax_kl  # noqa: PLC0415  (floor 3, chosen by the caller)
-        return softmax_kl(student_logits, teacher_logits, labels, T=T, alpha=alpha, backend=backend)
-    soft, dsoft = kd_loss_and_grad(student_logits, teacher_logits, T=T, alpha=1.0)
-    loss, grad = alpha * soft, alpha * dsoft
-    if alpha < 1.0 and labeled.any():
-        hard, dhard = cross_entropy_and_grad(student_logits, labels)
-        loss, grad = loss + (1 - alpha) * hard, grad + (1 - alpha) * dhard
-    return loss, grad
+    return softmax_kl(student_logits, teacher_logits, labels, T=T, alpha=alpha, unlabeled="soft", backend=backend)
 
 
 @dataclass
