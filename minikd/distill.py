@@ -1,4 +1,4 @@
-"""The distillation practice end to end (floor 4), Hinton et al. 2015's five steps:
+"""The distillation practice's building blocks (floor 4), Hinton et al. 2015's five steps:
 
 1. ``train_teacher``: a large model on the labeled training split (cross-entropy).
 2. ``soft_targets``: the teacher's logits on the training split and the transfer set, computed
@@ -6,12 +6,15 @@
    as logits: the temperature is applied at loss time, so tuning T reuses them.
 3. ``train_student``: the small model with the KD loss; the same model from scratch (same seed,
    same schedule) is the baseline. Labeled rows get alpha * T^2 * KL + (1 - alpha) * CE;
-   transfer-set rows (no label) get the soft term only.
+   transfer-set rows (label -100) get the soft term alone; a batch's loss is the sum over its
+   rows divided by their number (``distill_loss_and_grad``).
 4. ``sweep``: one student per (T, alpha), picked on the validation split, reported on test.
 5. ``export`` / ``load_student``: weights .npz + architecture .json (no pickle) with the
    standardization and dataset spec, so ``minikd evaluate`` and ``minikd predict`` can use it.
 
-Every function takes a seed; the same seed gives the same report (up to timings).
+``minikd.experiments`` runs them as the CLI's jobs. Every function takes a seed; the same seed
+gives the same report (up to timings). ``train``'s ``on_step`` hook sees what each optimizer step
+applies (a ``Step``): the tests check it against the loss written out by hand.
 """
 from __future__ import annotations
 
@@ -19,18 +22,21 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import nn
 from .data import Dataset, fingerprint, minibatches
-from .losses import cross_entropy_and_grad, kd_loss_and_grad
+from .kernels import softmax_kl
+from .losses import cross_entropy_and_grad, hint_backward, hint_forward, mutual_backward, mutual_forward
+from .losses.relational import RKD_TERMS
 from .nn.models import student_mlp, teacher_cnn
 from .nn.serialize import atomic_write
 
-__all__ = ["TrainConfig", "History", "FeatureTerm", "train", "train_teacher", "soft_targets", "teacher_features",
-           "make_feature_terms", "train_student", "train_mutual",
+__all__ = ["TrainConfig", "History", "Step", "FeatureTerm", "train", "train_teacher", "soft_targets",
+           "teacher_features", "make_feature_terms", "train_student", "train_mutual",
            "accuracy", "inference_seconds_per_sample", "export", "load_student", "sweep",
            "distill_loss_and_grad"]
 
@@ -65,22 +71,16 @@ def inference_seconds_per_sample(model, x, repeats: int = 3) -> float:
 
 
 def distill_loss_and_grad(student_logits, teacher_logits, labels, *, T, alpha, backend="numpy"):
-    """Per batch: alpha T^2 KL + (1 - alpha) CE on labeled rows, the soft term alone on rows
-    labeled -100 (transfer set). Each term is a batch mean over the rows it covers."""
-    labeled = labels != -100
+    """The logits' part of a training step: (loss, d loss / d student_logits).
+
+    With teacher logits, the KD loss with ``unlabeled="soft"`` (``minikd.losses.conventions``):
+    alpha T^2 KL + (1 - alpha) CE on labeled rows, the distillation term alone on rows labeled -100
+    (the transfer set), summed over all rows and divided by their number. ``backend`` chooses the
+    implementation ("numpy": the reference, "numba": the fused kernel, "auto"). Without a teacher,
+    the cross-entropy, averaged over the labeled rows."""
     if teacher_logits is None:
         return cross_entropy_and_grad(student_logits, labels)
-    if labeled.all():
-        if backend == "numpy":
-            return kd_loss_and_grad(student_logits, teacher_logits, labels, T=T, alpha=alpha)
-        from .kernels import softmax_kl  # noqa: PLC0415  (floor 3, chosen by the caller)
-        return softmax_kl(student_logits, teacher_logits, labels, T=T, alpha=alpha, backend=backend)
-    soft, dsoft = kd_loss_and_grad(student_logits, teacher_logits, T=T, alpha=1.0)
-    loss, grad = alpha * soft, alpha * dsoft
-    if alpha < 1.0 and labeled.any():
-        hard, dhard = cross_entropy_and_grad(student_logits, labels)
-        loss, grad = loss + (1 - alpha) * hard, grad + (1 - alpha) * dhard
-    return loss, grad
+    return softmax_kl(student_logits, teacher_logits, labels, T=T, alpha=alpha, unlabeled="soft", backend=backend)
 
 
 @dataclass
@@ -98,8 +98,8 @@ class FeatureTerm:
     regressor: object = None
 
     def loss_and_tap_grad(self, feat, idx):
-        from .losses import hint_backward, hint_forward  # noqa: PLC0415
-        from .losses.relational import RKD_TERMS  # noqa: PLC0415
+        """(weight * the term's loss, its gradient with respect to the tap's output ``feat``) on
+        the training rows ``idx``; a hint term also leaves its regressor's gradient."""
         fs = feat.reshape(len(idx), -1)
         ft = self.teacher[idx].reshape(len(idx), -1)
         if self.kind == "hint":
@@ -113,11 +113,31 @@ class FeatureTerm:
         return self.weight * float(value), g.reshape(feat.shape)
 
 
+class Step(NamedTuple):
+    """What one optimizer step of ``train`` applied, given to its ``on_step`` hook after the
+    backward pass and before the update (the model's and the regressors' gradients are filled)."""
+    run: str                # which training run: its progress label ("teacher", "student (KD)", ...)
+    epoch: int
+    rows: np.ndarray        # the batch: indices into train's x
+    inputs: np.ndarray      # x[rows]
+    labels: np.ndarray      # y[rows], -100 on transfer rows
+    teacher_logits: object  # the teacher's logits on those rows, None without a teacher
+    logits: np.ndarray      # the model's output (training mode)
+    features: dict          # tap name -> that layer's output
+    loss: float             # the batch objective: KD (or CE) plus the weighted feature terms
+    dlogits: np.ndarray     # d loss / d logits: what model.backward received
+    tap_grads: dict         # tap name -> d loss / d that layer's output, added there in backward
+    model: object
+    terms: tuple            # the FeatureTerms (teacher features, weights, regressors)
+
+
 def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.0, val=None,
-          desc="train", progress=True, backend="numpy", feature_terms=()) -> History:
+          desc="train", progress=True, backend="numpy", feature_terms=(), on_step=None) -> History:
     """Minibatch AdamW with a cosine schedule; labels -100 mark unlabeled (transfer) rows.
-    ``feature_terms`` add hint / RKD terms on tapped student features (their regressors are
-    trained by the same optimizer settings)."""
+    Each batch's objective is ``distill_loss_and_grad`` (KD with ``teacher_logits``, else
+    cross-entropy) plus the ``feature_terms`` (hint / RKD on tapped student features; their
+    regressors are trained with the same optimizer settings). ``on_step(Step)`` is called once a
+    step, before the update."""
     opt = nn.AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
     regressors = [nn.Sequential([t.regressor]) for t in feature_terms if t.regressor is not None]
     reg_opts = [nn.AdamW(r, cfg.lr, weight_decay=cfg.weight_decay) for r in regressors]
@@ -137,9 +157,10 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
             model.zero_grad()
             for r in regressors:
                 r.zero_grad()
-            logits, cache = model.forward(x[idx], train=True, taps=taps)
+            xb, yb = x[idx], y[idx]
+            logits, cache = model.forward(xb, train=True, taps=taps)
             t = None if teacher_logits is None else teacher_logits[idx]
-            loss, dlogits = distill_loss_and_grad(logits, t, y[idx], T=T, alpha=alpha, backend=backend)
+            loss, dlogits = distill_loss_and_grad(logits, t, yb, T=T, alpha=alpha, backend=backend)
             loss = float(loss)
             tap_grads = {}
             for term in feature_terms:
@@ -147,10 +168,13 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
                 loss += value
                 tap_grads[term.student_tap] = tap_grads.get(term.student_tap, 0) + g
             model.backward(dlogits, cache, tap_grads=tap_grads)
+            if on_step is not None:
+                on_step(Step(desc, epoch, idx, xb, yb, t, logits, cache.features, loss, dlogits,
+                             tap_grads, model, tuple(feature_terms)))
             opt.step()
             for o in reg_opts:
                 o.step()
-            total, count = total + float(loss) * len(idx), count + len(idx)
+            total, count = total + loss * len(idx), count + len(idx)
         hist.train_loss.append(total / max(count, 1))
         if val is not None:
             hist.val_accuracy.append(accuracy(model, *val))
@@ -158,9 +182,9 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
     return hist
 
 
-def train_teacher(data: Dataset, cfg: TrainConfig, width: int = 32, progress=True, cache_dir=None):
+def train_teacher(data: Dataset, cfg: TrainConfig, width: int = 32, progress=True, cache_dir=None, on_step=None):
     """Step 1. Returns (model, history); with ``cache_dir`` a teacher trained before with the same
-    dataset, width and config is loaded instead of retrained."""
+    dataset, width and config is loaded instead of retrained (no steps run then)."""
     key = fingerprint(data.x_train, data.y_train) + "-" + fingerprint(
         np.frombuffer(json.dumps([asdict(cfg), width]).encode(), np.uint8))
     path = None if cache_dir is None else Path(cache_dir) / f"teacher-{key}"
@@ -169,7 +193,7 @@ def train_teacher(data: Dataset, cfg: TrainConfig, width: int = 32, progress=Tru
         return model, History(**model.extra.get("history", {}))
     model = teacher_cnn(data.x_train.shape[1], data.num_classes, width=width, seed=cfg.seed)
     hist = train(model, data.x_train, data.y_train, cfg, val=(data.x_val, data.y_val),
-                 desc="teacher", progress=progress)
+                 desc="teacher", progress=progress, on_step=on_step)
     if path is not None:
         nn.save(model, path, extra={"history": asdict(hist)})
     return model, hist
@@ -234,10 +258,11 @@ def make_feature_terms(specs, teacher, student, x, cache_dir=None, seed=0):
 
 def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teacher_logits_transfer=None,
                   T=4.0, alpha=0.9, hidden=50, use_transfer=False, progress=True, desc="student",
-                  backend="numpy", feature_specs=(), teacher=None, cache_dir=None):
+                  backend="numpy", feature_specs=(), teacher=None, cache_dir=None, on_step=None):
     """Step 3. The student MLP, from scratch (teacher_logits None) or distilled; with
     ``use_transfer`` the transfer set joins the training rows with label -100 (soft term only).
-    ``feature_specs``: (kind, teacher_tap, student_tap, weight) hint / RKD terms (needs ``teacher``)."""
+    ``feature_specs``: (kind, teacher_tap, student_tap, weight) hint / RKD terms (needs ``teacher``).
+    ``backend`` and ``on_step``: as ``train``'s."""
     model = student_mlp(data.x_train.shape[1], data.num_classes, hidden=hidden, seed=cfg.seed)
     x, y, t = data.x_train, data.y_train, teacher_logits
     if use_transfer and len(data.x_transfer):
@@ -246,7 +271,7 @@ def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teach
         t = np.concatenate([t, teacher_logits_transfer])
     terms = make_feature_terms(feature_specs, teacher, model, x, cache_dir, cfg.seed) if feature_specs else ()
     hist = train(model, x, y, cfg, teacher_logits=t, T=T, alpha=alpha, val=(data.x_val, data.y_val),
-                 desc=desc, progress=progress, backend=backend, feature_terms=terms)
+                 desc=desc, progress=progress, backend=backend, feature_terms=terms, on_step=on_step)
     return model, hist
 
 
@@ -254,7 +279,6 @@ def train_mutual(data: Dataset, cfg: TrainConfig, models: int, *, T=1.0, hidden=
     """Deep mutual learning: ``models`` student MLPs (seeds cfg.seed + k) trained together, each
     on CE + the mean KL to its peers (mode "detached", as the DML authors train). Returns the
     models and their histories."""
-    from .losses import mutual_backward, mutual_forward  # noqa: PLC0415
     cohort = [student_mlp(data.x_train.shape[1], data.num_classes, hidden=hidden, seed=cfg.seed + k)
               for k in range(models)]
     opts = [nn.AdamW(m, cfg.lr, weight_decay=cfg.weight_decay) for m in cohort]
@@ -300,9 +324,12 @@ def load_student(out_dir, name: str = "student"):
 
 
 def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logits,
-          teacher_logits_transfer=None, hidden=50, use_transfer=False, progress=True):
-    """Step 4. One student per (T, alpha); returns the grid of validation accuracies, the best
-    pair by validation accuracy (ties: first in grid order) and that student."""
+          teacher_logits_transfer=None, hidden=50, use_transfer=False, progress=True, backend="numpy",
+          on_step=None):
+    """Step 4. One student per (T, alpha); returns the grid of validation accuracies and
+    (val accuracy, T, alpha, model, history) of the best pair by validation accuracy (ties: first
+    in grid order). ``backend`` and ``on_step``: as ``train``'s (each run is labeled
+    "sweep T=..., alpha=...")."""
     grid = np.zeros((len(temperatures), len(alphas)))
     best = None
     pairs = [(i, j) for i in range(len(temperatures)) for j in range(len(alphas))]
@@ -310,7 +337,8 @@ def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logi
         T, a = float(temperatures[i]), float(alphas[j])
         model, hist = train_student(data, cfg, teacher_logits=teacher_logits,
                                     teacher_logits_transfer=teacher_logits_transfer, T=T, alpha=a,
-                                    hidden=hidden, use_transfer=use_transfer, progress=False)
+                                    hidden=hidden, use_transfer=use_transfer, progress=False,
+                                    desc=f"sweep T={T:g}, alpha={a:g}", backend=backend, on_step=on_step)
         grid[i, j] = accuracy(model, data.x_val, data.y_val)
         if best is None or grid[i, j] > best[0]:
             best = (grid[i, j], T, a, model, hist)

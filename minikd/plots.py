@@ -10,6 +10,8 @@ __all__ = ["learning_curves", "sweep_heatmap", "new_figure", "save_figure"]
 
 def new_figure():
     """pyplot on the Agg backend (no display needed)."""
+    # imported on first plot: pyplot costs about 0.4 s, which the commands that never plot
+    # (evaluate, predict, gradcheck) should not pay, and the backend must be set before it loads
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415

@@ -129,7 +129,7 @@ def test_feature_and_relational_variants(tmp_path):
 @pytest.mark.parametrize("args, msg", [
     (["--hint", "embed"], "expected TEACHER_TAP:STUDENT_TAP"),
     (["--hint", "embed:hidden:x"], "the weight 'x' is not a number"),
-    (["--rkd-distance", "1", "--rkd-taps", "embed"], "--rkd-taps 'embed'"),
+    (["--rkd-distance", "1", "--rkd-taps", "embed"], "rkd_taps 'embed'"),
     (["--hint", "nope:hidden"], "teacher tap 'nope': no such layer"),
     (["--hint", "embed:nope"], "student tap 'nope': no such layer"),
 ])
@@ -150,17 +150,78 @@ def test_mutual_command(tmp_path, capsys):
 
 def test_steps_one_at_a_time(tmp_path, capsys):
     """Step 1 (teacher), step 2 (soft targets) and step 3 (student) as separate commands."""
-    small = ["--samples", "600", "--quiet", "--cache-dir", str(tmp_path / "c")]
-    assert main(["teacher", *small, "--teacher-epochs", "2", "--teacher-width", "8", "--out", str(tmp_path / "t")]) == 0
+    cache = ["--quiet", "--cache-dir", str(tmp_path / "c")]
+    assert main(["teacher", "--samples", "600", *cache, "--teacher-epochs", "2", "--teacher-width", "8",
+                 "--out", str(tmp_path / "t")]) == 0
     assert main(["soft-targets", str(tmp_path / "t"), "--out", str(tmp_path / "st.npz")]) == 0
     with np.load(tmp_path / "st.npz") as st:
         assert st["logits_train"].shape == (432, 10) and st["y_train"].shape == (432,)
-    assert main(["student", str(tmp_path / "t"), *small, "--epochs", "2", "--student-hidden", "8",
+    assert main(["student", str(tmp_path / "t"), *cache, "--epochs", "2", "--student-hidden", "8",
                  "--out", str(tmp_path / "s")]) == 0
     rep = json.loads((tmp_path / "s" / "report.json").read_text())
     assert rep["student_kd"]["T"] == 4.0 and 0 <= rep["student_kd"]["test_accuracy"] <= 1
+    assert rep["teacher_dir"] == str(tmp_path / "t") and rep["dataset"]["samples"] == 600
     assert main(["evaluate", str(tmp_path / "s")]) == 0
     capsys.readouterr()
-    assert main(["student", str(tmp_path / "t"), "--data", "x.npz", "--quiet"]) == 2
-    assert "use minikd distill" in capsys.readouterr().err
     assert main(["student", str(tmp_path / "missing"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option", [
+    # options a sub-command accepted and ignored before: each is refused now
+    (["teacher"], ["--alpha", "0.5"]), (["teacher"], ["--T", "2"]), (["teacher"], ["--epochs", "3"]),
+    (["teacher"], ["--backend", "numba"]), (["teacher"], ["--hint", "embed:hidden"]),
+    (["teacher"], ["--transfer-samples", "10"]), (["teacher"], ["--weight-decay", "0.1"]),
+    (["mutual"], ["--hint", "embed:hidden"]), (["mutual"], ["--rkd-distance", "25"]), (["mutual"], ["--alpha", "0.5"]),
+    (["mutual"], ["--backend", "numba"]), (["mutual"], ["--teacher-epochs", "3"]), (["mutual"], ["--no-cache"]),
+    (["student", "t"], ["--data", "x.npz"]), (["student", "t"], ["--samples", "600"]),
+    (["student", "t"], ["--teacher-width", "8"]), (["student", "t"], ["--hint", "embed:hidden"]),
+    (["sweep"], ["--hint", "embed:hidden"]),
+])
+def test_options_a_command_does_not_use_are_refused(command, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, *option])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {' '.join(option)}" in capsys.readouterr().err
+
+
+def test_cache_dir_and_no_cache_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--cache-dir", "c", "--no-cache"])
+    assert e.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_every_option_is_a_config_field():
+    """The parsers are built from the experiments' configs: each sub-command's options are exactly
+    its config's fields (so an option it lists is one its experiment reads) with its defaults."""
+    from dataclasses import fields
+
+    from minikd import experiments as ex
+    from minikd.cli import build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command, config in [("distill", ex.DistillConfig), ("sweep", ex.SweepConfig), ("teacher", ex.TeacherConfig),
+                            ("student", ex.StudentConfig), ("mutual", ex.MutualConfig)]:
+        dests = {a.dest for a in sub[command]._actions if a.dest != "help"}
+        assert dests == {f.name for f in fields(config)}, command
+        args = sub[command].parse_args(["t"] if command == "student" else [])
+        default = config(teacher_dir="t") if command == "student" else config()
+        assert {f.name: getattr(args, f.name) for f in fields(config)} == {
+            k: list(v) if isinstance(v, tuple) else v for k, v in vars(default).items()}, command
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
+    """Only a user's mistake (ValueError, FileNotFoundError, ...) becomes a one-line error."""
+    from minikd import experiments
+
+    def bug(config):
+        raise TypeError("unsupported operand type(s)")
+    monkeypatch.setattr(experiments, "run_distill", bug)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["distill", "--quiet"])
+
+    def mistake(config):
+        raise ValueError("samples: need at least 50, got 3")
+    monkeypatch.setattr(experiments, "run_distill", mistake)
+    assert main(["distill", "--quiet"]) == 2
+    assert capsys.readouterr().err == "minikd distill: error: samples: need at least 50, got 3\n"

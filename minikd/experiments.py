@@ -1,0 +1,483 @@
+"""The pipeline's jobs (floor 4): each takes a config, runs the distillation steps, writes its
+files under ``config.out`` and returns a ``Report``.
+
+    from minikd.experiments import DistillConfig, run_distill
+    report = run_distill(DistillConfig(samples=600, epochs=3, progress=False, out="o"))
+    report.rows["student_kd"]["test_accuracy"]; report.to_json()   # what report.json holds
+
+    run_teacher(TeacherConfig)    step 1 alone: train (or reuse the cached) teacher, export it
+    write_soft_targets(...)       step 2 alone: an exported teacher's logits, to an .npz
+    run_student(StudentConfig)    step 3 alone: distill a student from an exported teacher
+    run_distill(DistillConfig)    steps 1-5: teacher, soft targets, students from scratch, with KD,
+                                  with each feature / relational term, with the transfer set
+    run_sweep(SweepConfig)        step 4: one student per (T, alpha), the best on validation
+    run_mutual(MutualConfig)      deep mutual learning against the same models trained alone
+    evaluate(...), predict(...)   use an exported model
+
+The building blocks (training, soft targets, export) are ``minikd.distill``'s. The ``minikd``
+command turns its options into these configs: a sub-command's options are its config's fields,
+with the config's defaults (``DEFAULTS``). ``on_step`` is ``minikd.distill.train``'s hook, given
+to every training run of the experiment.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .data import from_npz, load_dataset, mnist1d, standardize
+from .distill import (TrainConfig, accuracy, export, inference_seconds_per_sample, load_student, soft_targets,
+                      sweep, train_mutual, train_student, train_teacher)
+from .losses.conventions import check_alpha
+from .nn.serialize import atomic_write
+from .plots import learning_curves, sweep_heatmap
+from .softmax import check_temperature
+
+__all__ = ["DEFAULTS", "TeacherConfig", "StudentConfig", "DistillConfig", "SweepConfig", "MutualConfig", "Report",
+           "run_teacher", "run_student", "run_distill", "run_sweep", "run_mutual", "write_soft_targets",
+           "evaluate", "Evaluation", "predict", "feature_variants"]
+
+# The one place of the pipeline's defaults; each config below takes the ones it uses.
+DEFAULTS = {
+    "samples": 5000,              # MNIST-1D, 80% train / 20% test (the paper's size)
+    "transfer_samples": 45000,    # Hinton's transfer set: unlabeled, labeled only by the teacher
+    "seed": 0,
+    "T": 4.0, "alpha": 0.9,
+    "epochs": 40, "transfer_epochs": 15, "teacher_epochs": 30,
+    "teacher_width": 32,          # 24.8k parameters
+    "student_hidden": 96,         # 4.9k parameters, 1/5 of the teacher
+    "weight_decay": 5e-2,         # the student's AdamW decay; the teacher keeps TrainConfig's 1e-4
+    "batch_size": 128, "lr": 1e-2,
+    "backend": "numpy",           # the KD loss's implementation: the reference
+    "out": "minikd-out", "cache_dir": ".minikd-cache",
+}
+
+
+@dataclass
+class TeacherConfig:
+    """``run_teacher``: the teacher CNN on MNIST-1D or ``data`` (an .npz), no transfer set."""
+    data: str | None = None
+    samples: int = DEFAULTS["samples"]
+    seed: int = DEFAULTS["seed"]
+    teacher_epochs: int = DEFAULTS["teacher_epochs"]
+    teacher_width: int = DEFAULTS["teacher_width"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    out: str = "minikd-teacher"
+    cache_dir: str | None = DEFAULTS["cache_dir"]     # None: no cache
+    progress: bool = True
+
+
+@dataclass
+class StudentConfig:
+    """``run_student``: a KD student from the teacher exported to ``teacher_dir``, on the dataset
+    stored with it (its seed and size); ``seed`` seeds the student's initialization and batches."""
+    teacher_dir: str
+    transfer_samples: int = 0
+    seed: int = DEFAULTS["seed"]
+    T: float = DEFAULTS["T"]
+    alpha: float = DEFAULTS["alpha"]
+    epochs: int = DEFAULTS["epochs"]
+    transfer_epochs: int = DEFAULTS["transfer_epochs"]
+    student_hidden: int = DEFAULTS["student_hidden"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    backend: str = DEFAULTS["backend"]
+    out: str = DEFAULTS["out"]
+    cache_dir: str | None = DEFAULTS["cache_dir"]
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    """``run_distill``. ``hint``: "TEACHER_TAP:STUDENT_TAP[:WEIGHT]" specs (one student with all of
+    them); ``rkd_distance`` / ``rkd_angle``: weights (0: that student is not trained) of the RKD
+    terms between the ``rkd_taps`` ("TEACHER_TAP:STUDENT_TAP") outputs."""
+    data: str | None = None
+    samples: int = DEFAULTS["samples"]
+    transfer_samples: int = DEFAULTS["transfer_samples"]
+    seed: int = DEFAULTS["seed"]
+    T: float = DEFAULTS["T"]
+    alpha: float = DEFAULTS["alpha"]
+    epochs: int = DEFAULTS["epochs"]
+    transfer_epochs: int = DEFAULTS["transfer_epochs"]
+    teacher_epochs: int = DEFAULTS["teacher_epochs"]
+    teacher_width: int = DEFAULTS["teacher_width"]
+    student_hidden: int = DEFAULTS["student_hidden"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    backend: str = DEFAULTS["backend"]
+    hint: list = field(default_factory=list)
+    rkd_distance: float = 0.0
+    rkd_angle: float = 0.0
+    rkd_taps: str = "embed:hidden"
+    out: str = DEFAULTS["out"]
+    cache_dir: str | None = DEFAULTS["cache_dir"]
+    progress: bool = True
+
+
+@dataclass
+class SweepConfig:
+    """``run_sweep``: every (T, alpha) of ``T`` x ``alpha``; with a transfer set the students train
+    ``transfer_epochs`` on it, else ``epochs``."""
+    data: str | None = None
+    samples: int = DEFAULTS["samples"]
+    transfer_samples: int = DEFAULTS["transfer_samples"]
+    seed: int = DEFAULTS["seed"]
+    T: tuple = (1.0, 2.0, 4.0, 8.0)
+    alpha: tuple = (0.5, 0.9, 1.0)
+    epochs: int = DEFAULTS["epochs"]
+    transfer_epochs: int = DEFAULTS["transfer_epochs"]
+    teacher_epochs: int = DEFAULTS["teacher_epochs"]
+    teacher_width: int = DEFAULTS["teacher_width"]
+    student_hidden: int = DEFAULTS["student_hidden"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    backend: str = DEFAULTS["backend"]
+    out: str = DEFAULTS["out"]
+    cache_dir: str | None = DEFAULTS["cache_dir"]
+    progress: bool = True
+
+
+@dataclass
+class MutualConfig:
+    """``run_mutual``: ``models`` students trained together (seeds seed + k; CE + the mean KL at T
+    to their peers), and the same models trained alone with CE. No teacher, no transfer set."""
+    models: int = 2
+    data: str | None = None
+    samples: int = DEFAULTS["samples"]
+    seed: int = DEFAULTS["seed"]
+    T: float = 1.0                # the DML authors' temperature
+    epochs: int = DEFAULTS["epochs"]
+    student_hidden: int = DEFAULTS["student_hidden"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
+    out: str = DEFAULTS["out"]
+    progress: bool = True
+
+
+@dataclass
+class Report:
+    """What an experiment found and wrote.
+
+    ``rows``: the comparison table, in print order (name, test_accuracy, val_accuracy, parameters,
+    compression against the teacher, inference_us_per_sample; KD rows also T and alpha).
+    ``results``: report.json's own part, by key: distill "teacher", "student_scratch",
+    "student_kd", "student_kd_<term>", "student_kd_transfer" (rows); sweep "student_kd" (the best)
+    and "grid" (T, alpha, val_accuracy); student "teacher", "student_kd", "teacher_dir"; mutual
+    "mutual", "independent" (lists of rows), "mean_test_accuracy".
+    ``histories``: learning-curve label -> ``History``. ``student``: the exported student (None
+    for ``run_teacher``); ``teacher``: the teacher (None for mutual learning)."""
+    rows: list
+    results: dict
+    histories: dict
+    student: object
+    teacher: object
+    dataset: dict
+    seconds: float
+    options: dict
+    out: Path
+    machine: str = field(default_factory=lambda: f"{platform.machine()} {platform.processor() or ''}".strip())
+
+    def to_json(self) -> dict:
+        return {**self.results, "dataset": self.dataset, "seconds": self.seconds, "machine": self.machine,
+                "options": self.options}
+
+
+# ---------------------------------------------------------------- shared steps
+
+def _check_samples(samples, transfer_samples):
+    if samples < 50:
+        raise ValueError(f"samples: need at least 50, got {samples}")
+    if transfer_samples < 0:
+        raise ValueError(f"transfer_samples: must be >= 0, got {transfer_samples}")
+
+
+def _check_kd(temperatures, alphas):
+    """T > 0 and alpha in [0, 1], refused before any training."""
+    for T in temperatures:
+        check_temperature(T)
+    for a in alphas:
+        check_alpha(a)
+
+
+def _dataset(config, transfer_samples):
+    _check_samples(config.samples, transfer_samples)
+    if config.data:
+        return from_npz(config.data, seed=config.seed, transfer_samples=transfer_samples)
+    return mnist1d(config.samples, seed=config.seed, transfer_samples=transfer_samples)
+
+
+def _teacher(config, data, on_step=None):
+    """Step 1 (or the cached teacher): (teacher, history). The teacher keeps TrainConfig's weight decay."""
+    cfg = TrainConfig(epochs=config.teacher_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
+    return train_teacher(data, cfg, width=config.teacher_width, progress=config.progress,
+                         cache_dir=config.cache_dir, on_step=on_step)
+
+
+def _targets(teacher, data, cache_dir):
+    """Step 2: the teacher's logits on the training rows and (None without one) on the transfer set."""
+    tl = soft_targets(teacher, data.x_train, cache_dir)
+    tt = soft_targets(teacher, data.x_transfer, cache_dir) if len(data.x_transfer) else None
+    return tl, tt
+
+
+def _student_cfg(config, epochs):
+    return TrainConfig(epochs=epochs, batch_size=config.batch_size, lr=config.lr,
+                       weight_decay=config.weight_decay, seed=config.seed)
+
+
+def _row(name, model, data, teacher_params, extra=None):
+    n = model.num_parameters()
+    return {"name": name, "test_accuracy": accuracy(model, data.x_test, data.y_test),
+            "val_accuracy": accuracy(model, data.x_val, data.y_val), "parameters": n,
+            "compression": teacher_params / n,
+            "inference_us_per_sample": 1e6 * inference_seconds_per_sample(model, data.x_test),
+            **(extra or {})}
+
+
+def _write_report(report: Report):
+    atomic_write(report.out / "report.json", lambda tmp: tmp.write_text(json.dumps(report.to_json(), indent=1)))
+
+
+def _exported_teacher(teacher_dir, transfer_samples):
+    teacher, info = load_student(teacher_dir, "teacher")
+    return teacher, load_dataset(info["dataset"], transfer_samples=transfer_samples)
+
+
+# ---------------------------------------------------------------- feature and relational variants
+
+def _parse_hint(spec):
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise ValueError(f"hint {spec!r}: expected TEACHER_TAP:STUDENT_TAP[:WEIGHT], e.g. embed:hidden:0.5")
+    try:
+        weight = float(parts[2]) if len(parts) == 3 else 1.0
+    except ValueError:
+        raise ValueError(f"hint {spec!r}: the weight {parts[2]!r} is not a number") from None
+    return ("hint", parts[0], parts[1], weight)
+
+
+def feature_variants(config: DistillConfig):
+    """(report key, label, feature specs) of each feature / relational student asked for; the
+    specs are (kind, teacher_tap, student_tap, weight), as ``train_student`` takes them."""
+    out = []
+    if config.hint:
+        specs = [_parse_hint(h) for h in config.hint]
+        out.append(("student_kd_hint", "hint " + ", ".join(f"{a}->{b}" for _, a, b, _ in specs), specs))
+    t_tap, _, s_tap = config.rkd_taps.partition(":")
+    if not t_tap or not s_tap:
+        raise ValueError(f"rkd_taps {config.rkd_taps!r}: expected TEACHER_TAP:STUDENT_TAP")
+    for kind, weight in (("rkd_distance", config.rkd_distance), ("rkd_angle", config.rkd_angle)):
+        if weight:
+            out.append((f"student_kd_{kind}", f"{kind.replace('_', ' ')} x{weight:g}",
+                        [(kind, t_tap, s_tap, weight)]))
+    return out
+
+
+# ---------------------------------------------------------------- the experiments
+
+def run_teacher(config: TeacherConfig, on_step=None) -> Report:
+    """Step 1 alone: train (or reuse the cached) teacher; writes teacher.npz/.json to config.out."""
+    t0 = time.perf_counter()
+    data = _dataset(config, 0)
+    teacher, hist = _teacher(config, data, on_step)
+    out = Path(config.out)
+    export(teacher, out, "teacher", data)
+    row = _row("teacher (CNN)", teacher, data, teacher.num_parameters())
+    return Report([row], {"teacher": row}, {"teacher": hist}, None, teacher, data.spec,
+                  time.perf_counter() - t0, asdict(config), out)
+
+
+def write_soft_targets(teacher_dir, out, transfer_samples: int = 0) -> dict:
+    """Step 2 alone: the teacher exported to ``teacher_dir``, on its own dataset; writes
+    ``logits_train``, ``y_train`` (and ``logits_transfer``) to the .npz ``out``. Returns those arrays."""
+    if transfer_samples < 0:
+        raise ValueError(f"transfer_samples: must be >= 0, got {transfer_samples}")
+    teacher, data = _exported_teacher(teacher_dir, transfer_samples)
+    arrays = {"logits_train": soft_targets(teacher, data.x_train), "y_train": data.y_train}
+    if len(data.x_transfer):
+        arrays["logits_transfer"] = soft_targets(teacher, data.x_transfer)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(out, write)
+    return arrays
+
+
+def run_student(config: StudentConfig, on_step=None) -> Report:
+    """Step 3 alone: a KD student (with the transfer set when ``transfer_samples``) from an
+    exported teacher; writes student.npz/.json and report.json to config.out."""
+    t0 = time.perf_counter()
+    _check_kd([config.T], [config.alpha])
+    if config.transfer_samples < 0:
+        raise ValueError(f"transfer_samples: must be >= 0, got {config.transfer_samples}")
+    teacher, data = _exported_teacher(config.teacher_dir, config.transfer_samples)
+    tl, tt = _targets(teacher, data, config.cache_dir)
+    use_transfer = tt is not None
+    cfg = _student_cfg(config, config.transfer_epochs if use_transfer else config.epochs)
+    model, hist = train_student(data, cfg, teacher_logits=tl, teacher_logits_transfer=tt, T=config.T,
+                                alpha=config.alpha, hidden=config.student_hidden, use_transfer=use_transfer,
+                                progress=config.progress, desc="student (KD)", backend=config.backend,
+                                on_step=on_step)
+    tp = teacher.num_parameters()
+    label = f"student KD (T={config.T:g}, alpha={config.alpha:g})" + (" + transfer" if use_transfer else "")
+    rows = [_row("teacher (CNN)", teacher, data, tp),
+            _row(label, model, data, tp, {"T": config.T, "alpha": config.alpha})]
+    out = Path(config.out)
+    export(model, out, "student", data, {"T": config.T, "alpha": config.alpha})
+    report = Report(rows, {"teacher": rows[0], "student_kd": rows[1], "teacher_dir": str(config.teacher_dir)},
+                    {"student KD": hist}, model, teacher, data.spec, time.perf_counter() - t0, asdict(config), out)
+    _write_report(report)
+    return report
+
+
+def run_distill(config: DistillConfig, on_step=None) -> Report:
+    """Steps 1-5: the teacher, its soft targets, the student from scratch, with KD, with each
+    feature / relational term, and with the transfer set (same seed and schedule); exports the
+    teacher and the best KD student (with the transfer set when there is one) and writes
+    report.json and learning_curves.png to config.out."""
+    t0 = time.perf_counter()
+    _check_kd([config.T], [config.alpha])
+    variants = feature_variants(config)   # option errors before any training
+    data = _dataset(config, config.transfer_samples)
+    teacher, thist = _teacher(config, data, on_step)
+    tl, tt = _targets(teacher, data, config.cache_dir)
+    cfg = _student_cfg(config, config.epochs)
+    kd_options = {"T": config.T, "alpha": config.alpha}
+    common = dict(hidden=config.student_hidden, progress=config.progress, backend=config.backend, on_step=on_step)
+    scratch, sh = train_student(data, cfg, desc="student (scratch)", **common)
+    kd, kh = train_student(data, cfg, teacher_logits=tl, desc="student (KD)", **kd_options, **common)
+    tp = teacher.num_parameters()
+    results = {"teacher": _row("teacher (CNN)", teacher, data, tp),
+               "student_scratch": _row("student from scratch", scratch, data, tp),
+               "student_kd": _row(f"student KD (T={config.T:g}, alpha={config.alpha:g})", kd, data, tp, kd_options)}
+    histories = {"teacher": thist, "student scratch": sh, "student KD": kh}
+    best = kd
+    for key, label, specs in variants:
+        vm, vh = train_student(data, cfg, teacher_logits=tl, desc=f"student ({label})", feature_specs=specs,
+                               teacher=teacher, cache_dir=config.cache_dir, **kd_options, **common)
+        results[key] = _row(f"student KD + {label}", vm, data, tp, {**kd_options, "terms": [list(x) for x in specs]})
+        histories[f"KD + {label}"] = vh
+    if tt is not None:
+        kdt, kth = train_student(data, _student_cfg(config, config.transfer_epochs), teacher_logits=tl,
+                                 teacher_logits_transfer=tt, use_transfer=True, desc="student (KD + transfer)",
+                                 **kd_options, **common)
+        results["student_kd_transfer"] = _row(f"student KD + transfer ({len(data.x_transfer)})", kdt, data, tp,
+                                              {**kd_options, "transfer_samples": len(data.x_transfer)})
+        histories["student KD + transfer"] = kth
+        best = kdt
+    out = Path(config.out)
+    export(teacher, out, "teacher", data)
+    export(best, out, "student", data, kd_options)
+    learning_curves(histories, out / "learning_curves.png")
+    report = Report(list(results.values()), results, histories, best, teacher, data.spec,
+                    time.perf_counter() - t0, asdict(config), out)
+    _write_report(report)
+    return report
+
+
+def run_sweep(config: SweepConfig, on_step=None) -> Report:
+    """Step 4: one student per (T, alpha) (with the transfer set when there is one), the best by
+    validation accuracy exported; writes student.npz/.json, sweep.png and report.json."""
+    t0 = time.perf_counter()
+    temperatures, alphas = [float(t) for t in config.T], [float(a) for a in config.alpha]
+    _check_kd(temperatures, alphas)
+    data = _dataset(config, config.transfer_samples)
+    teacher, _ = _teacher(config, data, on_step)
+    tl, tt = _targets(teacher, data, config.cache_dir)
+    use_transfer = tt is not None
+    cfg = _student_cfg(config, config.transfer_epochs if use_transfer else config.epochs)
+    grid, (_, T, a, model, hist) = sweep(data, cfg, temperatures, alphas, teacher_logits=tl,
+                                         teacher_logits_transfer=tt, hidden=config.student_hidden,
+                                         use_transfer=use_transfer, progress=config.progress,
+                                         backend=config.backend, on_step=on_step)
+    tp = teacher.num_parameters()
+    best = _row(f"best student (T={T:g}, alpha={a:g})", model, data, tp, {"T": T, "alpha": a})
+    out = Path(config.out)
+    export(model, out, "student", data, {"T": T, "alpha": a})
+    sweep_heatmap(grid, temperatures, alphas, out / "sweep.png", best=(temperatures.index(T), alphas.index(a)))
+    report = Report([_row("teacher (CNN)", teacher, data, tp), best],
+                    {"student_kd": best, "grid": {"T": temperatures, "alpha": alphas, "val_accuracy": grid.tolist()}},
+                    {f"best (T={T:g}, alpha={a:g})": hist}, model, teacher, data.spec, time.perf_counter() - t0,
+                    asdict(config), out)
+    _write_report(report)
+    return report
+
+
+def run_mutual(config: MutualConfig) -> Report:
+    """Deep mutual learning: the cohort, then the same models (same seeds) trained alone with CE;
+    exports model 0 of the cohort as the student, writes report.json and learning_curves.png."""
+    if config.models < 2:
+        raise ValueError(f"models: mutual learning needs at least 2 models, got {config.models}")
+    check_temperature(config.T)
+    t0 = time.perf_counter()
+    data = _dataset(config, 0)
+    cfg = _student_cfg(config, config.epochs)
+    cohort, mh = train_mutual(data, cfg, config.models, T=config.T, hidden=config.student_hidden,
+                              progress=config.progress)
+    alone = [train_student(data, replace(cfg, seed=config.seed + k), hidden=config.student_hidden,
+                           progress=config.progress, desc=f"independent {k}") for k in range(config.models)]
+    tp = cohort[0].num_parameters()
+    mutual = [_row(f"model {k} mutual", m, data, tp) for k, m in enumerate(cohort)]
+    independent = [_row(f"model {k} independent", m, data, tp) for k, (m, _) in enumerate(alone)]
+    means = {"mutual": float(np.mean([r["test_accuracy"] for r in mutual])),
+             "independent": float(np.mean([r["test_accuracy"] for r in independent]))}
+    histories = {**{f"mutual {k}": h for k, h in enumerate(mh)},
+                 **{f"independent {k}": h for k, (_, h) in enumerate(alone)}}
+    out = Path(config.out)
+    export(cohort[0], out, "student", data, {"mutual_models": config.models, "T": config.T})
+    learning_curves(histories, out / "learning_curves.png")
+    report = Report(mutual + independent, {"mutual": mutual, "independent": independent, "mean_test_accuracy": means},
+                    histories, cohort[0], None, data.spec, time.perf_counter() - t0, asdict(config), out)
+    _write_report(report)
+    return report
+
+
+# ---------------------------------------------------------------- using an exported model
+
+class Evaluation(NamedTuple):
+    parameters: int
+    test_accuracy: float
+    val_accuracy: float
+    test_samples: int
+    dataset: str
+
+
+def evaluate(directory, name: str = "student") -> Evaluation:
+    """Reload ``<directory>/<name>`` and its dataset (from the stored spec); its accuracies."""
+    model, info = load_student(directory, name)
+    data = load_dataset(info["dataset"], transfer_samples=0)
+    return Evaluation(model.num_parameters(), accuracy(model, data.x_test, data.y_test),
+                      accuracy(model, data.x_val, data.y_val), len(data.y_test), data.name)
+
+
+def predict(directory, inputs, name: str = "student", output=None) -> np.ndarray:
+    """Classes for the raw inputs in the .npy file ``inputs``, (N, D) or (D,), standardized as the
+    model's training data was; saved with ``np.save`` to ``output`` when given."""
+    model, info = load_student(directory, name)
+    try:
+        x = np.load(inputs, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"input {inputs}: no such file") from None
+    except Exception as exc:  # noqa: BLE001  (numpy raises several kinds for a bad file)
+        raise ValueError(f"input {inputs}: not a readable .npy file ({exc})") from None
+    mean, std = np.asarray(info["mean"]), np.asarray(info["std"])
+    x = x[None] if x.ndim == 1 else x
+    if x.ndim != 2 or x.shape[1] != mean.shape[0] or x.dtype.kind not in "fiu":
+        raise ValueError(f"input {inputs}: expected numeric shape (N, {mean.shape[0]}) or "
+                         f"({mean.shape[0]},), got {x.shape} {x.dtype}")
+    pred = np.argmax(model.predict(standardize(x, mean, std)), axis=-1)
+    if output:
+        np.save(output, pred)
+    return pred
