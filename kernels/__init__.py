@@ -5,8 +5,9 @@
 Same meaning and result as ``mk.kd_loss_and_grad`` with teacher logits (``kind``,
 ``scale_t2``, ``reduction``, ``ignore_index``, ``mask``, ``unlabeled`` included; for "none" the
 gradient of the summed loss): the conventions (which rows count, which get the hard term, the
-term weights, the reductions) are ``minikd.losses.conventions``, called here as there. Arguments are validated by the reference's own checks, so errors are the
-same. ``out=`` receives the gradient (it may be the student array itself: in place).
+term weights, the reductions) are ``minikd.losses.conventions``, called here as there. Arguments
+are validated by the reference's own checks, so errors are the same. ``out=`` receives the
+gradient (it may be the student array itself: in place).
 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
 ``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
@@ -76,7 +77,6 @@ class Rows(NamedTuple):
     n_valid: object      # int; on_device: a 0-d device array
     lead: tuple          # the leading shape of the logits
     T: float
-    alpha: float
     soft_weight: float   # alpha * tau (conventions.term_weights)
     hard_weight: float   # 1 - alpha
     bad_labels: object = None   # on_device: (N,) bool, label outside [0, C) and not ignore_index (unchecked yet)
@@ -95,16 +95,14 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
     C = student.shape[-1]
     s = xp.ascontiguousarray(student.reshape(-1, C))
     t = xp.ascontiguousarray(teacher.reshape(-1, C))
-    bad_labels = None
-    if on_device and roles.labels is not None:   # as row_roles would refuse, mask or not
-        bad_labels = (roles.labels != ignore_index) & ((roles.labels < 0) | (roles.labels >= C))
+    bad_labels = roles.out_of_range if on_device else None   # what row_roles would refuse, unchecked here
     n_valid = roles.valid.sum() if on_device else int(roles.valid.sum())
     # the kernels' gradient: of the reduced loss, or for "none" of the sum of the row losses
     upstream = xp.ones(s.shape[0], weight_dtype) if reduction == "none" else 1.0
     weights = conventions.row_weights(upstream, roles.valid, reduction, weight_dtype, n_valid=n_valid)
     soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2)
     return Rows(s, t, conventions.kernel_labels(roles, C, xp), weights, roles.valid, n_valid,
-                tuple(student.shape[:-1]), T, alpha, soft_weight, hard_weight, bad_labels)
+                tuple(student.shape[:-1]), T, soft_weight, hard_weight, bad_labels)
 
 
 def gradient_buffer(out, s, xp):

@@ -2,9 +2,7 @@
 launches it (the algorithms and their numerics are documented in the .cu file).
 
 Which kernel runs is decided by ``plan(N, C, itemsize, aligned)``, a pure function (the tests run
-the same plans on the CPU emulator of ``tests/cuda_emu``):
-
-The defaults are the winners of two GPU runs (NVIDIA H200, 2026-11-28; the second's results in
+the same plans on the CPU emulator of ``tests/cuda_emu``). Its defaults are the winners of two GPU runs (NVIDIA H200, 2026-11-28; the second's results in
 ``benchmarks/results/softmax_kl-gpu-NVIDIA-H200.json``; kernel alone, median of 20, L2 flushed):
 
 * C <= 128: ``softmax_kl_rows`` -- a few lanes per row (LANES = 1..32, ELEMS = 4), the row held in
@@ -57,7 +55,6 @@ SOURCE = Path(__file__).with_name("softmax_kl.cu")
 ROWS_UP_TO = 1024            # the largest C of the register kernel (LANES 32 x ELEMS 32)
 ROWS_BLOCK_THREADS = 128
 BLOCK_THREADS = 512          # the two-pass block kernel (512 beat 1024 at every long shape on the H200)
-RECOMPUTE_FROM_ELEMS = 8     # float32 rows with ELEMS >= 8 (C > 128): the recompute form (H200 winner)
 SUM_THREADS = 1024           # sum_rows: one block, a power of two <= 1024
 CLUSTER_THREADS = 512
 CLUSTER_SIZES = (1, 2, 4, 8, 16)  # 8 is the portable maximum; 16 needs an opt-in (H100 allows it)

@@ -195,11 +195,15 @@ class Report:
 
 # ---------------------------------------------------------------- shared steps
 
+def _check_transfer_samples(transfer_samples):
+    if transfer_samples < 0:
+        raise ValueError(f"transfer_samples: must be >= 0, got {transfer_samples}")
+
+
 def _check_samples(samples, transfer_samples):
     if samples < 50:
         raise ValueError(f"samples: need at least 50, got {samples}")
-    if transfer_samples < 0:
-        raise ValueError(f"transfer_samples: must be >= 0, got {transfer_samples}")
+    _check_transfer_samples(transfer_samples)
 
 
 def _check_kd(temperatures, alphas):
@@ -301,8 +305,7 @@ def run_teacher(config: TeacherConfig, on_step=None) -> Report:
 def write_soft_targets(teacher_dir, out, transfer_samples: int = 0) -> dict:
     """Step 2 alone: the teacher exported to ``teacher_dir``, on its own dataset; writes
     ``logits_train``, ``y_train`` (and ``logits_transfer``) to the .npz ``out``. Returns those arrays."""
-    if transfer_samples < 0:
-        raise ValueError(f"transfer_samples: must be >= 0, got {transfer_samples}")
+    _check_transfer_samples(transfer_samples)
     teacher, data = _exported_teacher(teacher_dir, transfer_samples)
     arrays = {"logits_train": soft_targets(teacher, data.x_train), "y_train": data.y_train}
     if len(data.x_transfer):
@@ -320,8 +323,7 @@ def run_student(config: StudentConfig, on_step=None) -> Report:
     exported teacher; writes student.npz/.json and report.json to config.out."""
     t0 = time.perf_counter()
     _check_kd([config.T], [config.alpha])
-    if config.transfer_samples < 0:
-        raise ValueError(f"transfer_samples: must be >= 0, got {config.transfer_samples}")
+    _check_transfer_samples(config.transfer_samples)
     teacher, data = _exported_teacher(config.teacher_dir, config.transfer_samples)
     tl, tt = _targets(teacher, data, config.cache_dir)
     use_transfer = tt is not None

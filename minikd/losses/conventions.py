@@ -158,6 +158,7 @@ class RowRoles(NamedTuple):
     hard: object         # (N,) bool: the row gets the hard term (has a label and counts)
     labels: object       # (N,) the labels, flattened, or None
     lead: tuple          # the leading shape of the logits
+    out_of_range: object = None   # (N,) bool: a label outside [0, C) and not ignore_index (mask or not)
 
 
 def row_roles(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, unlabeled="ignore", xp=None,
@@ -170,7 +171,7 @@ def row_roles(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, 
     n = 1
     for d in lead_shape:
         n *= d
-    labels_flat = None
+    labels_flat = out_of_range = None
     if labels is None:   # every row counts, none has a label (the KD loss asks for alpha = 1 or "soft")
         has_label = xp.zeros(n, dtype=bool)
         valid = xp.ones(n, dtype=bool)
@@ -197,7 +198,7 @@ def row_roles(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, 
         if tuple(mask.shape) != tuple(lead_shape):
             raise ValueError(f"mask: expected shape {tuple(lead_shape)}, got {tuple(mask.shape)}")
         valid = valid & mask.reshape(-1)
-    return RowRoles(valid, valid & has_label, labels_flat, tuple(lead_shape))
+    return RowRoles(valid, valid & has_label, labels_flat, tuple(lead_shape), out_of_range)
 
 
 def kernel_labels(roles: RowRoles, n_classes: int, xp):
