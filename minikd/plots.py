@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .nn.serialize import atomic_write
+from .files import atomic_write
 
 __all__ = ["learning_curves", "sweep_heatmap", "new_figure", "save_figure"]
 

@@ -4,8 +4,9 @@
 state_dict keys such as ``"0.weight"``) and ``dir/student.json`` (layer types and constructor
 arguments). Each file is written to a temporary name and renamed, so an interrupted save never
 leaves a half-written file. ``load`` builds the layers from the JSON by class name (a fixed
-registry: nothing from the file is executed) and reads arrays with ``allow_pickle=False``.
-A round trip reproduces outputs bit for bit.
+registry: nothing from the file is executed) and reads both files through ``minikd.files`` (never
+pickle); a damaged or inconsistent pair (a missing key, a wrong shape, a NaN weight) is refused
+with a ``FileError`` naming the file. A round trip reproduces outputs bit for bit.
 
 ``load_state_dict(model, arrays)`` copies arrays (e.g. a PyTorch ``state_dict`` saved with
 ``np.savez(path, **{k: v.numpy() for k, v in sd.items()})``) into a model of the same layout,
@@ -14,30 +15,17 @@ checking every key and shape.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..backend import to_numpy
-from .module import Sequential
+from ..files import FileError, atomic_write, check_finite_rows, read_json, read_npz, write_npz
+from .module import LAYER_TYPES, Sequential
 
-__all__ = ["save", "load", "load_state_dict", "state_dict", "atomic_write"]
+__all__ = ["save", "load", "load_state_dict", "state_dict"]
 
 FORMAT = "minikd.Sequential/1"
-
-
-def atomic_write(path, write):
-    """Call ``write(tmp_path)`` then rename onto ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def state_dict(model: Sequential) -> dict:
@@ -57,15 +45,8 @@ def save(model: Sequential, path, extra: dict | None = None):
     stem = _stem(path)
     arch = {"format": FORMAT, **model.config(), "extra": extra or {}}
 
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **state_dict(model))
-
-    def write_json(tmp):
-        tmp.write_text(json.dumps(arch, indent=1))
-
-    atomic_write(stem.with_suffix(".npz"), write_npz)
-    atomic_write(stem.with_suffix(".json"), write_json)
+    write_npz(stem.with_suffix(".npz"), state_dict(model))
+    atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(arch, indent=1)))
 
 
 def load_state_dict(model: Sequential, arrays, strict: bool = True) -> Sequential:
@@ -91,21 +72,48 @@ def load_state_dict(model: Sequential, arrays, strict: bool = True) -> Sequentia
     return model
 
 
+def _architecture(arch, jpath) -> Sequential:
+    """The model a saved ``.json`` describes, every field checked (a FileError names what is wrong)."""
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+        raise FileError(f"{jpath}: not a minikd model (expected format {FORMAT!r})")
+    layers = arch.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise FileError(f"{jpath}: 'layers' must be a non-empty list of layers")
+    for i, spec in enumerate(layers):
+        if not isinstance(spec, dict) or not {"type", "name", "args"} <= set(spec) or \
+                not isinstance(spec["args"], dict):
+            raise FileError(f"{jpath}: layer {i} must be an object with 'type', 'name' and 'args' (an object)")
+        if spec["type"] not in LAYER_TYPES:
+            raise FileError(f"{jpath}: layer {i}: unknown layer type {spec['type']!r}; known: {sorted(LAYER_TYPES)}")
+    if not isinstance(arch.get("extra", {}), dict):
+        raise FileError(f"{jpath}: 'extra' must be an object")
+    try:
+        return Sequential.from_config(arch)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FileError(f"{jpath}: the layers cannot be built from it ({exc})") from None
+
+
 def load(path) -> Sequential:
-    """Rebuild a model saved by ``save``; raises ValueError on a missing or malformed file."""
+    """Rebuild a model saved by ``save``. A missing, damaged or inconsistent file (a key or shape
+    that does not match the architecture, a non-finite weight) raises ``FileError`` naming it."""
     stem = _stem(path)
     jpath, npath = stem.with_suffix(".json"), stem.with_suffix(".npz")
     for p in (jpath, npath):
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such file (a saved model is a .json and a .npz pair)")
+    arch = read_json(jpath, "a minikd model's architecture")
+    model = _architecture(arch, jpath)
+    arrays = read_npz(npath, "a minikd model's weights")
+    for key, a in arrays.items():
+        if a.dtype.kind not in "fiub":
+            raise FileError(f"{npath}: {key} has dtype {a.dtype}, expected numbers")
+        try:
+            check_finite_rows(a.reshape(1, -1) if a.ndim == 0 else a, f"{key}")
+        except ValueError as exc:
+            raise FileError(f"{npath}: weight {exc}") from None
     try:
-        arch = json.loads(jpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{jpath}: not valid JSON ({exc})") from None
-    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
-        raise ValueError(f"{jpath}: not a minikd model (expected format {FORMAT!r})")
-    model = Sequential.from_config(arch)
-    with np.load(npath, allow_pickle=False) as data:
-        load_state_dict(model, {k: data[k] for k in data.files})
+        load_state_dict(model, arrays)
+    except ValueError as exc:
+        raise FileError(f"{npath}: does not match {jpath.name} ({exc})") from None
     model.extra = arch.get("extra", {})
     return model
