@@ -18,7 +18,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "standardize", "mnist1d", "from_npz", "load_dataset", "minibatches", "fingerprint"]
+from .files import FileError, check_finite_rows, read_npz, require_keys
+
+__all__ = ["Dataset", "standardize", "mnist1d", "from_npz", "load_dataset", "minibatches", "fingerprint",
+           "class_count"]
 
 
 class Dataset(NamedTuple):
@@ -66,22 +69,32 @@ def _generate_mnist1d(num_samples: int, seed: int):
     return d["x"], d["y"], d["x_test"], d["y_test"]
 
 
-def _split_and_standardize(name, x, y, x_test, y_test, x_transfer, val_fraction, seed, spec):
+def _split_and_standardize(name, x, y, x_test, y_test, x_transfer, val_fraction, seed, spec, classes=None):
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(x))
     n_val = max(1, int(round(val_fraction * len(x))))
     val, train = perm[:n_val], perm[n_val:]
-    mean = x[train].mean(axis=0)
-    std = x[train].std(axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = x[train].mean(axis=0)
+        std = x[train].std(axis=0)
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        j = int(np.argmax(~(np.isfinite(mean) & np.isfinite(std))))
+        raise FileError(f"{spec.get('path', name)}: x feature {j}: values too large to standardize (its mean or "
+                        f"standard deviation overflows float64); rescale the features")
     std = np.where(std > 0, std, 1.0)
 
-    def z(a):
-        return standardize(a, mean, std)
-    classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
-    return Dataset(name, z(x[train]), y[train].astype(np.int64), z(x[val]), y[val].astype(np.int64),
-                   z(x_test), y_test.astype(np.int64), z(x_transfer), mean, std, classes, spec)
+    def z(a, what):
+        out = standardize(a, mean, std)
+        if not np.isfinite(out).all():   # finite inputs too large for float64 statistics or float32
+            check_finite_rows(out, f"{spec.get('path', name)}: {what} after standardization (values too large)")
+        return out
+    if classes is None:
+        classes = int(max(y.max(), y_test.max() if len(y_test) else 0)) + 1
+    return Dataset(name, z(x[train], "x"), y[train].astype(np.int64), z(x[val], "x"), y[val].astype(np.int64),
+                   z(x_test, "x_test"), y_test.astype(np.int64), z(x_transfer, "x_transfer"), mean, std, classes,
+                   spec)
 
 
 def mnist1d(samples: int = 5000, seed: int = 0, transfer_samples: int = 0,
@@ -102,64 +115,107 @@ def mnist1d(samples: int = 5000, seed: int = 0, transfer_samples: int = 0,
 
 def _require(cond, path, msg):
     if not cond:
-        raise ValueError(f"{path}: {msg}")
+        raise FileError(f"{path}: {msg}")
+
+
+NPZ_ARRAYS = ("x", "y", "x_test", "y_test", "x_transfer")
+
+
+def _check_features(arrays, key, path, width=None):
+    a = arrays[key]
+    _require(a.ndim == 2 and a.dtype.kind in "fiu" and a.shape[1] >= 1, path,
+             f"{key} must be a 2-D numeric array (rows, features), got shape {a.shape} dtype {a.dtype}")
+    _require(width is None or a.shape[1] == width, path, f"{key} must have {width} features like x, got {a.shape}")
+    try:
+        check_finite_rows(a, key)
+    except ValueError as exc:
+        raise FileError(f"{path}: {exc}") from None
+    return a.astype(np.float64)
+
+
+def _check_labels(arrays, key, rows, path):
+    y = arrays[key]
+    _require(y.ndim == 1 and y.dtype.kind in "iu" and len(y) == rows, path,
+             f"{key} must be integer labels of shape ({rows},), got shape {y.shape} dtype {y.dtype}")
+    if len(y) and y.min() < 0:
+        row = int(np.argmax(y < 0))
+        raise FileError(f"{path}: {key} row {row} has label {y[row]}; labels must be 0, 1, ..., C - 1")
+    return y.astype(np.int64)
+
+
+def class_count(y, path) -> int:
+    """The number of classes the training labels imply, C = max(y) + 1, refused when most of the
+    classes 0..C-1 have no example: a stray label (one 200000 among 0..9 would make a
+    200001-class model) or sparse codes, which should be relabeled 0..K-1 first."""
+    present = np.unique(y)
+    if len(present) < 2:
+        raise FileError(f"{path}: y has {len(present)} distinct label(s); distillation needs at least 2 classes")
+    classes = int(present[-1]) + 1
+    if 2 * len(present) < classes:
+        row = int(np.argmax(y == present[-1]))
+        raise FileError(f"{path}: y row {row} has label {present[-1]}, far beyond the others: only {len(present)} "
+                        f"of the {classes} classes 0..{classes - 1} it implies have examples (the next largest "
+                        f"label is {present[-2]}); labels must be 0..C-1, e.g. np.unique(y, return_inverse=True)[1]")
+    return classes
 
 
 def from_npz(path, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1,
-             transfer_samples: int = 0) -> Dataset:
-    """Your data: ``x`` (N, D) float, ``y`` (N,) integer labels 0..C-1, optional ``x_test``,
+             transfer_samples: int = 0, expect_fingerprint: str | None = None) -> Dataset:
+    """Your data: ``x`` (N, D) numbers, ``y`` (N,) integer labels 0..C-1, optional ``x_test``,
     ``y_test`` (else a seeded ``test_fraction`` is held out) and optional ``x_transfer``
-    (unlabeled inputs for the transfer set; ``transfer_samples`` of them are used, 0 = all)."""
+    (unlabeled inputs for the transfer set; up to ``transfer_samples`` of them are used, 0 = all).
+    Everything is checked before use: only those arrays, their shapes, finite values, labels in
+    0..C-1 with C = max(y) + 1 (``class_count``) for y and y_test alike. ``expect_fingerprint``
+    (stored with an exported model): refuse a file whose arrays changed since."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file (expected an .npz with arrays x and y)")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001  (numpy raises several kinds for a bad file)
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
-    with data:
-        arrays = {k: data[k] for k in data.files}
+    arrays = read_npz(path, "your data: an .npz with arrays x (N, D) and y (N,)")
     _require("x" in arrays and "y" in arrays, path, f"expected arrays 'x' and 'y', found {sorted(arrays)}")
-    x, y = arrays["x"], arrays["y"]
-    _require(x.ndim == 2 and x.dtype.kind in "fiu", path, f"x must be a 2-D numeric array (N, D), got "
-             f"shape {x.shape} dtype {x.dtype}")
-    _require(y.ndim == 1 and y.dtype.kind in "iu" and len(y) == len(x), path,
-             f"y must be integer labels of shape ({len(x)},), got shape {y.shape} dtype {y.dtype}")
-    _require(np.isfinite(x).all(), path, "x contains NaN or inf")
-    _require(len(y) == 0 or y.min() >= 0, path, "labels must be >= 0")
+    unknown = sorted(set(arrays) - set(NPZ_ARRAYS))
+    _require(not unknown, path, f"unexpected array(s) {unknown}; minikd reads {', '.join(NPZ_ARRAYS)}")
+    _require(("x_test" in arrays) == ("y_test" in arrays), path, "x_test and y_test come together (one is missing)")
+    digest = fingerprint(*(arrays[k] for k in NPZ_ARRAYS if k in arrays))
+    if expect_fingerprint is not None and digest != expect_fingerprint:
+        raise FileError(f"{path}: its arrays changed since the model was trained on it (fingerprint {digest}, "
+                        f"expected {expect_fingerprint})")
+    x = _check_features(arrays, "x", path)
+    y = _check_labels(arrays, "y", len(x), path)
+    _require(len(x) >= 10, path, f"need at least 10 rows in x, got {len(x)}")
+    classes = class_count(y, path)
     if "x_test" in arrays:
-        _require("y_test" in arrays, path, "x_test given without y_test")
-        x_test, y_test = arrays["x_test"], arrays["y_test"]
-        _require(x_test.ndim == 2 and x_test.shape[1] == x.shape[1], path,
-                 f"x_test must have shape (M, {x.shape[1]}), got {x_test.shape}")
-        _require(y_test.shape == (len(x_test),) and y_test.dtype.kind in "iu", path,
-                 f"y_test must be integer labels of shape ({len(x_test)},)")
+        x_test = _check_features(arrays, "x_test", path, x.shape[1])
+        y_test = _check_labels(arrays, "y_test", len(x_test), path)
+        _require(len(x_test) >= 1, path, "x_test has no rows")
+        if y_test.max() >= classes:
+            row = int(np.argmax(y_test >= classes))
+            raise FileError(f"{path}: y_test row {row} has label {y_test[row]}, but y has classes 0..{classes - 1}")
     else:
         perm = np.random.default_rng(seed + 7).permutation(len(x))
         n_test = max(1, int(round(test_fraction * len(x))))
         x_test, y_test = x[perm[:n_test]], y[perm[:n_test]]
         x, y = x[perm[n_test:]], y[perm[n_test:]]
-    x_transfer = arrays.get("x_transfer", np.zeros((0, x.shape[1])))
-    _require(x_transfer.ndim == 2 and x_transfer.shape[1] == x.shape[1], path,
-             f"x_transfer must have shape (M, {x.shape[1]})")
+    x_transfer = (_check_features(arrays, "x_transfer", path, x.shape[1]) if "x_transfer" in arrays
+                  else np.zeros((0, x.shape[1])))
     if transfer_samples:
         x_transfer = x_transfer[:transfer_samples]
-    _require(len(x) >= 10, path, f"need at least 10 training rows, got {len(x)}")
-    spec = {"kind": "npz", "path": str(path), "seed": seed, "val_fraction": val_fraction,
-            "transfer_samples": transfer_samples}
-    return _split_and_standardize(path.stem, x.astype(np.float64), y, x_test.astype(np.float64), y_test,
-                                  x_transfer.astype(np.float64), val_fraction, seed, spec)
+    spec = {"kind": "npz", "path": str(path.resolve()), "fingerprint": digest, "seed": seed,
+            "val_fraction": val_fraction, "transfer_samples": transfer_samples}
+    return _split_and_standardize(path.stem, x, y, x_test, y_test, x_transfer, val_fraction, seed, spec, classes)
 
 
-def load_dataset(spec: dict, transfer_samples: int | None = None) -> Dataset:
+def load_dataset(spec: dict, transfer_samples: int | None = None, source="the dataset spec") -> Dataset:
     """Rebuild a dataset from the spec stored with an exported model (``transfer_samples``
-    overrides the stored transfer-set size; 0 skips generating it)."""
+    overrides the stored transfer-set size; 0 skips generating it). ``source`` names where the
+    spec came from in errors."""
+    keys = {"mnist1d": ("samples", "seed", "val_fraction"), "npz": ("path", "seed", "val_fraction")}
+    if not isinstance(spec, dict) or spec.get("kind") not in keys:
+        raise FileError(f"{source}: the dataset spec must be an object with 'kind' one of {sorted(keys)}, got "
+                        f"{spec!r:.80}")
+    require_keys(spec, keys[spec["kind"]], source, f"a {spec['kind']} dataset spec")
     n_transfer = spec.get("transfer_samples", 0) if transfer_samples is None else transfer_samples
-    if spec.get("kind") == "mnist1d":
+    if spec["kind"] == "mnist1d":
         return mnist1d(spec["samples"], spec["seed"], n_transfer, spec["val_fraction"])
-    if spec.get("kind") == "npz":
-        return from_npz(spec["path"], spec["seed"], val_fraction=spec["val_fraction"], transfer_samples=n_transfer)
-    raise ValueError(f"dataset spec: unknown kind {spec.get('kind')!r}")
+    return from_npz(spec["path"], spec["seed"], val_fraction=spec["val_fraction"], transfer_samples=n_transfer,
+                    expect_fingerprint=spec.get("fingerprint"))
 
 
 def minibatches(n: int, batch_size: int, rng: np.random.Generator):
