@@ -19,6 +19,7 @@ applies (a ``Step``): the tests check it against the loss written out by hand.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,27 +28,51 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import nn
+from . import checks, nn
 from .data import Dataset, fingerprint, minibatches
 from .kernels import softmax_kl
 from .losses import cross_entropy_and_grad, hint_backward, hint_forward, mutual_backward, mutual_forward
 from .losses.relational import RKD_TERMS
 from .nn.models import student_mlp, teacher_cnn
-from .nn.serialize import atomic_write
+from .files import FileError, check_finite_rows, read_npy, require_keys, write_npy
 
 __all__ = ["TrainConfig", "History", "Step", "FeatureTerm", "train", "train_teacher", "soft_targets",
            "teacher_features", "make_feature_terms", "train_student", "train_mutual",
            "accuracy", "inference_seconds_per_sample", "export", "load_student", "sweep",
-           "distill_loss_and_grad"]
+           "distill_loss_and_grad", "TrainingDiverged"]
+
+log = logging.getLogger("minikd")
 
 
 @dataclass
 class TrainConfig:
+    """Minibatch AdamW with a cosine schedule; every field checked on construction (batches of
+    one row are refused: BatchNorm and the relational terms need two)."""
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-2
     weight_decay: float = 1e-4
     seed: int = 0
+
+    def __post_init__(self):
+        self.epochs = checks.integer("epochs", self.epochs, 1)
+        self.batch_size = checks.integer("batch_size", self.batch_size, 2)
+        self.lr = checks.number("lr", self.lr, 0, exclusive_minimum=True)
+        self.weight_decay = checks.number("weight_decay", self.weight_decay, 0)
+        self.seed = checks.integer("seed", self.seed, 0, checks.MAX_SEED)
+
+
+class TrainingDiverged(ValueError):
+    """The model's outputs or loss became NaN or infinite during training (usually: the learning
+    rate is too high for the data): stopped at once, rather than training on, exporting NaN weights
+    and reporting chance accuracy."""
+
+
+def _check_diverged(desc, epoch, cfg, logits=None, loss=0.0):
+    if (logits is not None and not np.isfinite(logits).all()) or not np.isfinite(loss):
+        what = "the model's outputs" if logits is not None else "the loss"
+        raise TrainingDiverged(f"{desc}: training diverged in epoch {epoch + 1} ({what} became NaN or infinite); "
+                               f"try a lower learning rate than {cfg.lr:g}")
 
 
 @dataclass
@@ -146,39 +171,42 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
     rng = np.random.default_rng(cfg.seed)
     hist = History()
     bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
-    for epoch in bar:
-        opt.lr = schedule(epoch)
-        for o in reg_opts:
-            o.lr = opt.lr
-        total, count = 0.0, 0
-        for idx in minibatches(len(x), cfg.batch_size, rng):
-            if len(idx) < 2:  # BatchNorm and relational terms need two rows
-                continue
-            model.zero_grad()
-            for r in regressors:
-                r.zero_grad()
-            xb, yb = x[idx], y[idx]
-            logits, cache = model.forward(xb, train=True, taps=taps)
-            t = None if teacher_logits is None else teacher_logits[idx]
-            loss, dlogits = distill_loss_and_grad(logits, t, yb, T=T, alpha=alpha, backend=backend)
-            loss = float(loss)
-            tap_grads = {}
-            for term in feature_terms:
-                value, g = term.loss_and_tap_grad(cache.features[term.student_tap], idx)
-                loss += value
-                tap_grads[term.student_tap] = tap_grads.get(term.student_tap, 0) + g
-            model.backward(dlogits, cache, tap_grads=tap_grads)
-            if on_step is not None:
-                on_step(Step(desc, epoch, idx, xb, yb, t, logits, cache.features, loss, dlogits,
-                             tap_grads, model, tuple(feature_terms)))
-            opt.step()
+    with np.errstate(over="ignore", invalid="ignore"):   # a diverging run stops with TrainingDiverged
+        for epoch in bar:
+            opt.lr = schedule(epoch)
             for o in reg_opts:
-                o.step()
-            total, count = total + loss * len(idx), count + len(idx)
-        hist.train_loss.append(total / max(count, 1))
-        if val is not None:
-            hist.val_accuracy.append(accuracy(model, *val))
-            bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", val_acc=f"{hist.val_accuracy[-1]:.3f}")
+                o.lr = opt.lr
+            total, count = 0.0, 0
+            for idx in minibatches(len(x), cfg.batch_size, rng):
+                if len(idx) < 2:  # BatchNorm and relational terms need two rows
+                    continue
+                model.zero_grad()
+                for r in regressors:
+                    r.zero_grad()
+                xb, yb = x[idx], y[idx]
+                logits, cache = model.forward(xb, train=True, taps=taps)
+                _check_diverged(desc, epoch, cfg, logits)
+                t = None if teacher_logits is None else teacher_logits[idx]
+                loss, dlogits = distill_loss_and_grad(logits, t, yb, T=T, alpha=alpha, backend=backend)
+                loss = float(loss)
+                tap_grads = {}
+                for term in feature_terms:
+                    value, g = term.loss_and_tap_grad(cache.features[term.student_tap], idx)
+                    loss += value
+                    tap_grads[term.student_tap] = tap_grads.get(term.student_tap, 0) + g
+                _check_diverged(desc, epoch, cfg, loss=loss)
+                model.backward(dlogits, cache, tap_grads=tap_grads)
+                if on_step is not None:
+                    on_step(Step(desc, epoch, idx, xb, yb, t, logits, cache.features, loss, dlogits,
+                                 tap_grads, model, tuple(feature_terms)))
+                opt.step()
+                for o in reg_opts:
+                    o.step()
+                total, count = total + loss * len(idx), count + len(idx)
+            hist.train_loss.append(total / max(count, 1))
+            if val is not None:
+                hist.val_accuracy.append(accuracy(model, *val))
+                bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", val_acc=f"{hist.val_accuracy[-1]:.3f}")
     return hist
 
 
@@ -188,9 +216,14 @@ def train_teacher(data: Dataset, cfg: TrainConfig, width: int = 32, progress=Tru
     key = fingerprint(data.x_train, data.y_train) + "-" + fingerprint(
         np.frombuffer(json.dumps([asdict(cfg), width]).encode(), np.uint8))
     path = None if cache_dir is None else Path(cache_dir) / f"teacher-{key}"
-    if path is not None and path.with_suffix(".json").exists() and path.with_suffix(".npz").exists():
-        model = nn.load(path)
-        return model, History(**model.extra.get("history", {}))
+    if path is not None and (path.with_suffix(".json").exists() or path.with_suffix(".npz").exists()):
+        try:
+            model = nn.load(path)
+            if model.predict(data.x_val[:2]).shape != (min(2, len(data.x_val)), data.num_classes):
+                raise FileError(f"{path}: not a teacher for this dataset")
+            return model, History(**model.extra.get("history", {}))
+        except (FileError, FileNotFoundError, TypeError, ValueError) as exc:
+            _discard_cache_entry([path.with_suffix(".json"), path.with_suffix(".npz")], exc)
     model = teacher_cnn(data.x_train.shape[1], data.num_classes, width=width, seed=cfg.seed)
     hist = train(model, data.x_train, data.y_train, cfg, val=(data.x_val, data.y_val),
                  desc="teacher", progress=progress, on_step=on_step)
@@ -199,20 +232,34 @@ def train_teacher(data: Dataset, cfg: TrainConfig, width: int = 32, progress=Tru
     return model, hist
 
 
-def _cached(cache_dir, prefix, key_arrays, compute):
-    """``compute()`` (an array), cached as ``<cache_dir>/<prefix>-<fingerprint of key_arrays>.npy``
-    (written atomically); without a cache_dir, just ``compute()``."""
+def _discard_cache_entry(paths, exc):
+    """A cache entry that cannot be used (truncated by a full disk, damaged, or from another
+    version): say so, remove it, and let the caller rebuild it."""
+    log.warning("cache entry %s could not be used (%s); discarded, rebuilding it",
+                ", ".join(str(p) for p in paths if p.exists()) or paths[0], exc)
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _cached(cache_dir, prefix, key_arrays, compute, expect_rows):
+    """``compute()`` (a float32 array of ``expect_rows`` rows), cached as
+    ``<cache_dir>/<prefix>-<fingerprint of key_arrays>.npy`` (written atomically); an entry that
+    fails to load or is not such an array is reported, discarded and rebuilt. Without a cache_dir,
+    just ``compute()``."""
     if cache_dir is None:
         return compute()
     path = Path(cache_dir) / f"{prefix}-{fingerprint(*key_arrays)}.npy"
     if path.exists():
-        return np.load(path, allow_pickle=False)
+        try:
+            arr = read_npy(path, "a cached array")
+            if arr.dtype != np.float32 or arr.ndim < 2 or len(arr) != expect_rows:
+                raise FileError(f"{path}: expected float32 with {expect_rows} rows, got {arr.dtype} {arr.shape}")
+            check_finite_rows(arr, str(path))
+            return arr
+        except ValueError as exc:
+            _discard_cache_entry([path], exc)
     arr = compute()
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-    atomic_write(path, write)
+    write_npy(path, arr)
     return arr
 
 
@@ -224,7 +271,7 @@ def _weight_arrays(model):
 def soft_targets(teacher, x, cache_dir=None):
     """Step 2. Teacher logits on x (float32), cached under (x content, teacher weights)."""
     return _cached(cache_dir, "soft-targets", [x, *_weight_arrays(teacher)],
-                   lambda: teacher.predict(x).astype(np.float32))
+                   lambda: teacher.predict(x).astype(np.float32), len(x))
 
 
 def teacher_features(teacher, x, tap: str, cache_dir=None):
@@ -237,7 +284,7 @@ def teacher_features(teacher, x, tap: str, cache_dir=None):
                 for i in range(0, len(x), 1024)]
         return np.concatenate(outs).astype(np.float32)
     key = [x, np.frombuffer(tap.encode(), np.uint8), *_weight_arrays(teacher)]
-    return _cached(cache_dir, "teacher-features", key, compute)
+    return _cached(cache_dir, "teacher-features", key, compute, len(x))
 
 
 def make_feature_terms(specs, teacher, student, x, cache_dir=None, seed=0):
@@ -286,23 +333,25 @@ def train_mutual(data: Dataset, cfg: TrainConfig, models: int, *, T=1.0, hidden=
     rng = np.random.default_rng(cfg.seed)
     hists = [History() for _ in cohort]
     x, y = data.x_train, data.y_train
-    for epoch in tqdm(range(cfg.epochs), desc=f"mutual ({models} models)", disable=not progress, leave=False):
-        for o in opts:
-            o.lr = schedule(epoch)
-        totals = np.zeros(models)
-        for idx in minibatches(len(x), cfg.batch_size, rng):
-            outs = []
-            for m in cohort:
-                m.zero_grad()
-                outs.append(m.forward(x[idx], train=True))
-            losses, cache = mutual_forward([o[0] for o in outs], y[idx], T=T, mode="detached")
-            for m, o, g, opt in zip(cohort, outs, mutual_backward(np.ones(models), cache), opts):
-                m.backward(g, o[1])
-                opt.step()
-            totals += np.asarray(losses, dtype=float) * len(idx)
-        for k, m in enumerate(cohort):
-            hists[k].train_loss.append(totals[k] / len(x))
-            hists[k].val_accuracy.append(accuracy(m, data.x_val, data.y_val))
+    with np.errstate(over="ignore", invalid="ignore"):   # a diverging run stops with TrainingDiverged
+        for epoch in tqdm(range(cfg.epochs), desc=f"mutual ({models} models)", disable=not progress, leave=False):
+            for o in opts:
+                o.lr = schedule(epoch)
+            totals = np.zeros(models)
+            for idx in minibatches(len(x), cfg.batch_size, rng):
+                outs = []
+                for k, m in enumerate(cohort):
+                    m.zero_grad()
+                    outs.append(m.forward(x[idx], train=True))
+                    _check_diverged(f"mutual model {k}", epoch, cfg, outs[-1][0])
+                losses, cache = mutual_forward([o[0] for o in outs], y[idx], T=T, mode="detached")
+                for m, o, g, opt in zip(cohort, outs, mutual_backward(np.ones(models), cache), opts):
+                    m.backward(g, o[1])
+                    opt.step()
+                totals += np.asarray(losses, dtype=float) * len(idx)
+            for k, m in enumerate(cohort):
+                hists[k].train_loss.append(totals[k] / len(x))
+                hists[k].val_accuracy.append(accuracy(m, data.x_val, data.y_val))
     return cohort, hists
 
 
@@ -314,12 +363,26 @@ def export(model, out_dir, name: str, data: Dataset, extra: dict | None = None):
 
 
 def load_student(out_dir, name: str = "student"):
-    """Load an exported model; returns (model, info) where info holds mean/std and the dataset spec."""
-    model = nn.load(Path(out_dir) / name)
-    info = model.extra
-    for k in ("mean", "std"):
-        if k not in info:
-            raise ValueError(f"{out_dir}/{name}.json: no '{k}' stored; was it written by minikd distill?")
+    """Load an exported model; returns (model, info) where info holds mean/std, the class count and
+    the dataset spec, each checked against the model."""
+    stem = Path(out_dir) / name
+    model = nn.load(stem)
+    info, where = model.extra, stem.with_suffix(".json")
+    require_keys(info, ("mean", "std", "dataset", "num_classes"), where,
+                 "an exported model's 'extra' (written by minikd distill, sweep, teacher, student or mutual)")
+    try:
+        mean, std = np.asarray(info["mean"], np.float64), np.asarray(info["std"], np.float64)
+    except (TypeError, ValueError):
+        raise FileError(f"{where}: 'mean' and 'std' must be lists of numbers") from None
+    if mean.ndim != 1 or mean.shape != std.shape or not np.isfinite(mean).all() or not (std > 0).all() \
+            or not np.isfinite(std).all():
+        raise FileError(f"{where}: 'mean' and 'std' must be equally long lists of finite numbers, std > 0")
+    try:
+        probe = model.predict(np.zeros((1, len(mean)), np.float32))
+    except ValueError:
+        raise FileError(f"{where}: the model does not take {len(mean)} features, the length of its 'mean'") from None
+    if probe.shape[-1] != info["num_classes"]:
+        raise FileError(f"{where}: the model has {probe.shape[-1]} outputs but 'num_classes' is {info['num_classes']}")
     return model, info
 
 
