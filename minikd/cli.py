@@ -5,27 +5,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 
 import minikd
 
 from . import experiments
-from .experiments import DistillConfig, MutualConfig, StudentConfig, SweepConfig, TeacherConfig
+from .checks import MissingDependency
+from .experiments import ConfigError, DistillConfig, MutualConfig, StudentConfig, SweepConfig, TeacherConfig
 from .gradcheck_ops import run_all as run_gradchecks
 from .torch_parity import run_all as run_torch_parity
 
 __all__ = ["main", "build_parser"]
 
-# What a user's mistake raises (options, data files, paths: the validation's errors): one line, no
-# traceback. Anything else (TypeError, KeyError, ...) is a bug in minikd and shows its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+# What a user's mistake or the environment raises (options, data files, paths, a full or read-only
+# disk, a missing optional package): one line on stderr, no traceback, exit code 2. Anything else
+# (TypeError, KeyError, ...) is a bug in minikd and shows its traceback.
+USER_ERRORS = (ValueError, OSError, MissingDependency)
 
 
-def _positive_int(s):
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s}")
-    return v
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc) -> str:
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, MissingDependency):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ---------------------------------------------------------------- the pipeline's options
@@ -46,16 +56,16 @@ OPTIONS = {
     "seed": (_DATA, dict(type=int, help="seed of data, splits, init and batches (default %(default)s)")),
     "T": (_TRAINING, dict(type=float, help="temperature(s) (default %(default)s)")),
     "alpha": (_TRAINING, dict(type=float, help="weight(s) of the distillation term in [0, 1] (default %(default)s)")),
-    "epochs": (_TRAINING, dict(type=_positive_int, help="student epochs (default %(default)s)")),
-    "transfer_epochs": (_TRAINING, dict(type=_positive_int, help="student epochs with the transfer set, which has "
+    "epochs": (_TRAINING, dict(type=int, help="student epochs (default %(default)s)")),
+    "transfer_epochs": (_TRAINING, dict(type=int, help="student epochs with the transfer set, which has "
                                         "many more rows (default %(default)s)")),
-    "teacher_epochs": (_TRAINING, dict(type=_positive_int, help="teacher epochs (default %(default)s)")),
-    "teacher_width": (_TRAINING, dict(type=_positive_int, help="teacher CNN channels (default %(default)s)")),
-    "student_hidden": (_TRAINING, dict(type=_positive_int, help="student MLP hidden units (default %(default)s: "
+    "teacher_epochs": (_TRAINING, dict(type=int, help="teacher epochs (default %(default)s)")),
+    "teacher_width": (_TRAINING, dict(type=int, help="teacher CNN channels (default %(default)s)")),
+    "student_hidden": (_TRAINING, dict(type=int, help="student MLP hidden units (default %(default)s: "
                                        "4.9k parameters, 1/5 of the teacher)")),
     "weight_decay": (_TRAINING, dict(type=float, help="student AdamW weight decay (default %(default)s; the "
                                      "teacher uses 1e-4)")),
-    "batch_size": (_TRAINING, dict(type=_positive_int, help="minibatch size (default %(default)s)")),
+    "batch_size": (_TRAINING, dict(type=int, help="minibatch size (default %(default)s)")),
     "lr": (_TRAINING, dict(type=float, help="AdamW learning rate, cosine schedule (default %(default)s)")),
     "backend": (_TRAINING, dict(choices=["numpy", "numba", "auto"], help="implementation of the KD loss "
                                 "(default %(default)s, the reference; numba: the fused kernel)")),
@@ -104,7 +114,18 @@ def _add_config_options(parser, config_cls, helps=None):
 
 
 def _config(config_cls, args):
-    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+    """The sub-command's config, every field checked now (before any work): a bad value is
+    reported as the option's error."""
+    config = config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+    try:
+        experiments.validate(config)
+    except ConfigError as exc:
+        field = next(f for f in dataclasses.fields(config_cls) if f.name == exc.field)
+        positional = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        option = field.name if positional else "--" + field.name.replace("_", "-")
+        detail = str(exc).removeprefix(f"{field.name}: ")
+        args.parser.error(f"argument {option}: {detail}")
+    return config
 
 
 # ---------------------------------------------------------------- printing
@@ -153,6 +174,10 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_soft_targets(args) -> int:
+    try:
+        experiments.CHECKS["transfer_samples"]("transfer_samples", args.transfer_samples)
+    except ValueError as exc:
+        args.parser.error(f"argument --transfer-samples: {str(exc).removeprefix('transfer_samples: ')}")
     arrays = experiments.write_soft_targets(args.teacher_dir, args.out, args.transfer_samples)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
           + " (logits: apply the temperature at loss time)")
@@ -208,7 +233,7 @@ def cmd_verify(args) -> int:
     try:
         rows = run_torch_parity(seed=args.seed)
     except ImportError:
-        raise ValueError("PyTorch is not installed; on a CPU machine: pip install torch==2.13.0") from None
+        raise MissingDependency("PyTorch is not installed; on a CPU machine: pip install torch==2.13.0") from None
     print(f"{'loss':<18}{'cases':>6}{'value rel err':>15}{'grad rel err':>14}  result")
     for r in rows:
         ok = r.value_rel <= args.rtol and r.grad_rel <= args.rtol
@@ -219,35 +244,35 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minikd", description=minikd.__doc__.splitlines()[0])
+    p = Parser(prog="minikd", description=minikd.__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("gradcheck", help="check every op's hand-derived gradient numerically")
     g.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
     g.add_argument("--rtol", type=float, default=1e-7, help="max relative error to pass (default 1e-7)")
-    g.set_defaults(func=cmd_gradcheck)
+    g.set_defaults(func=cmd_gradcheck, parser=g)
 
     v = sub.add_parser("verify", help="compare every loss and its gradient with PyTorch autograd (float64)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
     v.add_argument("--rtol", type=float, default=1e-10, help="max relative error to pass (default 1e-10)")
-    v.set_defaults(func=cmd_verify)
+    v.set_defaults(func=cmd_verify, parser=v)
 
     d = sub.add_parser("distill", help="train a teacher, distill a student, compare with scratch (the main job)",
                        description="The seed's practice end to end: train the teacher CNN, cache its soft "
                        "targets, train the student MLP from scratch and with the KD loss (and with a transfer "
                        "set), print the comparison, export the student.")
     _add_config_options(d, DistillConfig)
-    d.set_defaults(func=cmd_distill)
+    d.set_defaults(func=cmd_distill, parser=d)
     s = sub.add_parser("sweep", help="tune T and alpha on the validation split, draw a heatmap")
     _add_config_options(s, SweepConfig)
-    s.set_defaults(func=cmd_sweep)
+    s.set_defaults(func=cmd_sweep, parser=s)
     te = sub.add_parser("teacher", help="step 1 alone: train the teacher and export it")
     _add_config_options(te, TeacherConfig)
-    te.set_defaults(func=cmd_teacher)
+    te.set_defaults(func=cmd_teacher, parser=te)
     st_ = sub.add_parser("soft-targets", help="step 2 alone: an exported teacher's logits on its training rows")
     st_.add_argument("teacher_dir", help="output directory of minikd teacher (or distill)")
     st_.add_argument("--out", required=True, metavar="FILE.npz", help="where to write logits_train (and logits_transfer)")
     st_.add_argument("--transfer-samples", type=int, default=0, metavar="N", help="also label N transfer samples")
-    st_.set_defaults(func=cmd_soft_targets)
+    st_.set_defaults(func=cmd_soft_targets, parser=st_)
     su = sub.add_parser("student", help="step 3 alone: distill a student from an exported teacher",
                         description="Distill a student from the teacher exported to TEACHER_DIR, on the teacher's "
                         "own dataset (stored with it); for your own data or feature terms use minikd distill.")
@@ -257,31 +282,61 @@ def build_parser() -> argparse.ArgumentParser:
                             "teacher (Hinton's transfer set; default %(default)s: none)",
         "seed": "seed of the student's initialization and batch order (default %(default)s; the data are the "
                 "teacher's)"})
-    su.set_defaults(func=cmd_student)
+    su.set_defaults(func=cmd_student, parser=su)
     m = sub.add_parser("mutual", help="deep mutual learning: a cohort of students vs the same trained alone")
     _add_config_options(m, MutualConfig, {"T": "temperature of the peers' KL terms (default %(default)s)"})
-    m.set_defaults(func=cmd_mutual)
+    m.set_defaults(func=cmd_mutual, parser=m)
     e = sub.add_parser("evaluate", help="load an exported student and report its test accuracy")
     e.add_argument("dir", help="output directory of distill or sweep")
     e.add_argument("--name", default="student", help="model name in DIR (default student; or teacher)")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, parser=e)
     q = sub.add_parser("predict", help="predict classes for raw inputs with an exported student")
     q.add_argument("dir", help="output directory of distill or sweep")
     q.add_argument("--input", required=True, metavar="FILE.npy", help="raw inputs (N, D) or (D,)")
     q.add_argument("--output", metavar="FILE.npy", help="save predictions here (default: print them)")
     q.add_argument("--name", default="student", help="model name in DIR (default student)")
-    q.set_defaults(func=cmd_predict)
+    q.set_defaults(func=cmd_predict, parser=q)
     return p
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at each message (a test's capture included)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _show_warnings():
+    """minikd's warnings (a discarded cache entry) as one line each on stderr."""
+    log = logging.getLogger("minikd")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("minikd: warning: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_warnings()
     try:
         return args.func(args)
     except USER_ERRORS as exc:
-        print(f"minikd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"minikd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"minikd {args.command}: error: out of memory; use fewer samples or smaller models", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nminikd {args.command}: interrupted (files are written whole or not at all: nothing "
+              f"half-written was left)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

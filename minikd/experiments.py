@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,8 +33,11 @@ import numpy as np
 from .data import from_npz, load_dataset, mnist1d, standardize
 from .distill import (TrainConfig, accuracy, export, inference_seconds_per_sample, load_student, soft_targets,
                       sweep, train_mutual, train_student, train_teacher)
+from . import checks
+from .files import FileError, atomic_write, check_finite_rows, read_array, writable_dir, writable_file, write_npy, \
+    write_npz
 from .losses.conventions import check_alpha
-from .nn.serialize import atomic_write
+from .nn.models import student_mlp, teacher_cnn
 from .plots import learning_curves, sweep_heatmap
 from .softmax import check_temperature
 
@@ -193,29 +196,136 @@ class Report:
                 "options": self.options}
 
 
+# ---------------------------------------------------------------- checking a config
+
+class ConfigError(ValueError):
+    """A config field out of its range: ``field`` names it (the CLI names the option)."""
+
+    def __init__(self, field_name, message):
+        super().__init__(message)
+        self.field = field_name
+
+
+def _path(name, v):
+    if not isinstance(v, (str, Path)) or not str(v):
+        raise ValueError(f"{name}: expected a path, got {v!r}")
+    return v
+
+
+def _path_or_none(name, v):
+    return v if v is None else _path(name, v)
+
+
+def _existing_file(name, v):
+    if v is not None:
+        _path(name, v)
+        if not Path(v).is_file():
+            raise ValueError(f"{name}: {v}: {'is a folder' if Path(v).is_dir() else 'no such file'}")
+    return v
+
+
+def _existing_dir(name, v):
+    if not Path(v).is_dir():
+        raise ValueError(f"{name}: {v}: {'not a folder' if Path(v).exists() else 'no such folder'}")
+    return v
+
+
+def _choice(*choices):
+    def check(name, v):
+        if v not in choices:
+            raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {v!r}")
+        return v
+    return check
+
+
+def _check_taps(name, t_tap, s_tap):
+    """The tapped layers exist in the pipeline's teacher CNN and student MLP (the layer names do
+    not depend on the sizes: tiny models tell them)."""
+    for role, tap, model in (("teacher", t_tap, teacher_cnn(8, 2, width=1)), ("student", s_tap, student_mlp(8, 2, 1))):
+        if tap not in model.names:
+            raise ValueError(f"{name}: {role} tap {tap!r}: no such layer; the {role}'s layers are {model.names}")
+
+
+def _rkd_taps(name, v):
+    """"TEACHER_TAP:STUDENT_TAP" -> (teacher tap, student tap)."""
+    t_tap, _, s_tap = str(v).partition(":")
+    if not t_tap or not s_tap or ":" in s_tap:
+        raise ValueError(f"{name}: expected TEACHER_TAP:STUDENT_TAP, got {v!r}")
+    _check_taps(name, t_tap, s_tap)
+    return t_tap, s_tap
+
+
+def _hints(name, v):
+    for h in v:
+        _, t_tap, s_tap, _ = _parse_hint(h)
+        _check_taps(f"hint {h!r}", t_tap, s_tap)
+    return list(v)
+
+
+def _int(minimum, maximum=None):
+    return lambda name, v: checks.integer(name, v, minimum, maximum)
+
+
+# How each config field is checked: one rule per field, wherever the field appears. Every
+# experiment calls ``validate`` first, so a bad setting fails before any data is made or loaded.
+CHECKS = {
+    "models": _int(2),
+    "data": _existing_file,
+    "teacher_dir": _existing_dir,
+    "samples": _int(50),
+    "transfer_samples": _int(0),
+    "seed": _int(0, checks.MAX_SEED),
+    "T": lambda name, v: check_temperature(v),
+    "alpha": lambda name, v: check_alpha(v),
+    "epochs": _int(1), "transfer_epochs": _int(1), "teacher_epochs": _int(1),
+    "teacher_width": _int(1), "student_hidden": _int(1),
+    "weight_decay": lambda name, v: checks.number(name, v, 0),
+    "batch_size": _int(2),   # BatchNorm and the relational terms need two rows
+    "lr": lambda name, v: checks.number(name, v, 0, exclusive_minimum=True),
+    "backend": _choice("numpy", "numba", "auto"),
+    "hint": _hints,
+    "rkd_distance": lambda name, v: checks.number(name, v, 0),
+    "rkd_angle": lambda name, v: checks.number(name, v, 0),
+    "rkd_taps": _rkd_taps,
+    "out": _path,
+    "cache_dir": _path_or_none,
+    "progress": lambda name, v: bool(v),
+}
+
+
+def validate(config):
+    """Check every field of an experiment's config (``CHECKS``); the first bad one raises
+    ``ConfigError`` naming it. Sequences (the sweep's T and alpha) are checked element by element."""
+    for f in fields(config):
+        value, check = getattr(config, f.name), CHECKS[f.name]
+        try:
+            if isinstance(value, (tuple, list)) and f.name not in ("hint",):
+                if not value:
+                    raise ValueError(f"{f.name}: expected at least one value")
+                for v in value:
+                    check(f.name, v)
+            else:
+                check(f.name, value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f.name, str(exc)) from None
+
+
+def _prepare_outputs(config):
+    """The folders the experiment will write, created and proven writable before any work."""
+    writable_dir(config.out, "out")
+    if getattr(config, "cache_dir", None) is not None:
+        writable_dir(config.cache_dir, "cache_dir")
+
+
+def _start(config) -> float:
+    validate(config)
+    _prepare_outputs(config)
+    return time.perf_counter()
+
+
 # ---------------------------------------------------------------- shared steps
 
-def _check_transfer_samples(transfer_samples):
-    if transfer_samples < 0:
-        raise ValueError(f"transfer_samples: must be >= 0, got {transfer_samples}")
-
-
-def _check_samples(samples, transfer_samples):
-    if samples < 50:
-        raise ValueError(f"samples: need at least 50, got {samples}")
-    _check_transfer_samples(transfer_samples)
-
-
-def _check_kd(temperatures, alphas):
-    """T > 0 and alpha in [0, 1], refused before any training."""
-    for T in temperatures:
-        check_temperature(T)
-    for a in alphas:
-        check_alpha(a)
-
-
 def _dataset(config, transfer_samples):
-    _check_samples(config.samples, transfer_samples)
     if config.data:
         return from_npz(config.data, seed=config.seed, transfer_samples=transfer_samples)
     return mnist1d(config.samples, seed=config.seed, transfer_samples=transfer_samples)
@@ -253,9 +363,20 @@ def _write_report(report: Report):
     atomic_write(report.out / "report.json", lambda tmp: tmp.write_text(json.dumps(report.to_json(), indent=1)))
 
 
+def _exported(directory, name, transfer_samples):
+    """An exported model and the dataset it was trained on, the two checked against each other."""
+    model, info = load_student(directory, name)
+    where = Path(directory) / f"{name}.json"
+    data = load_dataset(info["dataset"], transfer_samples=transfer_samples, source=where)
+    if data.num_classes != info["num_classes"] or data.x_train.shape[1] != len(info["mean"]):
+        raise FileError(f"{where}: the model ({info['num_classes']} classes, {len(info['mean'])} features) does "
+                        f"not match its dataset as rebuilt ({data.num_classes} classes, {data.x_train.shape[1]} "
+                        f"features)")
+    return model, data
+
+
 def _exported_teacher(teacher_dir, transfer_samples):
-    teacher, info = load_student(teacher_dir, "teacher")
-    return teacher, load_dataset(info["dataset"], transfer_samples=transfer_samples)
+    return _exported(teacher_dir, "teacher", transfer_samples)
 
 
 # ---------------------------------------------------------------- feature and relational variants
@@ -268,6 +389,7 @@ def _parse_hint(spec):
         weight = float(parts[2]) if len(parts) == 3 else 1.0
     except ValueError:
         raise ValueError(f"hint {spec!r}: the weight {parts[2]!r} is not a number") from None
+    checks.number(f"hint {spec!r}: the weight", weight, 0)
     return ("hint", parts[0], parts[1], weight)
 
 
@@ -278,9 +400,7 @@ def feature_variants(config: DistillConfig):
     if config.hint:
         specs = [_parse_hint(h) for h in config.hint]
         out.append(("student_kd_hint", "hint " + ", ".join(f"{a}->{b}" for _, a, b, _ in specs), specs))
-    t_tap, _, s_tap = config.rkd_taps.partition(":")
-    if not t_tap or not s_tap:
-        raise ValueError(f"rkd_taps {config.rkd_taps!r}: expected TEACHER_TAP:STUDENT_TAP")
+    t_tap, s_tap = _rkd_taps("rkd_taps", config.rkd_taps)
     for kind, weight in (("rkd_distance", config.rkd_distance), ("rkd_angle", config.rkd_angle)):
         if weight:
             out.append((f"student_kd_{kind}", f"{kind.replace('_', ' ')} x{weight:g}",
@@ -292,7 +412,7 @@ def feature_variants(config: DistillConfig):
 
 def run_teacher(config: TeacherConfig, on_step=None) -> Report:
     """Step 1 alone: train (or reuse the cached) teacher; writes teacher.npz/.json to config.out."""
-    t0 = time.perf_counter()
+    t0 = _start(config)
     data = _dataset(config, 0)
     teacher, hist = _teacher(config, data, on_step)
     out = Path(config.out)
@@ -305,25 +425,21 @@ def run_teacher(config: TeacherConfig, on_step=None) -> Report:
 def write_soft_targets(teacher_dir, out, transfer_samples: int = 0) -> dict:
     """Step 2 alone: the teacher exported to ``teacher_dir``, on its own dataset; writes
     ``logits_train``, ``y_train`` (and ``logits_transfer``) to the .npz ``out``. Returns those arrays."""
-    _check_transfer_samples(transfer_samples)
+    transfer_samples = CHECKS["transfer_samples"]("transfer_samples", transfer_samples)
+    _existing_dir("teacher_dir", teacher_dir)
+    writable_file(out, "out")
     teacher, data = _exported_teacher(teacher_dir, transfer_samples)
     arrays = {"logits_train": soft_targets(teacher, data.x_train), "y_train": data.y_train}
     if len(data.x_transfer):
         arrays["logits_transfer"] = soft_targets(teacher, data.x_transfer)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    atomic_write(out, write)
+    write_npz(out, arrays)
     return arrays
 
 
 def run_student(config: StudentConfig, on_step=None) -> Report:
     """Step 3 alone: a KD student (with the transfer set when ``transfer_samples``) from an
     exported teacher; writes student.npz/.json and report.json to config.out."""
-    t0 = time.perf_counter()
-    _check_kd([config.T], [config.alpha])
-    _check_transfer_samples(config.transfer_samples)
+    t0 = _start(config)
     teacher, data = _exported_teacher(config.teacher_dir, config.transfer_samples)
     tl, tt = _targets(teacher, data, config.cache_dir)
     use_transfer = tt is not None
@@ -349,9 +465,8 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
     feature / relational term, and with the transfer set (same seed and schedule); exports the
     teacher and the best KD student (with the transfer set when there is one) and writes
     report.json and learning_curves.png to config.out."""
-    t0 = time.perf_counter()
-    _check_kd([config.T], [config.alpha])
-    variants = feature_variants(config)   # option errors before any training
+    t0 = _start(config)
+    variants = feature_variants(config)
     data = _dataset(config, config.transfer_samples)
     teacher, thist = _teacher(config, data, on_step)
     tl, tt = _targets(teacher, data, config.cache_dir)
@@ -392,9 +507,8 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
 def run_sweep(config: SweepConfig, on_step=None) -> Report:
     """Step 4: one student per (T, alpha) (with the transfer set when there is one), the best by
     validation accuracy exported; writes student.npz/.json, sweep.png and report.json."""
-    t0 = time.perf_counter()
+    t0 = _start(config)
     temperatures, alphas = [float(t) for t in config.T], [float(a) for a in config.alpha]
-    _check_kd(temperatures, alphas)
     data = _dataset(config, config.transfer_samples)
     teacher, _ = _teacher(config, data, on_step)
     tl, tt = _targets(teacher, data, config.cache_dir)
@@ -420,10 +534,7 @@ def run_sweep(config: SweepConfig, on_step=None) -> Report:
 def run_mutual(config: MutualConfig) -> Report:
     """Deep mutual learning: the cohort, then the same models (same seeds) trained alone with CE;
     exports model 0 of the cohort as the student, writes report.json and learning_curves.png."""
-    if config.models < 2:
-        raise ValueError(f"models: mutual learning needs at least 2 models, got {config.models}")
-    check_temperature(config.T)
-    t0 = time.perf_counter()
+    t0 = _start(config)
     data = _dataset(config, 0)
     cfg = _student_cfg(config, config.epochs)
     cohort, mh = train_mutual(data, cfg, config.models, T=config.T, hidden=config.student_hidden,
@@ -458,28 +569,33 @@ class Evaluation(NamedTuple):
 
 def evaluate(directory, name: str = "student") -> Evaluation:
     """Reload ``<directory>/<name>`` and its dataset (from the stored spec); its accuracies."""
-    model, info = load_student(directory, name)
-    data = load_dataset(info["dataset"], transfer_samples=0)
+    _existing_dir("dir", directory)
+    model, data = _exported(directory, name, 0)
     return Evaluation(model.num_parameters(), accuracy(model, data.x_test, data.y_test),
                       accuracy(model, data.x_val, data.y_val), len(data.y_test), data.name)
 
 
 def predict(directory, inputs, name: str = "student", output=None) -> np.ndarray:
-    """Classes for the raw inputs in the .npy file ``inputs``, (N, D) or (D,), standardized as the
-    model's training data was; saved with ``np.save`` to ``output`` when given."""
+    """Classes for the raw inputs in ``inputs`` (a .npy, or an .npz with an array ``x`` or a single
+    array), (N, D) or (D,), standardized as the model's training data was; saved as a .npy to
+    exactly ``output`` when given. Rows with NaN or inf are refused (naming the first)."""
+    _existing_dir("dir", directory)
+    if output is not None:
+        writable_file(output, "output")
     model, info = load_student(directory, name)
-    try:
-        x = np.load(inputs, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"input {inputs}: no such file") from None
-    except Exception as exc:  # noqa: BLE001  (numpy raises several kinds for a bad file)
-        raise ValueError(f"input {inputs}: not a readable .npy file ({exc})") from None
-    mean, std = np.asarray(info["mean"]), np.asarray(info["std"])
+    x = read_array(inputs, "x", "inputs to predict: a .npy of shape (N, D) or (D,)")
+    d = len(info["mean"])
     x = x[None] if x.ndim == 1 else x
-    if x.ndim != 2 or x.shape[1] != mean.shape[0] or x.dtype.kind not in "fiu":
-        raise ValueError(f"input {inputs}: expected numeric shape (N, {mean.shape[0]}) or "
-                         f"({mean.shape[0]},), got {x.shape} {x.dtype}")
-    pred = np.argmax(model.predict(standardize(x, mean, std)), axis=-1)
-    if output:
-        np.save(output, pred)
+    if x.ndim != 2 or x.shape[1] != d or x.dtype.kind not in "fiu":
+        raise FileError(f"{inputs}: expected numbers of shape (N, {d}) or ({d},), got {x.shape} {x.dtype}")
+    try:
+        check_finite_rows(x, "input")
+    except ValueError as exc:
+        raise FileError(f"{inputs}: {exc}") from None
+    z = standardize(x, info["mean"], info["std"])
+    if not np.isfinite(z).all():
+        check_finite_rows(z, f"{inputs}: input after standardization (values too large)")
+    pred = np.argmax(model.predict(z), axis=-1)
+    if output is not None:
+        write_npy(output, pred)
     return pred
