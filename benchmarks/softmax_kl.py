@@ -54,12 +54,29 @@ def build_parser():
     return ap
 
 
+def gpu_missing() -> str | None:
+    """Why the GPU benchmark cannot run here (one line), or None when CuPy sees a GPU."""
+    try:
+        import cupy  # noqa: PLC0415
+    except ImportError:
+        return "CuPy is not installed: pip install -e '.[cuda]' (CUDA 12 driver) or -e '.[cuda13]' (CUDA 13)"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001  (CuPy raises its own runtime error without a driver)
+        return f"CuPy finds no usable CUDA driver or GPU ({' '.join(str(exc).split())})"
+    return None if count else "CuPy finds no CUDA GPU"
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.plot:
         print(f"wrote {plot_results(args.plot)}")
         return 0
     if args.gpu:
+        missing = gpu_missing()
+        if missing:
+            print(f"softmax_kl.py --gpu: error: {missing}", file=sys.stderr)
+            return 2
         from softmax_kl_gpu import run_gpu  # noqa: PLC0415  (CuPy only here)
         return run_gpu(args)
     return run_cpu(args)

@@ -29,3 +29,14 @@ def test_minikd_never_imports_the_benchmarks():
     for path in [*(package / "minikd").rglob("*.py"), *(package / "kernels").rglob("*.py")]:
         imports = [line for line in path.read_text().splitlines() if line.lstrip().startswith(("import ", "from "))]
         assert not [line for line in imports if any(n in line for n in names)], path
+
+
+def test_the_gpu_benchmark_without_cupy_is_one_line(monkeypatch, capsys):
+    """`softmax_kl.py --gpu` where CuPy is missing: what to install, not an import traceback."""
+    import sys
+
+    from softmax_kl import main
+    monkeypatch.setitem(sys.modules, "cupy", None)   # import cupy raises ImportError
+    assert main(["--gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CuPy is not installed: pip install" in err
