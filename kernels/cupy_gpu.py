@@ -254,10 +254,11 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     the device's own ``device_caps``."""
     import cupy  # noqa: PLC0415
 
-    from . import deliver_gradient, gradient_buffer, prepare_rows, raise_for_flags  # noqa: PLC0415
+    from . import check_out, deliver_gradient, gradient_buffer, prepare_rows, raise_for_flags  # noqa: PLC0415
     name = student.dtype.name
     if name not in _SUFFIX:
         raise TypeError(f"student: the CuPy kernel takes float32, float16 or bfloat16, got {student.dtype}")
+    check_out(out, student, teacher, labels, mask)
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
                         weight_dtype=cupy.float32, on_device=True)

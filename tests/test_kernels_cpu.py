@@ -81,6 +81,61 @@ def test_in_place_and_out():
             softmax_kl(s, t, y, T=3.0, alpha=0.5, out=np.empty((2, 2)), backend=backend)
 
 
+BACKENDS_CPU = ("numpy", "numba", "auto")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exactly_in_place_matches_reference(backend, dtype):
+    """out=student (the same array, or a view with its data pointer, shape and strides) is the
+    one overlap allowed, also for a student that is not contiguous."""
+    rng = np.random.default_rng(2)
+    wide = rng.standard_normal((300, 24)).astype(dtype)
+    t = rng.standard_normal((300, 12)).astype(dtype)
+    y = rng.integers(0, 12, 300)
+    ref_loss, ref_grad = mk.kd_loss_and_grad(wide[:, :12].astype(np.float64), t.astype(np.float64), y,
+                                             T=2.0, alpha=0.5)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for make_student in (lambda: wide[:, :12].copy(), lambda: wide.copy()[:, :12]):
+        s = make_student()
+        for out in (s, s[:]):
+            s[...] = wide[:, :12]
+            loss, g = softmax_kl(s, t, y, T=2.0, alpha=0.5, out=out, backend=backend)
+            assert g is out and np.max(np.abs(s - ref_grad)) <= tol * np.max(np.abs(ref_grad))
+            assert abs(loss - ref_loss) <= tol * abs(ref_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_out_overlapping_an_input_is_refused(backend):
+    """out over other rows of the student (the Numba kernel once wrote row i's gradient over row
+    i + 1 before reading it: a gradient 15% off, silently) or over the teacher is refused before
+    any work: the inputs are left as they were."""
+    rng = np.random.default_rng(3)
+    N, C = 200, 10
+    buf = rng.standard_normal((N + 1, C))
+    s, t, y = buf[:-1], rng.standard_normal((N, C)), rng.integers(0, C, N)
+    before = buf.copy(), t.copy()
+    for out, name in ((buf[1:], "student"), (s[::-1], "student"), (t, "teacher"), (t[::-1], "teacher")):
+        with pytest.raises(ValueError, match=f"out: overlaps the memory of {name}; pass an array"):
+            softmax_kl(s, t, y, T=2.0, alpha=0.5, out=out, backend=backend)
+        assert np.array_equal(buf, before[0]) and np.array_equal(t, before[1])
+    with pytest.raises(ValueError, match="out: overlaps the memory of teacher"):   # student is teacher
+        softmax_kl(s, s, y, T=2.0, alpha=0.5, out=s, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_out_not_an_array_or_read_only_is_refused(backend):
+    s, t, y = np.zeros((3, 4)), np.zeros((3, 4)), np.array([0, 1, 2])
+    with pytest.raises(TypeError, match="out: expected a NumPy or CuPy array, got list"):
+        softmax_kl(s, t, y, T=1.0, alpha=0.5, out=np.zeros((3, 4)).tolist(), backend=backend)
+    read_only = np.zeros((3, 4))
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="out: the array is read-only"):
+        softmax_kl(s, t, y, T=1.0, alpha=0.5, out=read_only, backend=backend)
+    with pytest.raises(ValueError, match="out: the array is read-only"):   # in place over a read-only student
+        softmax_kl(read_only, t, y, T=1.0, alpha=0.5, out=read_only, backend=backend)
+
+
 @pytest.mark.parametrize("args, exc, msg", [
     (dict(reduction="mean"), ValueError, "divides by N\\*C"),
     (dict(alpha=0.5, labels=None), ValueError, "labels: required"),
