@@ -193,6 +193,9 @@ SERIAL_BELOW = 1 << 12
 def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
                       mask, unlabeled, out):
     from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, RowStats, get_kernel  # noqa: PLC0415
+    check_float_array(student, "student", ndim_min=2)   # the reference's first check, its message
+    if is_cupy_array(student):
+        raise TypeError("student: the Numba kernel takes NumPy arrays, got a CuPy array (use backend='cupy')")
     if student.dtype not in (np.float32, np.float64):
         raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
     check_out(out, student, teacher, labels, mask)

@@ -136,6 +136,47 @@ def test_out_not_an_array_or_read_only_is_refused(backend):
         softmax_kl(read_only, t, y, T=1.0, alpha=0.5, out=read_only, backend=backend)
 
 
+def _array_likes():
+    s, y = np.zeros((3, 4)), np.array([0, 1, 2])
+    return [
+        ("student list", (s.tolist(), s, y), {}),
+        ("teacher tuple", (s, tuple(map(tuple, s)), y), {}),
+        ("labels list", (s, s, [0, 1, 2]), {}),
+        ("labels tuple", (s, s, (0, 1, 2)), {}),
+        ("labels float", (s, s, y.astype(np.float64)), {}),
+        ("labels bool", (s, s, y > 0), {}),
+        ("mask list", (s, s, y), dict(mask=[True, False, True])),
+        ("student int", (np.zeros((3, 4), np.int64), s, y), {}),
+        ("student 1-D", (np.zeros(4), np.zeros(4), y), {}),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("what, args, kw", _array_likes(), ids=[c[0] for c in _array_likes()])
+def test_array_likes_refused_as_the_reference_refuses_them(backend, what, args, kw):
+    """Lists, tuples and wrong dtypes: the reference's error, word for word, on every backend
+    (the Numba backend once gave Numba's typing error, or an AttributeError)."""
+    with pytest.raises((TypeError, ValueError)) as ref:
+        mk.kd_loss_and_grad(*args, T=1.0, alpha=0.5, **kw)
+    with pytest.raises(type(ref.value)) as got:
+        softmax_kl(*args, T=1.0, alpha=0.5, backend=backend, **kw)
+    assert str(got.value) == str(ref.value)
+    assert str(ref.value).split(":")[0] in ("student", "teacher", "labels", "mask")
+
+
+def test_each_kernel_refuses_the_other_device():
+    """CuPy arrays to the Numba kernel, NumPy arrays to the CuPy kernel: a TypeError saying so
+    (the CuPy one before CuPy is imported: a NumPy user may not have it)."""
+    import fake_cupy
+    s = np.zeros((3, 4), np.float32)
+    y = np.array([0, 1, 2])
+    with pytest.raises(TypeError, match="student: the CuPy kernel takes CuPy arrays, got numpy.ndarray"):
+        softmax_kl(s, s, y, T=1.0, alpha=0.5, backend="cupy")
+    S = s.view(fake_cupy.ndarray)
+    with pytest.raises(TypeError, match="student: the Numba kernel takes NumPy arrays, got a CuPy array"):
+        softmax_kl(S, S, y, T=1.0, alpha=0.5, backend="numba")
+
+
 @pytest.mark.parametrize("args, exc, msg", [
     (dict(reduction="mean"), ValueError, "divides by N\\*C"),
     (dict(alpha=0.5, labels=None), ValueError, "labels: required"),

@@ -268,6 +268,8 @@ def test_cupy_launcher_refuses_an_unsafe_out(monkeypatch):
         softmax_kl(S, T_, Y, out=np.empty_like(s), **kw)
     with pytest.raises(TypeError, match="out: expected a NumPy or CuPy array, got list"):
         softmax_kl(S, T_, Y, out=s.tolist(), **kw)
+    with pytest.raises(TypeError, match="student: expected a NumPy or CuPy array, got list"):
+        softmax_kl(s.tolist(), T_, Y, **kw)
     assert cp.asnumpy(buf[:-1]).tobytes() == s.tobytes()   # refused before any work
     loss, grad = softmax_kl(S, T_, Y, out=S[:], **kw)
     check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "float32", T=2.0, alpha=0.5, kind="kl", reduction="batchmean")
