@@ -7,7 +7,8 @@ Same meaning and result as ``mk.kd_loss_and_grad`` with teacher logits (``kind``
 gradient of the summed loss): the conventions (which rows count, which get the hard term, the
 term weights, the reductions) are ``minikd.losses.conventions``, called here as there. Arguments
 are validated by the reference's own checks, so errors are the same. ``out=`` receives the
-gradient (it may be the student array itself: in place).
+gradient: a writable array of the student's shape, dtype and kind (NumPy / CuPy) that overlaps no
+input, except that it may be the student array itself (in place); ``check_out`` states the rule.
 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
 ``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
@@ -19,11 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..backend import check_logits, is_cupy_array
+from ..backend import check_float_array, check_logits, get_namespace, is_cupy_array
 from ..losses import conventions
 from ..losses.kd import check_kd_arguments, kd_loss_and_grad
 
-__all__ = ["softmax_kl", "resolve_backend", "prepare_rows", "Rows", "sum_of_logs"]
+__all__ = ["softmax_kl", "resolve_backend", "check_out", "prepare_rows", "Rows", "sum_of_logs"]
 
 BACKENDS = ("auto", "numpy", "numba", "cupy")
 
@@ -50,12 +51,10 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
                reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore", out=None, backend="auto"):
     """Fused KD loss and gradient (see module doc). Returns (loss, grad)."""
     backend = resolve_backend(backend, student)
-    if out is not None and (tuple(out.shape) != tuple(student.shape) or out.dtype != student.dtype):
-        raise ValueError(f"out: expected shape {tuple(student.shape)} and dtype {student.dtype}, "
-                         f"got {tuple(out.shape)} {out.dtype}")
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
               unlabeled=unlabeled)
     if backend == "numpy":
+        check_out(out, student, teacher, labels, mask)
         loss, grad = kd_loss_and_grad(student, teacher, labels, scale_t2=scale_t2, **kw)
         if out is not None:
             out[...] = grad
@@ -65,6 +64,46 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
         from .cupy_gpu import softmax_kl_cupy  # noqa: PLC0415
         return softmax_kl_cupy(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
     return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
+
+
+def _data_ptr(a) -> int:
+    return a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+
+
+def check_out(out, student, teacher, labels=None, mask=None):
+    """Refuse, before any work, an ``out=`` no backend can write safely. Each backend calls this
+    first (after the reference's own first checks on student and teacher, so that a bad student
+    is reported as the reference reports it). ``out`` must be an array of the student's kind
+    (NumPy / CuPy), shape and dtype, writable, and overlap no input: a kernel reads a row of the
+    student and teacher while it writes gradient rows, so ``out`` over other rows of the student
+    (``out = buf[1:]`` for ``student = buf[:-1]``) or over the teacher would silently give a wrong
+    gradient. The one overlap allowed is the student array itself (same data pointer, shape and
+    strides: in place). Overlap is judged by address ranges (``may_share_memory``, host-side,
+    the same on NumPy and CuPy): a view interleaved with an input (other columns of the same
+    buffer) is refused too, though it shares no element."""
+    if out is None:
+        return
+    check_float_array(student, "student", ndim_min=2)
+    check_float_array(teacher, "teacher", ndim_min=2)
+    if not hasattr(out, "dtype") or not hasattr(out, "shape"):
+        raise TypeError(f"out: expected a NumPy or CuPy array, got {type(out).__name__}")
+    if is_cupy_array(out) != is_cupy_array(student):
+        raise TypeError(f"out: expected a {'CuPy' if is_cupy_array(student) else 'NumPy'} array like the "
+                        f"student, got {type(out).__module__}.{type(out).__name__}")
+    if tuple(out.shape) != tuple(student.shape) or out.dtype != student.dtype:
+        raise ValueError(f"out: expected shape {tuple(student.shape)} and dtype {student.dtype}, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    if not getattr(out.flags, "writeable", True):   # CuPy arrays are always writable
+        raise ValueError("out: the array is read-only (flags.writeable is False); pass a writable array")
+    xp = get_namespace(out)
+    in_place = (_data_ptr(out) == _data_ptr(student) and tuple(out.strides) == tuple(student.strides))
+    for name, x in (("student", student), ("teacher", teacher), ("labels", labels), ("mask", mask)):
+        if not hasattr(x, "shape") or is_cupy_array(x) != is_cupy_array(out) or (name == "student" and in_place):
+            continue   # not an array (refused later), another device (cannot overlap), or exactly in place
+        if xp.may_share_memory(out, x):
+            also = " (it may be the student array itself, for the gradient in place)" if name == "student" else ""
+            raise ValueError(f"out: overlaps the memory of {name}; pass an array that shares no memory "
+                             f"with the inputs{also}")
 
 
 class Rows(NamedTuple):
@@ -154,8 +193,12 @@ SERIAL_BELOW = 1 << 12
 def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
                       mask, unlabeled, out):
     from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, RowStats, get_kernel  # noqa: PLC0415
+    check_float_array(student, "student", ndim_min=2)   # the reference's first check, its message
+    if is_cupy_array(student):
+        raise TypeError("student: the Numba kernel takes NumPy arrays, got a CuPy array (use backend='cupy')")
     if student.dtype not in (np.float32, np.float64):
         raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
+    check_out(out, student, teacher, labels, mask)
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
                         weight_dtype=np.float64)

@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..backend import check_float_array, is_cupy_array
 from ..losses import conventions
 
 __all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "device_caps", "DeviceCaps",
@@ -252,12 +253,17 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     """The CuPy backend of ``minikd.kernels.softmax_kl``; ``plan_options`` (variant, threads, cluster,
     smem_target, ...) go to ``plan`` (tests and benchmarks force kernel families with them), over
     the device's own ``device_caps``."""
+    from . import check_out, deliver_gradient, gradient_buffer, prepare_rows, raise_for_flags  # noqa: PLC0415
+    check_float_array(student, "student", ndim_min=2)   # the reference's first check, its message
+    if not is_cupy_array(student):   # before importing CuPy: a NumPy user may not have it
+        raise TypeError(f"student: the CuPy kernel takes CuPy arrays, got {type(student).__module__}."
+                        f"{type(student).__name__} (use backend='numba' or 'numpy')")
     import cupy  # noqa: PLC0415
 
-    from . import deliver_gradient, gradient_buffer, prepare_rows, raise_for_flags  # noqa: PLC0415
     name = student.dtype.name
     if name not in _SUFFIX:
         raise TypeError(f"student: the CuPy kernel takes float32, float16 or bfloat16, got {student.dtype}")
+    check_out(out, student, teacher, labels, mask)
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
                         weight_dtype=cupy.float32, on_device=True)

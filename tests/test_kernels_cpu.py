@@ -81,6 +81,102 @@ def test_in_place_and_out():
             softmax_kl(s, t, y, T=3.0, alpha=0.5, out=np.empty((2, 2)), backend=backend)
 
 
+BACKENDS_CPU = ("numpy", "numba", "auto")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_exactly_in_place_matches_reference(backend, dtype):
+    """out=student (the same array, or a view with its data pointer, shape and strides) is the
+    one overlap allowed, also for a student that is not contiguous."""
+    rng = np.random.default_rng(2)
+    wide = rng.standard_normal((300, 24)).astype(dtype)
+    t = rng.standard_normal((300, 12)).astype(dtype)
+    y = rng.integers(0, 12, 300)
+    ref_loss, ref_grad = mk.kd_loss_and_grad(wide[:, :12].astype(np.float64), t.astype(np.float64), y,
+                                             T=2.0, alpha=0.5)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for make_student in (lambda: wide[:, :12].copy(), lambda: wide.copy()[:, :12]):
+        s = make_student()
+        for out in (s, s[:]):
+            s[...] = wide[:, :12]
+            loss, g = softmax_kl(s, t, y, T=2.0, alpha=0.5, out=out, backend=backend)
+            assert g is out and np.max(np.abs(s - ref_grad)) <= tol * np.max(np.abs(ref_grad))
+            assert abs(loss - ref_loss) <= tol * abs(ref_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_out_overlapping_an_input_is_refused(backend):
+    """out over other rows of the student (the Numba kernel once wrote row i's gradient over row
+    i + 1 before reading it: a gradient 15% off, silently) or over the teacher is refused before
+    any work: the inputs are left as they were."""
+    rng = np.random.default_rng(3)
+    N, C = 200, 10
+    buf = rng.standard_normal((N + 1, C))
+    s, t, y = buf[:-1], rng.standard_normal((N, C)), rng.integers(0, C, N)
+    before = buf.copy(), t.copy()
+    for out, name in ((buf[1:], "student"), (s[::-1], "student"), (t, "teacher"), (t[::-1], "teacher")):
+        with pytest.raises(ValueError, match=f"out: overlaps the memory of {name}; pass an array"):
+            softmax_kl(s, t, y, T=2.0, alpha=0.5, out=out, backend=backend)
+        assert np.array_equal(buf, before[0]) and np.array_equal(t, before[1])
+    with pytest.raises(ValueError, match="out: overlaps the memory of teacher"):   # student is teacher
+        softmax_kl(s, s, y, T=2.0, alpha=0.5, out=s, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_out_not_an_array_or_read_only_is_refused(backend):
+    s, t, y = np.zeros((3, 4)), np.zeros((3, 4)), np.array([0, 1, 2])
+    with pytest.raises(TypeError, match="out: expected a NumPy or CuPy array, got list"):
+        softmax_kl(s, t, y, T=1.0, alpha=0.5, out=np.zeros((3, 4)).tolist(), backend=backend)
+    read_only = np.zeros((3, 4))
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="out: the array is read-only"):
+        softmax_kl(s, t, y, T=1.0, alpha=0.5, out=read_only, backend=backend)
+    with pytest.raises(ValueError, match="out: the array is read-only"):   # in place over a read-only student
+        softmax_kl(read_only, t, y, T=1.0, alpha=0.5, out=read_only, backend=backend)
+
+
+def _array_likes():
+    s, y = np.zeros((3, 4)), np.array([0, 1, 2])
+    return [
+        ("student list", (s.tolist(), s, y), {}),
+        ("teacher tuple", (s, tuple(map(tuple, s)), y), {}),
+        ("labels list", (s, s, [0, 1, 2]), {}),
+        ("labels tuple", (s, s, (0, 1, 2)), {}),
+        ("labels float", (s, s, y.astype(np.float64)), {}),
+        ("labels bool", (s, s, y > 0), {}),
+        ("mask list", (s, s, y), dict(mask=[True, False, True])),
+        ("student int", (np.zeros((3, 4), np.int64), s, y), {}),
+        ("student 1-D", (np.zeros(4), np.zeros(4), y), {}),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("what, args, kw", _array_likes(), ids=[c[0] for c in _array_likes()])
+def test_array_likes_refused_as_the_reference_refuses_them(backend, what, args, kw):
+    """Lists, tuples and wrong dtypes: the reference's error, word for word, on every backend
+    (the Numba backend once gave Numba's typing error, or an AttributeError)."""
+    with pytest.raises((TypeError, ValueError)) as ref:
+        mk.kd_loss_and_grad(*args, T=1.0, alpha=0.5, **kw)
+    with pytest.raises(type(ref.value)) as got:
+        softmax_kl(*args, T=1.0, alpha=0.5, backend=backend, **kw)
+    assert str(got.value) == str(ref.value)
+    assert str(ref.value).split(":")[0] in ("student", "teacher", "labels", "mask")
+
+
+def test_each_kernel_refuses_the_other_device():
+    """CuPy arrays to the Numba kernel, NumPy arrays to the CuPy kernel: a TypeError saying so
+    (the CuPy one before CuPy is imported: a NumPy user may not have it)."""
+    import fake_cupy
+    s = np.zeros((3, 4), np.float32)
+    y = np.array([0, 1, 2])
+    with pytest.raises(TypeError, match="student: the CuPy kernel takes CuPy arrays, got numpy.ndarray"):
+        softmax_kl(s, s, y, T=1.0, alpha=0.5, backend="cupy")
+    S = s.view(fake_cupy.ndarray)
+    with pytest.raises(TypeError, match="student: the Numba kernel takes NumPy arrays, got a CuPy array"):
+        softmax_kl(S, S, y, T=1.0, alpha=0.5, backend="numba")
+
+
 @pytest.mark.parametrize("args, exc, msg", [
     (dict(reduction="mean"), ValueError, "divides by N\\*C"),
     (dict(alpha=0.5, labels=None), ValueError, "labels: required"),

@@ -250,6 +250,31 @@ def test_cupy_launcher_on_the_emulator(monkeypatch):
         softmax_kl(s, cp.zeros_like(s), cp.zeros(4, np.int64), T=1.0, alpha=0.5, backend="cupy")
 
 
+def test_cupy_launcher_refuses_an_unsafe_out(monkeypatch):
+    """The CuPy backend applies the same ``out=`` rule (minikd.kernels.check_out) before any launch:
+    out over other rows of the student or over the teacher, out of the other kind (NumPy), out not
+    an array; in place over the student (a view with its pointer, shape and strides) still runs."""
+    import fake_cupy
+    cp = fake_cupy.install(monkeypatch)
+    from minikd.kernels import softmax_kl
+    s, t, y, _ = make(5, 10, 0, "float32")
+    buf = cp.asarray(np.concatenate([s, s[:1]]))
+    S, T_, Y = buf[:-1], cp.asarray(t), cp.asarray(y)
+    kw = dict(T=2.0, alpha=0.5, backend="cupy")
+    for out, name in ((buf[1:], "student"), (T_, "teacher"), (T_[::-1], "teacher")):
+        with pytest.raises(ValueError, match=f"out: overlaps the memory of {name}; pass an array"):
+            softmax_kl(S, T_, Y, out=out, **kw)
+    with pytest.raises(TypeError, match="out: expected a CuPy array like the student, got numpy.ndarray"):
+        softmax_kl(S, T_, Y, out=np.empty_like(s), **kw)
+    with pytest.raises(TypeError, match="out: expected a NumPy or CuPy array, got list"):
+        softmax_kl(S, T_, Y, out=s.tolist(), **kw)
+    with pytest.raises(TypeError, match="student: expected a NumPy or CuPy array, got list"):
+        softmax_kl(s.tolist(), T_, Y, **kw)
+    assert cp.asnumpy(buf[:-1]).tobytes() == s.tobytes()   # refused before any work
+    loss, grad = softmax_kl(S, T_, Y, out=S[:], **kw)
+    check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "float32", T=2.0, alpha=0.5, kind="kl", reduction="batchmean")
+
+
 def test_cupy_launcher_opt_ins_and_fallback(monkeypatch):
     """The attributes a launch needs are set on the function CuPy's RawKernel wraps, and raised,
     never lowered, as launches of one kernel grow and shrink; a cluster launch the driver refuses

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import minikd as mk
 from minikd.gradcheck import check_vjp
+from minikd.nn import models
 
 nn = mk.nn
 RTOL = 1e-7
@@ -243,6 +244,71 @@ def test_layer_shape_errors():
         nn.BatchNorm2d(3).forward(np.zeros((2, 4, 3, 3), np.float32))
     with pytest.raises(ValueError, match="init: expected one of"):
         nn.Linear(2, 2, init="he")
+
+
+BAD_CONSTRUCTIONS = [
+    # (constructor, message fragment)
+    (lambda: nn.Linear(0, 10), "Linear: in_features: expected a positive integer, got 0"),
+    (lambda: nn.Linear(10, -3), "Linear: out_features: expected a positive integer, got -3"),
+    (lambda: nn.Linear(2.5, 3), "Linear: in_features: expected a positive integer, got 2.5"),
+    (lambda: nn.Linear(2.0, 3), "Linear: in_features: expected a positive integer, got 2.0"),
+    (lambda: nn.Linear(True, 3), "Linear: in_features: expected a positive integer, got True"),
+    (lambda: nn.Linear("4", 3), "Linear: in_features: expected a positive integer, got '4'"),
+    (lambda: nn.Conv1d(0, 2, 3), "Conv1d: in_channels: expected a positive integer, got 0"),
+    (lambda: nn.Conv1d(1, 0, 3), "Conv1d: out_channels: expected a positive integer, got 0"),
+    (lambda: nn.Conv1d(1, 2, 0), "Conv1d: kernel_size: expected a positive integer, got 0"),
+    (lambda: nn.Conv1d(1, 2, 3, stride=0), "Conv1d: stride: expected a positive integer, got 0"),
+    (lambda: nn.Conv1d(1, 2, 3, padding=-1), "Conv1d: padding: expected an integer >= 0, got -1"),
+    (lambda: nn.Conv2d(1, 2, (3, 0)), "Conv2d: kernel_size: expected a positive integer, got 0"),
+    (lambda: nn.Conv2d(1, 2, (3,)), "Conv2d: kernel_size: expected one integer or a list of 2, got \\[3\\]"),
+    (lambda: nn.Conv2d(1, 2, 3, stride=1.5), "Conv2d: stride: expected a positive integer, got 1.5"),
+    (lambda: nn.BatchNorm1d(0), "BatchNorm1d: num_features: expected a positive integer, got 0"),
+    (lambda: nn.BatchNorm2d(-1), "BatchNorm2d: num_features: expected a positive integer, got -1"),
+    (lambda: nn.BatchNorm1d(3, eps=0.0), "BatchNorm1d: eps: expected a finite number > 0, got 0.0"),
+    (lambda: nn.BatchNorm1d(3, momentum=1.5), "BatchNorm1d: momentum: expected a finite number in \\[0, 1\\]"),
+    (lambda: nn.BatchNorm1d(3, momentum=None), "BatchNorm1d: momentum: expected a finite number in"),
+    (lambda: nn.MaxPool1d(0), "MaxPool1d: kernel_size: expected a positive integer, got 0"),
+    (lambda: nn.MaxPool2d(2, stride=0), "MaxPool2d: stride: expected a positive integer, got 0"),
+    (lambda: nn.AvgPool1d(-2), "AvgPool1d: kernel_size: expected a positive integer, got -2"),
+    (lambda: nn.AvgPool2d((2, 2.5)), "AvgPool2d: kernel_size: expected a positive integer, got 2.5"),
+    (lambda: nn.Dropout(1.5), "Dropout: p: expected a finite number in \\[0, 1\\], got 1.5"),
+    (lambda: nn.Dropout(-0.1), "Dropout: p: expected a finite number in \\[0, 1\\], got -0.1"),
+    (lambda: nn.Dropout(float("nan")), "Dropout: p: expected a finite number in \\[0, 1\\], got nan"),
+    (lambda: nn.LeakyReLU(float("inf")), "LeakyReLU: negative_slope: expected a finite number, got inf"),
+    (lambda: nn.Reshape([0, 40]), "Reshape: shape: expected a positive integer, got 0"),
+    (lambda: nn.Reshape([-1, 40]), "Reshape: shape: expected a positive integer, got -1"),
+    (lambda: nn.Reshape(40), "Reshape: shape: expected a non-empty list of positive integers, got 40"),
+    (lambda: models.student_mlp(40, 10, hidden=0), "student_mlp: hidden: expected a positive integer"),
+    (lambda: models.student_mlp(40, 0), "student_mlp: classes: expected a positive integer"),
+    (lambda: models.teacher_cnn(40, 10, width=0), "teacher_cnn: width: expected a positive integer"),
+    (lambda: models.teacher_cnn(3, 10), "teacher_cnn: features: expected at least 4"),
+]
+
+
+@pytest.mark.parametrize("make, msg", BAD_CONSTRUCTIONS, ids=[m.split(",")[0] for _, m in BAD_CONSTRUCTIONS])
+def test_layer_arguments_refused_at_construction(make, msg):
+    """A size of 0, -1 or 2.5, a stride of 0, a negative padding, a probability outside [0, 1]:
+    refused when the layer is built, naming the layer, the argument and what was expected (before,
+    Linear(0, 10) failed with an OverflowError in the initializer, Conv1d(stride=0) with "slice step
+    cannot be zero" at the first forward, Linear(2.5, 3) silently built Linear(2, 3) and
+    BatchNorm1d(0) or Linear(4, 0) a layer with nothing in it)."""
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+def test_layer_arguments_accepted():
+    """What the checks must still accept: NumPy integers (shapes read off arrays), lists from a
+    JSON config, padding 0, p = 0 and p = 1 (PyTorch's range), momentum 0, the smallest CNN."""
+    assert nn.Linear(np.int64(3), np.int32(4)).params["weight"].shape == (4, 3)
+    conv = nn.Conv2d(1, 2, [3, 2], stride=[1, 2], padding=[0, 1])
+    assert conv.kernel_size == (3, 2) and conv.stride == (1, 2) and conv.padding == (0, 1)
+    assert nn.MaxPool1d(2).stride == (2,) and nn.Dropout(1.0).p == 1.0 and nn.Dropout(0).p == 0.0
+    assert nn.BatchNorm1d(3, momentum=0).momentum == 0.0 and nn.LeakyReLU(0).negative_slope == 0.0
+    y, _ = models.teacher_cnn(4, 3, width=2, seed=0).forward(np.zeros((2, 4), np.float32))
+    assert y.shape == (2, 3)
+    model = models.student_mlp(np.int64(40), 10, seed=0)
+    again = nn.Sequential.from_config(json.loads(json.dumps(model.config())))
+    assert again.config() == model.config()
 
 
 def test_init_schemes_are_seeded():

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..backend import get_namespace, is_cupy_array
 from .init import make_rng
-from .module import Layer, register
+from .module import Layer, check_float, check_int, register
 
 __all__ = ["ReLU", "LeakyReLU", "Tanh", "GELU", "Dropout", "Flatten", "Reshape"]
 
@@ -42,7 +42,7 @@ class ReLU(Layer):
 class LeakyReLU(Layer):
     def __init__(self, negative_slope: float = 0.01):
         super().__init__()
-        self.negative_slope = float(negative_slope)
+        self.negative_slope = check_float(negative_slope, "negative_slope", "LeakyReLU")
 
     def config(self):
         return {"negative_slope": self.negative_slope}
@@ -110,9 +110,7 @@ class DropoutCache(NamedTuple):
 class Dropout(Layer):
     def __init__(self, p: float = 0.5, seed=None):
         super().__init__()
-        if not 0.0 <= float(p) <= 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
-        self.p = float(p)
+        self.p = check_float(p, "p", "Dropout", 0.0, 1.0)   # p = 1 drops everything, as in PyTorch
         self.rng = make_rng(seed)
 
     def config(self):
@@ -151,7 +149,9 @@ class Reshape(Layer):
 
     def __init__(self, shape):
         super().__init__()
-        self.shape = [int(s) for s in shape]
+        if not isinstance(shape, (tuple, list)) or not shape:
+            raise ValueError(f"Reshape: shape: expected a non-empty list of positive integers, got {shape!r}")
+        self.shape = [check_int(s, "shape", "Reshape") for s in shape]
 
     def config(self):
         return {"shape": list(self.shape)}

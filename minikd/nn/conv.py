@@ -21,13 +21,9 @@ from typing import NamedTuple
 
 from ..backend import get_namespace
 from .init import init_weight_bias
-from .module import Layer, register
+from .module import Layer, check_int, check_ints, register
 
 __all__ = ["Conv1d", "Conv2d", "windows", "col2im_add"]
-
-
-def _tuple(v, d):
-    return tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * d
 
 
 def windows(xpad, kernel, stride):
@@ -72,10 +68,12 @@ class _ConvNd(Layer):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, init="default", seed=None, dtype="float32"):
         super().__init__()
-        d = self.dims
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size, self.stride = _tuple(kernel_size, d), _tuple(stride, d)
-        self.padding, self.bias = _tuple(padding, d), bool(bias)
+        d, owner = self.dims, type(self).__name__
+        self.in_channels = check_int(in_channels, "in_channels", owner)
+        self.out_channels = check_int(out_channels, "out_channels", owner)
+        self.kernel_size = check_ints(kernel_size, d, "kernel_size", owner)
+        self.stride = check_ints(stride, d, "stride", owner)
+        self.padding, self.bias = check_ints(padding, d, "padding", owner, minimum=0), bool(bias)
         w, b = init_weight_bias((self.out_channels, self.in_channels) + self.kernel_size, init, seed, dtype)
         self.params = {"weight": w, "bias": b} if self.bias else {"weight": w}
         self._init_grads()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .init import init_weight_bias
-from .module import Layer, register
+from .module import Layer, check_int, register
 
 __all__ = ["Linear"]
 
@@ -24,7 +24,9 @@ class Linear(Layer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init="default",
                  seed=None, dtype="float32"):
         super().__init__()
-        self.in_features, self.out_features, self.bias = int(in_features), int(out_features), bool(bias)
+        self.in_features = check_int(in_features, "in_features", "Linear")
+        self.out_features = check_int(out_features, "out_features", "Linear")
+        self.bias = bool(bias)
         w, b = init_weight_bias((self.out_features, self.in_features), init, seed, dtype)
         self.params = {"weight": w, "bias": b} if self.bias else {"weight": w}
         self._init_grads()

@@ -14,7 +14,7 @@ from .activations import ReLU, Reshape
 from .conv import Conv1d
 from .init import make_rng
 from .linear import Linear
-from .module import Sequential
+from .module import Sequential, check_int
 from .norm import BatchNorm1d
 from .pool import GlobalAvgPool, MaxPool1d
 
@@ -22,8 +22,13 @@ __all__ = ["teacher_cnn", "student_mlp", "ARCHITECTURES"]
 
 
 def teacher_cnn(features: int, classes: int, width: int = 32, seed=None) -> Sequential:
+    if check_int(features, "features", "teacher_cnn") < 4:
+        raise ValueError(f"teacher_cnn: features: expected at least 4 (two max-pools of 2 halve the "
+                         f"length twice), got {features}")
+    check_int(classes, "classes", "teacher_cnn")
+    w = check_int(width, "width", "teacher_cnn")
     r = make_rng(seed)
-    w, w2 = width, 2 * width
+    w2 = 2 * w
     layers = [
         ("reshape", Reshape([1, features])),
         ("conv1", Conv1d(1, w, 5, padding=2, seed=r)), ("bn1", BatchNorm1d(w)), ("relu1", ReLU()),
@@ -39,6 +44,8 @@ def teacher_cnn(features: int, classes: int, width: int = 32, seed=None) -> Sequ
 
 
 def student_mlp(features: int, classes: int, hidden: int = 50, seed=None) -> Sequential:
+    for name, value in (("features", features), ("classes", classes), ("hidden", hidden)):
+        check_int(value, name, "student_mlp")
     r = make_rng(seed)
     return Sequential([Linear(features, hidden, seed=r), ReLU(), Linear(hidden, classes, seed=r)],
                       ["fc1", "hidden", "fc2"])

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import get_namespace
-from .module import Layer, register
+from .module import Layer, check_float, check_int, register
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -38,7 +38,10 @@ class _BatchNorm(Layer):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, dtype="float32"):
         super().__init__()
-        self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
+        owner = type(self).__name__
+        self.num_features = check_int(num_features, "num_features", owner)
+        self.eps = check_float(eps, "eps", owner, 0.0, low_open=True)
+        self.momentum = check_float(momentum, "momentum", owner, 0.0, 1.0)
         C = self.num_features
         self.params = {"weight": np.ones(C, dtype), "bias": np.zeros(C, dtype)}
         self.buffers = {"running_mean": np.zeros(C, dtype), "running_var": np.ones(C, dtype),

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import get_namespace
-from .conv import _tuple, col2im_add, windows
-from .module import Layer, register
+from .conv import col2im_add, windows
+from .module import Layer, check_ints, register
 
 __all__ = ["MaxPool1d", "MaxPool2d", "AvgPool1d", "AvgPool2d", "GlobalAvgPool"]
 
@@ -29,8 +29,9 @@ class _PoolNd(Layer):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size = _tuple(kernel_size, self.dims)
-        self.stride = self.kernel_size if stride is None else _tuple(stride, self.dims)
+        owner = type(self).__name__
+        self.kernel_size = check_ints(kernel_size, self.dims, "kernel_size", owner)
+        self.stride = self.kernel_size if stride is None else check_ints(stride, self.dims, "stride", owner)
 
     def config(self):
         return {"kernel_size": list(self.kernel_size), "stride": list(self.stride)}
