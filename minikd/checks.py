@@ -20,32 +20,32 @@ class MissingDependency(ImportError):
 
 
 def integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    """An int (not a bool, not 2.5) in [minimum, maximum]."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-    value = int(value)
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        lo = "" if minimum is None else f">= {minimum}"
-        hi = "" if maximum is None else f"<= {maximum}"
-        raise ValueError(f"{name}: expected an integer {' and '.join(x for x in (lo, hi) if x)}, got {value}")
-    return value
+    """``value`` as a Python int, refused unless it is an integer (Python or NumPy; not a bool,
+    not 2.0 or 2.5) in [minimum, maximum]: a size of 0, -1 or 2.5 would otherwise build something
+    that fails, or silently does something else, later."""
+    if minimum == 1 and maximum is None:
+        what = "a positive integer"
+    else:
+        what = "an integer " + " and ".join(x for x in ("" if minimum is None else f">= {minimum}",
+                                                        "" if maximum is None else f"<= {maximum}") if x)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
+            (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name}: expected {what.strip()}, got {value!r}")
+    return int(value)
 
 
 def number(name: str, value, minimum: float | None = None, maximum: float | None = None,
            exclusive_minimum: bool = False) -> float:
-    """A finite real number in [minimum, maximum] ((minimum, maximum] when ``exclusive_minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
-    low_ok = minimum is None or (value > minimum if exclusive_minimum else value >= minimum)
-    if not math.isfinite(value) or not low_ok or (maximum is not None and value > maximum):
-        parts = []
-        if minimum is not None:
-            parts.append(f"{'>' if exclusive_minimum else '>='} {minimum:g}")
-        if maximum is not None:
-            parts.append(f"<= {maximum:g}")
-        raise ValueError(f"{name}: expected a finite number{' ' + ' and '.join(parts) if parts else ''}, got {value}")
-    return value
+    """``value`` as a float: a finite real number (not a bool) in [minimum, maximum]
+    ((minimum, maximum] when ``exclusive_minimum``; None: unbounded)."""
+    if minimum is not None and maximum is not None and not exclusive_minimum:
+        what = f"a finite number in [{minimum:g}, {maximum:g}]"
+    else:
+        bounds = ([f"{'>' if exclusive_minimum else '>='} {minimum:g}"] if minimum is not None else []) + \
+            ([f"<= {maximum:g}"] if maximum is not None else [])
+        what = " ".join(["a finite number", " and ".join(bounds)]).strip()
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and (value < minimum or (exclusive_minimum and value == minimum))) or \
+            (maximum is not None and value > maximum):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return float(value)

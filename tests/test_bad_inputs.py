@@ -55,12 +55,12 @@ def trained(tmp_path_factory):
     (["distill"], ["--lr", "inf"], "--lr", "finite"),
     (["distill"], ["--weight-decay", "-0.1"], "--weight-decay", ">= 0"),
     (["distill"], ["--batch-size", "1"], "--batch-size", ">= 2"),
-    (["distill"], ["--epochs", "0"], "--epochs", ">= 1"),
+    (["distill"], ["--epochs", "0"], "--epochs", "a positive integer"),
     (["distill"], ["--epochs", "abc"], "--epochs", "invalid int value"),
     (["distill"], ["--seed", "-1"], "--seed", ">= 0"),
     (["distill"], ["--samples", "10"], "--samples", ">= 50"),
     (["distill"], ["--transfer-samples", "-5"], "--transfer-samples", ">= 0"),
-    (["distill"], ["--teacher-width", "0"], "--teacher-width", ">= 1"),
+    (["distill"], ["--teacher-width", "0"], "--teacher-width", "a positive integer"),
     (["distill"], ["--rkd-distance", "-25"], "--rkd-distance", ">= 0"),
     (["distill"], ["--rkd-angle", "nan"], "--rkd-angle", "finite"),
     (["distill"], ["--hint", "embed:hidden:-1"], "--hint", ">= 0"),
@@ -89,7 +89,7 @@ def test_the_api_checks_its_configs_too(no_training):
     assert e.value.field == "lr"
     with pytest.raises(ValueError, match="batch_size: expected an integer >= 2"):
         distill.TrainConfig(batch_size=1)
-    with pytest.raises(ValueError, match="epochs: expected an integer"):
+    with pytest.raises(ValueError, match="epochs: expected a positive integer, got 2.5"):
         distill.TrainConfig(epochs=2.5)
 
 

@@ -11,10 +11,9 @@ constructor arguments, so that an architecture is plain JSON and loading runs no
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
+from .. import checks
 from ..backend import get_namespace
 
 __all__ = ["Layer", "Sequential", "SequentialCache", "LAYER_TYPES", "register", "convert", "check_int",
@@ -22,13 +21,8 @@ __all__ = ["Layer", "Sequential", "SequentialCache", "LAYER_TYPES", "register", 
 
 
 def check_int(value, name: str, owner: str, minimum: int = 1) -> int:
-    """``value`` as a Python int, refused (``ValueError`` naming ``owner`` and the argument) unless
-    it is an integer (Python or NumPy; not a bool, not 2.0) of at least ``minimum``: a size of 0,
-    -1 or 2.5 would otherwise build a layer that fails, or silently does something else, later."""
-    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{owner}: {name}: expected {what}, got {value!r}")
-    return int(value)
+    """A layer's integer argument (``minikd.checks.integer``; the error names ``owner`` and ``name``)."""
+    return checks.integer(f"{owner}: {name}", value, minimum)
 
 
 def check_ints(value, d: int, name: str, owner: str, minimum: int = 1) -> tuple:
@@ -41,18 +35,8 @@ def check_ints(value, d: int, name: str, owner: str, minimum: int = 1) -> tuple:
 
 
 def check_float(value, name: str, owner: str, low=None, high=None, low_open: bool = False) -> float:
-    """``value`` as a float: a finite real number (not a bool) in [low, high] (``low_open``: in
-    (low, high]; None: unbounded), else a ValueError naming ``owner`` and the argument."""
-    if low is not None and high is not None and not low_open:
-        what = f"a finite number in [{low:g}, {high:g}]"
-    else:
-        what = "a finite number" + (f" {'>' if low_open else '>='} {low:g}" if low is not None else "") \
-            + (" and" if low is not None and high is not None else "") + (f" <= {high:g}" if high is not None else "")
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (low is not None and (value < low or (low_open and value == low))) or \
-            (high is not None and value > high):
-        raise ValueError(f"{owner}: {name}: expected {what}, got {value!r}")
-    return float(value)
+    """A layer's real argument (``minikd.checks.number``; the error names ``owner`` and ``name``)."""
+    return checks.number(f"{owner}: {name}", value, low, high, exclusive_minimum=low_open)
 
 
 LAYER_TYPES: dict[str, type] = {}
