@@ -11,6 +11,7 @@ import sys
 import minikd
 
 from . import experiments
+from . import checks
 from .checks import MissingDependency
 from .experiments import ConfigError, DistillConfig, MutualConfig, StudentConfig, SweepConfig, TeacherConfig
 from .gradcheck_ops import run_all as run_gradchecks
@@ -29,6 +30,28 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked(convert, name, *bounds, **kw):
+    """An argparse type for the options outside the configs: converted, then checked by
+    ``minikd.checks`` (argparse reports the error as the option's)."""
+    check = checks.integer if convert is int else checks.number
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if convert is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            return check(name, value, *bounds, **kw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{name}: ")) from None
+    return parse
+
+
+SEED = _checked(int, "seed", 0, checks.MAX_SEED)
+RTOL = _checked(float, "rtol", 0, exclusive_minimum=True)
 
 
 def _one_line(exc) -> str:
@@ -174,10 +197,6 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_soft_targets(args) -> int:
-    try:
-        experiments.CHECKS["transfer_samples"]("transfer_samples", args.transfer_samples)
-    except ValueError as exc:
-        args.parser.error(f"argument --transfer-samples: {str(exc).removeprefix('transfer_samples: ')}")
     arrays = experiments.write_soft_targets(args.teacher_dir, args.out, args.transfer_samples)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
           + " (logits: apply the temperature at loss time)")
@@ -247,13 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="minikd", description=minikd.__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("gradcheck", help="check every op's hand-derived gradient numerically")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
-    g.add_argument("--rtol", type=float, default=1e-7, help="max relative error to pass (default 1e-7)")
+    g.add_argument("--seed", type=SEED, default=0, help="seed of the random cases (default 0)")
+    g.add_argument("--rtol", type=RTOL, default=1e-7, help="max relative error to pass (default 1e-7)")
     g.set_defaults(func=cmd_gradcheck, parser=g)
 
     v = sub.add_parser("verify", help="compare every loss and its gradient with PyTorch autograd (float64)")
-    v.add_argument("--seed", type=int, default=0, help="seed of the random cases (default 0)")
-    v.add_argument("--rtol", type=float, default=1e-10, help="max relative error to pass (default 1e-10)")
+    v.add_argument("--seed", type=SEED, default=0, help="seed of the random cases (default 0)")
+    v.add_argument("--rtol", type=RTOL, default=1e-10, help="max relative error to pass (default 1e-10)")
     v.set_defaults(func=cmd_verify, parser=v)
 
     d = sub.add_parser("distill", help="train a teacher, distill a student, compare with scratch (the main job)",
@@ -271,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     st_ = sub.add_parser("soft-targets", help="step 2 alone: an exported teacher's logits on its training rows")
     st_.add_argument("teacher_dir", help="output directory of minikd teacher (or distill)")
     st_.add_argument("--out", required=True, metavar="FILE.npz", help="where to write logits_train (and logits_transfer)")
-    st_.add_argument("--transfer-samples", type=int, default=0, metavar="N", help="also label N transfer samples")
+    st_.add_argument("--transfer-samples", type=_checked(int, "transfer_samples", 0), default=0, metavar="N",
+                     help="also label N transfer samples")
     st_.set_defaults(func=cmd_soft_targets, parser=st_)
     su = sub.add_parser("student", help="step 3 alone: distill a student from an exported teacher",
                         description="Distill a student from the teacher exported to TEACHER_DIR, on the teacher's "

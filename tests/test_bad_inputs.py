@@ -83,6 +83,20 @@ def test_a_bad_option_fails_before_any_work(command, args, option, fragment, no_
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["gradcheck", "--rtol", "-1"], "argument --rtol: expected a finite number > 0"),
+    (["verify", "--rtol", "nan"], "argument --rtol: expected a finite number > 0, got nan"),
+    (["gradcheck", "--seed", "-2"], "argument --seed: expected an integer >= 0"),
+    (["soft-targets", "t", "--out", "s.npz", "--transfer-samples", "-1"], "argument --transfer-samples: expected an "
+                                                                         "integer >= 0"),
+])
+def test_the_other_commands_check_their_options(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and fragment in err, err
+
+
 def test_the_api_checks_its_configs_too(no_training):
     with pytest.raises(experiments.ConfigError, match="lr: expected a finite number > 0") as e:
         experiments.run_distill(experiments.DistillConfig(lr=-1.0))
