@@ -586,8 +586,9 @@ def predict(directory, inputs, name: str = "student", output=None) -> np.ndarray
     x = read_array(inputs, "x", "inputs to predict: a .npy of shape (N, D) or (D,)")
     d = len(info["mean"])
     x = x[None] if x.ndim == 1 else x
-    if x.ndim != 2 or x.shape[1] != d or x.dtype.kind not in "fiu":
-        raise FileError(f"{inputs}: expected numbers of shape (N, {d}) or ({d},), got {x.shape} {x.dtype}")
+    if x.ndim != 2 or x.shape[1] != d or x.dtype.kind not in "fiu" or not len(x):
+        raise FileError(f"{inputs}: expected numbers of shape (N, {d}) with N >= 1, or ({d},); got {x.shape} "
+                        f"{x.dtype}")
     try:
         check_finite_rows(x, "input")
     except ValueError as exc:
