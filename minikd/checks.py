@@ -1,5 +1,5 @@
 """Checks of scalar settings (floor 1): each returns the value (converted) or raises a
-``ValueError`` that starts with the setting's name and says what was expected. Configs
+``UserError`` that starts with the setting's name and says what was expected. Configs
 (``minikd.distill.TrainConfig``, ``minikd.experiments``' configs) and the command line's option
 types call these, so a setting is checked one way wherever it comes from, before any work.
 """
@@ -8,11 +8,18 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["integer", "number", "MAX_SEED", "MissingDependency"]
+__all__ = ["UserError", "integer", "number", "MAX_SEED", "MissingDependency"]
 
 # NumPy's legacy seeding (used by the mnist1d generator, with an offset for the transfer set)
 # takes seeds below 2**32; this bound leaves room for the offsets minikd adds.
 MAX_SEED = 2**31 - 1
+
+
+class UserError(ValueError):
+    """A user's mistake (a setting, a file, a run that diverged), told in one line: the CLI prints
+    these without a traceback. A plain ValueError elsewhere is a bug in minikd and keeps its
+    traceback. Subclasses: ``minikd.files.FileError``, ``minikd.experiments.ConfigError``,
+    ``minikd.distill.TrainingDiverged``."""
 
 
 class MissingDependency(ImportError):
@@ -30,7 +37,7 @@ def integer(name: str, value, minimum: int | None = None, maximum: int | None = 
                                                         "" if maximum is None else f"<= {maximum}") if x)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or \
             (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name}: expected {what.strip()}, got {value!r}")
+        raise UserError(f"{name}: expected {what.strip()}, got {value!r}")
     return int(value)
 
 
@@ -47,5 +54,5 @@ def number(name: str, value, minimum: float | None = None, maximum: float | None
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (minimum is not None and (value < minimum or (exclusive_minimum and value == minimum))) or \
             (maximum is not None and value > maximum):
-        raise ValueError(f"{name}: expected {what}, got {value!r}")
+        raise UserError(f"{name}: expected {what}, got {value!r}")
     return float(value)

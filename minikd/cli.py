@@ -6,27 +6,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 
 import minikd
 
 from . import experiments
 from . import checks
-from .checks import MissingDependency
+from .checks import MissingDependency, UserError
 from .experiments import ConfigError, DistillConfig, MutualConfig, StudentConfig, SweepConfig, TeacherConfig
 from .gradcheck_ops import run_all as run_gradchecks
 from .torch_parity import run_all as run_torch_parity
 
 __all__ = ["main", "build_parser"]
 
-# What a user's mistake or the environment raises (options, data files, paths, a full or read-only
-# disk, a missing optional package): one line on stderr, no traceback, exit code 2. Anything else
-# (TypeError, KeyError, ...) is a bug in minikd and shows its traceback.
-USER_ERRORS = (ValueError, OSError, MissingDependency)
+# What a user's mistake or the environment raises (options, data files, paths, a diverged run, a full
+# or read-only disk, a missing optional package): one line on stderr, no traceback, exit code 2.
+# Anything else (a plain ValueError, TypeError, KeyError, ...) is a bug in minikd and shows its
+# traceback.
+USER_ERRORS = (UserError, OSError, MissingDependency)
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (the usage is one ``--help`` away)."""
+    """argparse, with its errors on one line (the usage is one ``--help`` away), taking "-1e-3"
+    and "-inf" as the (negative) value of an option, as it takes "-1", rather than as an option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -351,7 +359,8 @@ def main(argv=None) -> int:
         print(f"minikd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"minikd {args.command}: error: out of memory; use fewer samples or smaller models", file=sys.stderr)
+        print(f"minikd {args.command}: error: out of memory; lower --samples, --transfer-samples, --teacher-width "
+              f"or --student-hidden", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nminikd {args.command}: interrupted (files are written whole or not at all: nothing "

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import checks
 from .files import FileError, check_finite_rows, read_npz, require_keys
 
 __all__ = ["Dataset", "standardize", "mnist1d", "from_npz", "load_dataset", "minibatches", "fingerprint",
@@ -39,12 +40,16 @@ class Dataset(NamedTuple):
     spec: dict               # how to rebuild it (stored with exported models)
 
     def standardize(self, x):
-        return standardize(x, self.mean, self.std)
+        z = standardize(x, self.mean, self.std)
+        check_finite_rows(z, "x after standardization")
+        return z
 
 
 def standardize(x, mean, std) -> np.ndarray:
-    """(x - mean) / std per feature, as float32: the one place the pipeline's inputs are scaled."""
-    return ((np.asarray(x, dtype=np.float64) - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
+    """(x - mean) / std per feature, as float32: the one place the pipeline's inputs are scaled.
+    Values beyond float32 become inf without a warning: every caller refuses non-finite results."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ((np.asarray(x, dtype=np.float64) - np.asarray(mean)) / np.asarray(std)).astype(np.float32)
 
 
 def fingerprint(*arrays) -> str:
@@ -137,6 +142,9 @@ def _check_labels(arrays, key, rows, path):
     y = arrays[key]
     _require(y.ndim == 1 and y.dtype.kind in "iu" and len(y) == rows, path,
              f"{key} must be integer labels of shape ({rows},), got shape {y.shape} dtype {y.dtype}")
+    if len(y) and y.max() > np.iinfo(np.int64).max:   # uint64 beyond int64: would wrap to negative
+        row = int(np.argmax(y > np.iinfo(np.int64).max))
+        raise FileError(f"{path}: {key} row {row} has label {y[row]}; labels must be 0, 1, ..., C - 1")
     if len(y) and y.min() < 0:
         row = int(np.argmax(y < 0))
         raise FileError(f"{path}: {key} row {row} has label {y[row]}; labels must be 0, 1, ..., C - 1")
@@ -211,6 +219,20 @@ def load_dataset(spec: dict, transfer_samples: int | None = None, source="the da
         raise FileError(f"{source}: the dataset spec must be an object with 'kind' one of {sorted(keys)}, got "
                         f"{spec!r:.80}")
     require_keys(spec, keys[spec["kind"]], source, f"a {spec['kind']} dataset spec")
+    try:   # each stored value as the experiments' configs check it
+        if spec["kind"] == "mnist1d":
+            checks.integer("samples", spec["samples"], 50, 10_000_000)
+        elif not isinstance(spec["path"], str) or not spec["path"]:
+            raise checks.UserError(f"path: expected a file name, got {spec['path']!r}")
+        checks.integer("seed", spec["seed"], 0, checks.MAX_SEED)
+        checks.number("val_fraction", spec["val_fraction"], 0.0, 1.0, exclusive_minimum=True)
+        if spec["val_fraction"] >= 1:
+            raise checks.UserError(f"val_fraction: expected a number < 1, got {spec['val_fraction']}")
+        checks.integer("transfer_samples", spec.get("transfer_samples", 0), 0, 10_000_000)
+        if spec.get("fingerprint") is not None and not isinstance(spec["fingerprint"], str):
+            raise checks.UserError(f"fingerprint: expected a string, got {spec['fingerprint']!r}")
+    except checks.UserError as exc:
+        raise FileError(f"{source}: the dataset spec's {exc}") from None
     n_transfer = spec.get("transfer_samples", 0) if transfer_samples is None else transfer_samples
     if spec["kind"] == "mnist1d":
         return mnist1d(spec["samples"], spec["seed"], n_transfer, spec["val_fraction"])

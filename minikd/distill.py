@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +63,7 @@ class TrainConfig:
         self.seed = checks.integer("seed", self.seed, 0, checks.MAX_SEED)
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(checks.UserError):
     """The model's outputs or loss became NaN or infinite during training (usually: the learning
     rate is too high for the data): stopped at once, rather than training on, exporting NaN weights
     and reporting chance accuracy."""
@@ -72,7 +73,7 @@ def _check_diverged(desc, epoch, cfg, logits=None, loss=0.0):
     if (logits is not None and not np.isfinite(logits).all()) or not np.isfinite(loss):
         what = "the model's outputs" if logits is not None else "the loss"
         raise TrainingDiverged(f"{desc}: training diverged in epoch {epoch + 1} ({what} became NaN or infinite); "
-                               f"try a lower learning rate than {cfg.lr:g}")
+                               f"try a lower learning rate than {cfg.lr:g} (or smaller loss weights)")
 
 
 @dataclass
@@ -238,7 +239,10 @@ def _discard_cache_entry(paths, exc):
     log.warning("cache entry %s could not be used (%s); discarded, rebuilding it",
                 ", ".join(str(p) for p in paths if p.exists()) or paths[0], exc)
     for p in paths:
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _cached(cache_dir, prefix, key_arrays, compute, expect_rows):

@@ -22,6 +22,7 @@ to every training run of the experiment.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -36,10 +37,8 @@ from .distill import (TrainConfig, accuracy, export, inference_seconds_per_sampl
 from . import checks
 from .files import FileError, atomic_write, check_finite_rows, read_array, writable_dir, writable_file, write_npy, \
     write_npz
-from .losses.conventions import check_alpha
 from .nn.models import student_mlp, teacher_cnn
 from .plots import learning_curves, sweep_heatmap
-from .softmax import check_temperature
 
 __all__ = ["DEFAULTS", "TeacherConfig", "StudentConfig", "DistillConfig", "SweepConfig", "MutualConfig", "Report",
            "run_teacher", "run_student", "run_distill", "run_sweep", "run_mutual", "write_soft_targets",
@@ -198,7 +197,7 @@ class Report:
 
 # ---------------------------------------------------------------- checking a config
 
-class ConfigError(ValueError):
+class ConfigError(checks.UserError):
     """A config field out of its range: ``field`` names it (the CLI names the option)."""
 
     def __init__(self, field_name, message):
@@ -207,9 +206,9 @@ class ConfigError(ValueError):
 
 
 def _path(name, v):
-    if not isinstance(v, (str, Path)) or not str(v):
-        raise ValueError(f"{name}: expected a path, got {v!r}")
-    return v
+    if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+        raise checks.UserError(f"{name}: expected a path, got {v!r}")
+    return os.fspath(v)
 
 
 def _path_or_none(name, v):
@@ -218,22 +217,31 @@ def _path_or_none(name, v):
 
 def _existing_file(name, v):
     if v is not None:
-        _path(name, v)
+        v = _path(name, v)
         if not Path(v).is_file():
-            raise ValueError(f"{name}: {v}: {'is a folder' if Path(v).is_dir() else 'no such file'}")
+            what = "is a folder" if Path(v).is_dir() else "not a regular file" if Path(v).exists() else "no such file"
+            raise checks.UserError(f"{name}: {v}: {what}")
     return v
 
 
 def _existing_dir(name, v):
+    v = _path(name, v)
     if not Path(v).is_dir():
-        raise ValueError(f"{name}: {v}: {'not a folder' if Path(v).exists() else 'no such folder'}")
+        raise checks.UserError(f"{name}: {v}: {'not a folder' if Path(v).exists() else 'no such folder'}")
+    return v
+
+
+def _model_name(name, v):
+    """The name of an exported model in its folder: ``<dir>/<name>.npz`` and ``.json``."""
+    if not isinstance(v, str) or not v or "/" in v or "\\" in v or v in (".", ".."):
+        raise checks.UserError(f"{name}: expected a model name such as 'student' or 'teacher', got {v!r}")
     return v
 
 
 def _choice(*choices):
     def check(name, v):
         if v not in choices:
-            raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {v!r}")
+            raise checks.UserError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {v!r}")
         return v
     return check
 
@@ -243,19 +251,22 @@ def _check_taps(name, t_tap, s_tap):
     not depend on the sizes: tiny models tell them)."""
     for role, tap, model in (("teacher", t_tap, teacher_cnn(8, 2, width=1)), ("student", s_tap, student_mlp(8, 2, 1))):
         if tap not in model.names:
-            raise ValueError(f"{name}: {role} tap {tap!r}: no such layer; the {role}'s layers are {model.names}")
+            raise checks.UserError(f"{name}: {role} tap {tap!r}: no such layer; the {role}'s layers are {model.names}")
 
 
 def _rkd_taps(name, v):
-    """"TEACHER_TAP:STUDENT_TAP" -> (teacher tap, student tap)."""
+    """"TEACHER_TAP:STUDENT_TAP", both layers existing."""
     t_tap, _, s_tap = str(v).partition(":")
-    if not t_tap or not s_tap or ":" in s_tap:
-        raise ValueError(f"{name}: expected TEACHER_TAP:STUDENT_TAP, got {v!r}")
+    if not isinstance(v, str) or not t_tap or not s_tap or ":" in s_tap:
+        raise checks.UserError(f"{name}: expected TEACHER_TAP:STUDENT_TAP, got {v!r}")
     _check_taps(name, t_tap, s_tap)
-    return t_tap, s_tap
+    return v
 
 
 def _hints(name, v):
+    v = [v] if isinstance(v, str) else v
+    if not isinstance(v, (list, tuple)):
+        raise checks.UserError(f"{name}: expected a list of TEACHER_TAP:STUDENT_TAP[:WEIGHT] specs, got {v!r}")
     for h in v:
         _, t_tap, s_tap, _ = _parse_hint(h)
         _check_taps(f"hint {h!r}", t_tap, s_tap)
@@ -266,60 +277,86 @@ def _int(minimum, maximum=None):
     return lambda name, v: checks.integer(name, v, minimum, maximum)
 
 
+def _real(minimum=None, maximum=None, exclusive_minimum=False):
+    return lambda name, v: checks.number(name, v, minimum, maximum, exclusive_minimum=exclusive_minimum)
+
+
+def _flag(name, v):
+    if not isinstance(v, bool):
+        raise checks.UserError(f"{name}: expected True or False, got {v!r}")
+    return v
+
+
+# Bounds beyond which a setting is a typo rather than an experiment (an extra digit that would
+# ask for terabytes, a temperature whose square overflows); stated in the CLI's errors.
+MAX_ROWS = 10_000_000          # samples, transfer samples
+MAX_WIDTH = 4096               # teacher channels, student hidden units
+T_RANGE = (0.01, 1000.0)
+
 # How each config field is checked: one rule per field, wherever the field appears. Every
 # experiment calls ``validate`` first, so a bad setting fails before any data is made or loaded.
 CHECKS = {
-    "models": _int(2),
+    "models": _int(2, 64),
     "data": _existing_file,
     "teacher_dir": _existing_dir,
-    "samples": _int(50),
-    "transfer_samples": _int(0),
+    "samples": _int(50, MAX_ROWS),
+    "transfer_samples": _int(0, MAX_ROWS),
     "seed": _int(0, checks.MAX_SEED),
-    "T": lambda name, v: check_temperature(v),
-    "alpha": lambda name, v: check_alpha(v),
-    "epochs": _int(1), "transfer_epochs": _int(1), "teacher_epochs": _int(1),
-    "teacher_width": _int(1), "student_hidden": _int(1),
-    "weight_decay": lambda name, v: checks.number(name, v, 0),
+    "T": _real(*T_RANGE),
+    "alpha": _real(0.0, 1.0),
+    "epochs": _int(1, 100_000), "transfer_epochs": _int(1, 100_000), "teacher_epochs": _int(1, 100_000),
+    "teacher_width": _int(1, MAX_WIDTH), "student_hidden": _int(1, MAX_WIDTH),
+    "weight_decay": _real(0.0),
     "batch_size": _int(2),   # BatchNorm and the relational terms need two rows
-    "lr": lambda name, v: checks.number(name, v, 0, exclusive_minimum=True),
+    "lr": _real(0.0, exclusive_minimum=True),
     "backend": _choice("numpy", "numba", "auto"),
     "hint": _hints,
-    "rkd_distance": lambda name, v: checks.number(name, v, 0),
-    "rkd_angle": lambda name, v: checks.number(name, v, 0),
+    "rkd_distance": _real(0.0),
+    "rkd_angle": _real(0.0),
     "rkd_taps": _rkd_taps,
     "out": _path,
     "cache_dir": _path_or_none,
-    "progress": lambda name, v: bool(v),
+    "progress": _flag,
 }
 
 
 def validate(config):
-    """Check every field of an experiment's config (``CHECKS``); the first bad one raises
-    ``ConfigError`` naming it. Sequences (the sweep's T and alpha) are checked element by element."""
+    """Check every field of an experiment's config (``CHECKS``) and store the checked value (an
+    int, a float, a str: a NumPy scalar or a path object becomes what the report's JSON can hold);
+    the first bad field raises ``ConfigError`` naming it. The sweep's T and alpha are checked
+    element by element (a single number is taken as a list of one)."""
     for f in fields(config):
         value, check = getattr(config, f.name), CHECKS[f.name]
         try:
-            if isinstance(value, (tuple, list)) and f.name not in ("hint",):
-                if not value:
-                    raise ValueError(f"{f.name}: expected at least one value")
-                for v in value:
-                    check(f.name, v)
+            if isinstance(f.default, tuple):
+                values = value if isinstance(value, (tuple, list)) else [value]
+                if not values:
+                    raise checks.UserError(f"{f.name}: expected at least one value")
+                value = tuple(check(f.name, v) for v in values)
             else:
-                check(f.name, value)
+                value = check(f.name, value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f.name, str(exc)) from None
+        setattr(config, f.name, value)
+    if hasattr(config, "weight_decay") and config.lr * config.weight_decay >= 1:
+        raise ConfigError("weight_decay", f"weight_decay: expected lr x weight_decay < 1 (AdamW multiplies each "
+                                          f"weight by 1 - lr x weight_decay a step), got {config.weight_decay:g} "
+                                          f"with lr {config.lr:g}")
 
 
-def _prepare_outputs(config):
-    """The folders the experiment will write, created and proven writable before any work."""
-    writable_dir(config.out, "out")
+def _prepare_outputs(config, names):
+    """The folders the experiment will write, created and proven writable, and the files it will
+    write there (``names``) not folders, before any work."""
+    out = writable_dir(config.out, "out")
+    for name in names:
+        writable_file(out / name, "out")
     if getattr(config, "cache_dir", None) is not None:
         writable_dir(config.cache_dir, "cache_dir")
 
 
-def _start(config) -> float:
+def _start(config, outputs) -> float:
     validate(config)
-    _prepare_outputs(config)
+    _prepare_outputs(config, outputs)
     return time.perf_counter()
 
 
@@ -333,6 +370,9 @@ def _dataset(config, transfer_samples):
 
 def _teacher(config, data, on_step=None):
     """Step 1 (or the cached teacher): (teacher, history). The teacher keeps TrainConfig's weight decay."""
+    if data.x_train.shape[1] < 4:   # two max-pools of 2
+        raise FileError(f"{data.spec.get('path', data.name)}: x has {data.x_train.shape[1]} features; the teacher "
+                        f"CNN needs at least 4")
     cfg = TrainConfig(epochs=config.teacher_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed)
     return train_teacher(data, cfg, width=config.teacher_width, progress=config.progress,
                          cache_dir=config.cache_dir, on_step=on_step)
@@ -400,7 +440,7 @@ def feature_variants(config: DistillConfig):
     if config.hint:
         specs = [_parse_hint(h) for h in config.hint]
         out.append(("student_kd_hint", "hint " + ", ".join(f"{a}->{b}" for _, a, b, _ in specs), specs))
-    t_tap, s_tap = _rkd_taps("rkd_taps", config.rkd_taps)
+    t_tap, s_tap = _rkd_taps("rkd_taps", config.rkd_taps).split(":")
     for kind, weight in (("rkd_distance", config.rkd_distance), ("rkd_angle", config.rkd_angle)):
         if weight:
             out.append((f"student_kd_{kind}", f"{kind.replace('_', ' ')} x{weight:g}",
@@ -412,7 +452,7 @@ def feature_variants(config: DistillConfig):
 
 def run_teacher(config: TeacherConfig, on_step=None) -> Report:
     """Step 1 alone: train (or reuse the cached) teacher; writes teacher.npz/.json to config.out."""
-    t0 = _start(config)
+    t0 = _start(config, ("teacher.npz", "teacher.json"))
     data = _dataset(config, 0)
     teacher, hist = _teacher(config, data, on_step)
     out = Path(config.out)
@@ -439,7 +479,7 @@ def write_soft_targets(teacher_dir, out, transfer_samples: int = 0) -> dict:
 def run_student(config: StudentConfig, on_step=None) -> Report:
     """Step 3 alone: a KD student (with the transfer set when ``transfer_samples``) from an
     exported teacher; writes student.npz/.json and report.json to config.out."""
-    t0 = _start(config)
+    t0 = _start(config, ("student.npz", "student.json", "report.json"))
     teacher, data = _exported_teacher(config.teacher_dir, config.transfer_samples)
     tl, tt = _targets(teacher, data, config.cache_dir)
     use_transfer = tt is not None
@@ -465,7 +505,8 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
     feature / relational term, and with the transfer set (same seed and schedule); exports the
     teacher and the best KD student (with the transfer set when there is one) and writes
     report.json and learning_curves.png to config.out."""
-    t0 = _start(config)
+    t0 = _start(config, ("teacher.npz", "teacher.json", "student.npz", "student.json", "report.json",
+                         "learning_curves.png"))
     variants = feature_variants(config)
     data = _dataset(config, config.transfer_samples)
     teacher, thist = _teacher(config, data, on_step)
@@ -507,7 +548,7 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
 def run_sweep(config: SweepConfig, on_step=None) -> Report:
     """Step 4: one student per (T, alpha) (with the transfer set when there is one), the best by
     validation accuracy exported; writes student.npz/.json, sweep.png and report.json."""
-    t0 = _start(config)
+    t0 = _start(config, ("student.npz", "student.json", "report.json", "sweep.png"))
     temperatures, alphas = [float(t) for t in config.T], [float(a) for a in config.alpha]
     data = _dataset(config, config.transfer_samples)
     teacher, _ = _teacher(config, data, on_step)
@@ -534,7 +575,7 @@ def run_sweep(config: SweepConfig, on_step=None) -> Report:
 def run_mutual(config: MutualConfig) -> Report:
     """Deep mutual learning: the cohort, then the same models (same seeds) trained alone with CE;
     exports model 0 of the cohort as the student, writes report.json and learning_curves.png."""
-    t0 = _start(config)
+    t0 = _start(config, ("student.npz", "student.json", "report.json", "learning_curves.png"))
     data = _dataset(config, 0)
     cfg = _student_cfg(config, config.epochs)
     cohort, mh = train_mutual(data, cfg, config.models, T=config.T, hidden=config.student_hidden,
@@ -570,7 +611,7 @@ class Evaluation(NamedTuple):
 def evaluate(directory, name: str = "student") -> Evaluation:
     """Reload ``<directory>/<name>`` and its dataset (from the stored spec); its accuracies."""
     _existing_dir("dir", directory)
-    model, data = _exported(directory, name, 0)
+    model, data = _exported(directory, _model_name("name", name), 0)
     return Evaluation(model.num_parameters(), accuracy(model, data.x_test, data.y_test),
                       accuracy(model, data.x_val, data.y_val), len(data.y_test), data.name)
 
@@ -580,6 +621,7 @@ def predict(directory, inputs, name: str = "student", output=None) -> np.ndarray
     array), (N, D) or (D,), standardized as the model's training data was; saved as a .npy to
     exactly ``output`` when given. Rows with NaN or inf are refused (naming the first)."""
     _existing_dir("dir", directory)
+    _model_name("name", name)
     if output is not None:
         writable_file(output, "output")
     model, info = load_student(directory, name)

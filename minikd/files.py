@@ -1,6 +1,6 @@
 """minikd's one reader and writer of files (floor 1): every ``.npz``, ``.npy`` and ``.json`` that
 minikd reads goes through here, never with pickle, and a file that cannot be used is refused with
-a ``FileError`` (a ``ValueError``) that names the file and says in minikd's words what is wrong:
+a ``FileError`` (a ``UserError``, so a ``ValueError``) that names the file and says in minikd's words what is wrong:
 not there, a folder, empty, not a NumPy file (a text file given as ``.npz``), truncated or
 corrupted, holding Python objects (pickled data, which minikd never loads), a missing key, a wrong
 shape, non-finite values. NumPy's own messages are not passed on: for a text file it says the file
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import UserError
+
 __all__ = ["FileError", "read_npz", "read_npy", "read_array", "read_json", "require_keys", "check_finite_rows",
            "atomic_write", "write_npz", "write_npy", "writable_dir", "writable_file"]
 
@@ -31,7 +33,7 @@ NPY_MAGIC = b"\x93NUMPY"
 _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError, KeyError, NotImplementedError)
 
 
-class FileError(ValueError):
+class FileError(UserError):
     """A file minikd cannot use: the message names the file and what is wrong with it."""
 
 
@@ -61,7 +63,32 @@ def _kind(path: Path, what: str) -> str:
                     f"archive's; {what})")
 
 
-def _array(f, path, name):
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _array(opener, path, name, size):
+    """One array from ``opener()`` (a binary file object holding ``size`` bytes): its header is
+    read first, so a damaged header that claims more data than the file holds is refused as
+    corrupted instead of allocating it."""
+    with opener() as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            header = _HEADER_READERS.get(version)
+            if header is not None:
+                shape, _, dtype = header(f)
+                need = dtype.itemsize * int(np.prod(shape, dtype=np.float64)) if not dtype.hasobject else 0
+                if need > size:
+                    raise FileError(f"{path}: {name} is truncated or corrupted (its header promises {need} bytes, "
+                                    f"the file holds {size})")
+        except FileError:
+            raise
+        except _READ_ERRORS as exc:
+            raise FileError(f"{path}: {name} has a damaged header ({type(exc).__name__}: {exc})") from None
+    with opener() as f:
+        return _read_array(f, path, name)
+
+
+def _read_array(f, path, name):
     try:
         return np.lib.format.read_array(f, allow_pickle=False)
     except _READ_ERRORS as exc:
@@ -85,8 +112,7 @@ def read_npz(path, what: str = "an .npz of arrays") -> dict:
                 with z.open(info) as f:
                     if f.read(6) != NPY_MAGIC:
                         raise FileError(f"{path}: member {info.filename!r} is not a NumPy array")
-                with z.open(info) as f:
-                    out[name] = _array(f, path, f"array {name!r}")
+                out[name] = _array(lambda info=info: z.open(info), path, f"array {name!r}", info.file_size)
     except FileError:
         raise
     except _READ_ERRORS as exc:
@@ -99,8 +125,7 @@ def read_npy(path, what: str = "a .npy array") -> np.ndarray:
     path = _existing_file(path, what)
     if _kind(path, what) != "npy":
         raise FileError(f"{path}: an .npz archive, expected a single .npy array ({what})")
-    with open(path, "rb") as f:
-        return _array(f, path, "the array")
+    return _array(lambda: open(path, "rb"), path, "the array", path.stat().st_size)
 
 
 def read_array(path, key: str = "x", what: str = "an array") -> np.ndarray:
@@ -125,6 +150,8 @@ def read_json(path, what: str = "a JSON file"):
         raise FileError(f"{path}: not a text file ({what})") from None
     except json.JSONDecodeError as exc:
         raise FileError(f"{path}: not valid JSON ({exc}; {what})") from None
+    except RecursionError:
+        raise FileError(f"{path}: nested too deeply to be {what}") from None
 
 
 def require_keys(mapping, keys, path, what: str):
@@ -145,7 +172,7 @@ def check_finite_rows(a, name: str):
     if bad.any():
         row = int(np.argmax(bad.reshape(len(a), -1).any(axis=1))) if a.ndim else 0
         value = a[row].flat[int(np.argmax(bad[row].ravel()))] if a.ndim else a[()]
-        raise ValueError(f"{name}: row {row} contains {value} (every value must be finite)")
+        raise UserError(f"{name}: row {row} contains {value} (every value must be finite)")
 
 
 # ---------------------------------------------------------------- writing
@@ -159,6 +186,9 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:   # name the file the user asked for, not the temporary one
+        reason = exc.strerror or f"{exc} (is the disk full?)"
+        raise OSError(exc.errno, reason, str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -214,17 +214,20 @@ def test_every_option_is_a_config_field():
 
 
 def test_internal_errors_keep_their_traceback(monkeypatch, capsys):
-    """Only a user's mistake (ValueError, FileNotFoundError, ...) becomes a one-line error."""
+    """Only a user's mistake (a UserError, an OSError, ...) becomes a one-line error; a TypeError or
+    a plain ValueError (a broadcasting bug, say) is a bug in minikd and keeps its traceback."""
     from minikd import experiments
+    from minikd.checks import UserError
 
-    def bug(config):
-        raise TypeError("unsupported operand type(s)")
-    monkeypatch.setattr(experiments, "run_distill", bug)
-    with pytest.raises(TypeError, match="unsupported operand"):
-        main(["distill", "--quiet"])
+    for bug in (TypeError("unsupported operand type(s)"), ValueError("operands could not be broadcast together")):
+        def raise_bug(config, bug=bug):
+            raise bug
+        monkeypatch.setattr(experiments, "run_distill", raise_bug)
+        with pytest.raises(type(bug), match=str(bug)[:20]):
+            main(["distill", "--quiet"])
 
     def mistake(config):
-        raise ValueError("samples: need at least 50, got 3")
+        raise UserError("samples: need at least 50, got 3")
     monkeypatch.setattr(experiments, "run_distill", mistake)
     assert main(["distill", "--quiet"]) == 2
     assert capsys.readouterr().err == "minikd distill: error: samples: need at least 50, got 3\n"

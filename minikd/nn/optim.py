@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from .. import checks
 from ..backend import get_namespace
 
 __all__ = ["SGD", "Adam", "AdamW", "step_schedule", "cosine_schedule"]
@@ -22,10 +23,13 @@ __all__ = ["SGD", "Adam", "AdamW", "step_schedule", "cosine_schedule"]
 class SGD:
     def __init__(self, model, lr: float, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0):
+        lr = checks.number("SGD: lr", lr, 0.0, exclusive_minimum=True)
+        momentum = checks.number("SGD: momentum", momentum, 0.0)
+        weight_decay = checks.number("SGD: weight_decay", weight_decay, 0.0)
         if nesterov and momentum <= 0:
-            raise ValueError("SGD: Nesterov momentum needs momentum > 0")
-        self.model, self.lr, self.momentum = model, float(lr), float(momentum)
-        self.nesterov, self.weight_decay = bool(nesterov), float(weight_decay)
+            raise checks.UserError("SGD: Nesterov momentum needs momentum > 0")
+        self.model, self.lr, self.momentum = model, lr, momentum
+        self.nesterov, self.weight_decay = bool(nesterov), weight_decay
         self.state: dict = {}
 
     def step(self):
@@ -45,8 +49,16 @@ class Adam:
 
     def __init__(self, model, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        self.model, self.lr, self.betas = model, float(lr), tuple(float(b) for b in betas)
-        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        owner = type(self).__name__
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise checks.UserError(f"{owner}: betas: expected two numbers in [0, 1), got {betas!r}")
+        betas = tuple(checks.number(f"{owner}: betas", b, 0.0, 1.0) for b in betas)
+        if max(betas) >= 1:
+            raise checks.UserError(f"{owner}: betas: expected two numbers in [0, 1), got {betas}")
+        self.model, self.betas = model, betas
+        self.lr = checks.number(f"{owner}: lr", lr, 0.0, exclusive_minimum=True)
+        self.eps = checks.number(f"{owner}: eps", eps, 0.0, exclusive_minimum=True)
+        self.weight_decay = checks.number(f"{owner}: weight_decay", weight_decay, 0.0)
         self.t = 0
         self.state: dict = {}
 

@@ -45,8 +45,9 @@ def save(model: Sequential, path, extra: dict | None = None):
     stem = _stem(path)
     arch = {"format": FORMAT, **model.config(), "extra": extra or {}}
 
+    text = json.dumps(arch, indent=1)   # first: metadata JSON cannot hold fails before any file is written
     write_npz(stem.with_suffix(".npz"), state_dict(model))
-    atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(arch, indent=1)))
+    atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text))
 
 
 def load_state_dict(model: Sequential, arrays, strict: bool = True) -> Sequential:
@@ -91,6 +92,8 @@ def _architecture(arch, jpath) -> Sequential:
         return Sequential.from_config(arch)
     except (TypeError, ValueError, OverflowError) as exc:
         raise FileError(f"{jpath}: the layers cannot be built from it ({exc})") from None
+    except MemoryError:
+        raise FileError(f"{jpath}: the layers it describes do not fit in memory") from None
 
 
 def load(path) -> Sequential:
@@ -115,5 +118,8 @@ def load(path) -> Sequential:
         load_state_dict(model, arrays)
     except ValueError as exc:
         raise FileError(f"{npath}: does not match {jpath.name} ({exc})") from None
+    for key, a in arrays.items():
+        if key.endswith("running_var") and (a < 0).any():
+            raise FileError(f"{npath}: {key} has a negative variance ({a.min():g})")
     model.extra = arch.get("extra", {})
     return model
