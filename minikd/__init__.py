@@ -4,23 +4,16 @@
     loss, grad = mk.kd_loss_and_grad(student, teacher, labels, T=4.0, alpha=0.9)
     loss, grad = mk.kernels.softmax_kl(student, teacher, labels, T=4.0, alpha=0.9)   # fused
 
-``mk.kernels`` (the fused kernels, floor 3) is imported on first use, so ``import minikd`` loads
-neither it nor Numba.
+Every name below is imported on first use (``import minikd`` loads no NumPy: the ``minikd``
+command starts in milliseconds and handles Ctrl-C from its first instant); ``mk.kernels`` (the
+fused kernels, floor 3) likewise, so Numba loads only when a kernel runs.
 """
 import importlib as _importlib
+import sys as _sys
+import types as _types
 import importlib.abc as _importlib_abc
 import importlib.util as _importlib_util
 from pathlib import Path as _Path
-
-from . import nn
-from .backend import get_namespace
-from .losses import (cross_entropy_and_grad, hint_backward, hint_forward, hint_loss, kd_backward, kd_forward,
-                     kd_loss, kd_loss_and_grad, mutual_backward, mutual_forward, mutual_loss, rkd_angle,
-                     rkd_angle_backward, rkd_angle_forward, rkd_distance, rkd_distance_backward,
-                     rkd_distance_forward)
-from .softmax import (log_softmax, log_softmax_backward, log_softmax_forward, logsumexp,
-                      logsumexp_backward, logsumexp_forward, softmax, softmax_backward,
-                      softmax_forward)
 
 __version__ = "0.1.0"
 
@@ -51,11 +44,48 @@ class _CheckoutKernelsFinder(_importlib_abc.MetaPathFinder):
 
 _spec = _importlib_util.find_spec(__name__ + ".kernels")
 if (_spec is None or not _spec.has_location) and (_CHECKOUT_KERNELS / "__init__.py").exists():
-    import sys as _sys
     _sys.meta_path.insert(0, _CheckoutKernelsFinder())
 
 
+# where each public name lives (``softmax``, also a submodule's name, is _Package's property)
+_LAZY = {"get_namespace": "backend",
+         **dict.fromkeys(["logsumexp", "logsumexp_forward", "logsumexp_backward", "log_softmax", "log_softmax_forward",
+                          "log_softmax_backward", "softmax_forward", "softmax_backward"], "softmax"),
+         **dict.fromkeys(["kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
+                          "hint_forward", "hint_backward", "hint_loss", "rkd_distance_forward", "rkd_distance_backward",
+                          "rkd_distance", "rkd_angle_forward", "rkd_angle_backward", "rkd_angle", "mutual_forward",
+                          "mutual_backward", "mutual_loss"], "losses")}
+_SUBMODULES = {"nn", "losses", "softmax", "backend", "files", "checks", "data", "distill", "experiments", "cli",
+               "gradcheck", "gradcheck_ops", "testing", "torch_parity", "plots", "kernels"}
+
+
 def __getattr__(name):
-    if name == "kernels":   # imported on first use: numba stays unloaded until a kernel runs
-        return _importlib.import_module(__name__ + ".kernels")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    elif name in _SUBMODULES:   # kernels: numba stays unloaded until a kernel runs
+        value = _importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *__all__, *_SUBMODULES})
+
+
+class _Package(_types.ModuleType):
+    """``mk.softmax`` is the function, as ``__all__`` says, though ``minikd.softmax`` is also the
+    submodule's name: the import system binds the submodule to this attribute when it first loads
+    it, and the setter lets the function stay."""
+
+    @property
+    def softmax(self):
+        return _importlib.import_module(__name__ + ".softmax").softmax
+
+    @softmax.setter
+    def softmax(self, value):
+        pass
+
+
+_sys.modules[__name__].__class__ = _Package

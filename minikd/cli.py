@@ -11,12 +11,11 @@ import sys
 
 import minikd
 
-from . import experiments
 from . import checks
 from .checks import MissingDependency, UserError
-from .experiments import ConfigError, DistillConfig, MutualConfig, StudentConfig, SweepConfig, TeacherConfig
-from .gradcheck_ops import run_all as run_gradchecks
-from .torch_parity import run_all as run_torch_parity
+
+# The numerical modules are imported inside main (where Ctrl-C is handled): importing them takes
+# about 0.3 s, and an interrupt then would otherwise print a traceback.
 
 __all__ = ["main", "build_parser"]
 
@@ -147,10 +146,11 @@ def _add_config_options(parser, config_cls, helps=None):
 def _config(config_cls, args):
     """The sub-command's config, every field checked now (before any work): a bad value is
     reported as the option's error."""
+    from . import experiments  # noqa: PLC0415
     config = config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
     try:
         experiments.validate(config)
-    except ConfigError as exc:
+    except experiments.ConfigError as exc:
         field = next(f for f in dataclasses.fields(config_cls) if f.name == exc.field)
         positional = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         option = field.name if positional else "--" + field.name.replace("_", "-")
@@ -171,7 +171,8 @@ def _print_table(rows):
 # ---------------------------------------------------------------- the sub-commands
 
 def cmd_distill(args) -> int:
-    report = experiments.run_distill(_config(DistillConfig, args))
+    from . import experiments  # noqa: PLC0415
+    report = experiments.run_distill(_config(experiments.DistillConfig, args))
     _print_table(report.rows)
     res = report.results
     base = res["student_scratch"]["test_accuracy"]
@@ -184,7 +185,8 @@ def cmd_distill(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    report = experiments.run_sweep(_config(SweepConfig, args))
+    from . import experiments  # noqa: PLC0415
+    report = experiments.run_sweep(_config(experiments.SweepConfig, args))
     grid, best = report.results["grid"], report.results["student_kd"]
     header = "T / alpha"
     print(f"\nvalidation accuracy (rows T, columns alpha):\n{header:>10}" + "".join(f"{x:>8g}" for x in grid["alpha"]))
@@ -197,7 +199,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_teacher(args) -> int:
-    report = experiments.run_teacher(_config(TeacherConfig, args))
+    from . import experiments  # noqa: PLC0415
+    report = experiments.run_teacher(_config(experiments.TeacherConfig, args))
     _print_table(report.rows)
     print(f"\nWrote {report.out}/teacher.npz/.json; next: minikd soft-targets {args.out} or "
           f"minikd student {args.out}")
@@ -205,6 +208,7 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_soft_targets(args) -> int:
+    from . import experiments  # noqa: PLC0415
     arrays = experiments.write_soft_targets(args.teacher_dir, args.out, args.transfer_samples)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
           + " (logits: apply the temperature at loss time)")
@@ -212,14 +216,16 @@ def cmd_soft_targets(args) -> int:
 
 
 def cmd_student(args) -> int:
-    report = experiments.run_student(_config(StudentConfig, args))
+    from . import experiments  # noqa: PLC0415
+    report = experiments.run_student(_config(experiments.StudentConfig, args))
     _print_table(report.rows)
     print(f"\nWrote {report.out}/student.npz/.json and report.json")
     return 0
 
 
 def cmd_mutual(args) -> int:
-    report = experiments.run_mutual(_config(MutualConfig, args))
+    from . import experiments  # noqa: PLC0415
+    report = experiments.run_mutual(_config(experiments.MutualConfig, args))
     _print_table(report.rows)
     means = report.results["mean_test_accuracy"]
     print(f"\nmean test accuracy: mutual {means['mutual']:.3f}, independent {means['independent']:.3f} "
@@ -229,6 +235,7 @@ def cmd_mutual(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from . import experiments  # noqa: PLC0415
     e = experiments.evaluate(args.dir, args.name)
     print(f"{args.dir}/{args.name}: {e.parameters} parameters, test accuracy {e.test_accuracy:.4f} on "
           f"{e.test_samples} samples ({e.dataset}), validation {e.val_accuracy:.4f}")
@@ -236,6 +243,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from . import experiments  # noqa: PLC0415
     pred = experiments.predict(args.dir, args.input, args.name, args.output)
     if args.output:
         print(f"wrote {len(pred)} predictions to {args.output}")
@@ -245,7 +253,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_gradcheck(args) -> int:
-    rows = run_gradchecks(seed=args.seed, rtol=args.rtol)
+    from .gradcheck_ops import run_all  # noqa: PLC0415
+    rows = run_all(seed=args.seed, rtol=args.rtol)
     print(f"{'op':<28}{'cases':>6}{'max abs err':>14}{'max rel err':>14}  result")
     for r in rows:
         print(f"{r.op:<28}{r.cases:>6}{r.max_abs:>14.2e}{r.max_rel:>14.2e}  "
@@ -258,7 +267,8 @@ def cmd_gradcheck(args) -> int:
 
 def cmd_verify(args) -> int:
     try:
-        rows = run_torch_parity(seed=args.seed)
+        from .torch_parity import run_all  # noqa: PLC0415
+        rows = run_all(seed=args.seed)
     except ImportError:
         raise MissingDependency("PyTorch is not installed; on a CPU machine: pip install torch==2.13.0") from None
     print(f"{'loss':<18}{'cases':>6}{'value rel err':>15}{'grad rel err':>14}  result")
@@ -271,6 +281,7 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .experiments import DistillConfig, MutualConfig, StudentConfig, SweepConfig, TeacherConfig  # noqa: PLC0415
     p = Parser(prog="minikd", description=minikd.__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     g = sub.add_parser("gradcheck", help="check every op's hand-derived gradient numerically")
@@ -350,21 +361,22 @@ def _show_warnings():
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _show_warnings()
+    command = "minikd"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"minikd {args.command}"
+        _show_warnings()
         return args.func(args)
     except USER_ERRORS as exc:
-        print(f"minikd {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"minikd {args.command}: error: out of memory; lower --samples, --transfer-samples, --teacher-width "
+        print(f"{command}: error: out of memory; lower --samples, --transfer-samples, --teacher-width "
               f"or --student-hidden", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nminikd {args.command}: interrupted (files are written whole or not at all: nothing "
-              f"half-written was left)", file=sys.stderr)
+        print(f"\n{command}: interrupted (files are written whole or not at all: nothing half-written "
+              f"was left)", file=sys.stderr)
         return 130
 
 

@@ -384,6 +384,17 @@ def test_ctrl_c_is_one_line(monkeypatch, capsys):
     assert err.startswith("minikd distill: interrupted") and "\n" not in err
 
 
+def test_importing_the_command_line_loads_no_numerics():
+    """Ctrl-C is handled from the first instant of main: what runs before it (the console script's
+    `from minikd.cli import main`) must be light, so it loads no NumPy (about 0.3 s before)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import sys, minikd.cli; print(sorted(m for m in ('numpy', "
+                          "'minikd.experiments', 'minikd.losses') if m in sys.modules))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_a_real_ctrl_c_in_training_is_one_line_and_leaves_no_file(tmp_path):
     """SIGINT to a running `minikd distill` once its teacher is training (the progress bar shows)."""
     import select
@@ -406,11 +417,9 @@ def test_a_real_ctrl_c_in_training_is_one_line_and_leaves_no_file(tmp_path):
 
 
 def test_a_missing_optional_dependency_is_one_line(monkeypatch, capsys):
-    import minikd.cli as cli
-
     def no_torch(seed):
         raise ImportError("No module named 'torch'")
-    monkeypatch.setattr(cli, "run_torch_parity", no_torch)
+    monkeypatch.setattr("minikd.torch_parity.run_all", no_torch)
     assert main(["verify"]) == 2
     one_line_error(capsys, "verify", "pip install torch==2.13.0")
 
