@@ -57,6 +57,14 @@ def _checked(convert, name, *bounds, **kw):
     return parse
 
 
+def _model_name(text):
+    from .experiments import CHECKS  # noqa: PLC0415
+    try:
+        return CHECKS["name"]("name", text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("name: ")) from None
+
+
 SEED = _checked(int, "seed", 0, checks.MAX_SEED)
 RTOL = _checked(float, "rtol", 0, exclusive_minimum=True)
 
@@ -327,13 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_mutual, parser=m)
     e = sub.add_parser("evaluate", help="load an exported student and report its test accuracy")
     e.add_argument("dir", help="output directory of distill or sweep")
-    e.add_argument("--name", default="student", help="model name in DIR (default student; or teacher)")
+    e.add_argument("--name", default="student", type=_model_name, help="model name in DIR (default student; or teacher)")
     e.set_defaults(func=cmd_evaluate, parser=e)
     q = sub.add_parser("predict", help="predict classes for raw inputs with an exported student")
     q.add_argument("dir", help="output directory of distill or sweep")
     q.add_argument("--input", required=True, metavar="FILE.npy", help="raw inputs (N, D) or (D,)")
     q.add_argument("--output", metavar="FILE.npy", help="save predictions here (default: print them)")
-    q.add_argument("--name", default="student", help="model name in DIR (default student)")
+    q.add_argument("--name", default="student", type=_model_name, help="model name in DIR (default student)")
     q.set_defaults(func=cmd_predict, parser=q)
     return p
 

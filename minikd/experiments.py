@@ -317,6 +317,7 @@ CHECKS = {
     "out": _path,
     "cache_dir": _path_or_none,
     "progress": _flag,
+    "name": _model_name,   # evaluate's and predict's model in its folder
 }
 
 
@@ -611,7 +612,7 @@ class Evaluation(NamedTuple):
 def evaluate(directory, name: str = "student") -> Evaluation:
     """Reload ``<directory>/<name>`` and its dataset (from the stored spec); its accuracies."""
     _existing_dir("dir", directory)
-    model, data = _exported(directory, _model_name("name", name), 0)
+    model, data = _exported(directory, CHECKS["name"]("name", name), 0)
     return Evaluation(model.num_parameters(), accuracy(model, data.x_test, data.y_test),
                       accuracy(model, data.x_val, data.y_val), len(data.y_test), data.name)
 
@@ -621,7 +622,7 @@ def predict(directory, inputs, name: str = "student", output=None) -> np.ndarray
     array), (N, D) or (D,), standardized as the model's training data was; saved as a .npy to
     exactly ``output`` when given. Rows with NaN or inf are refused (naming the first)."""
     _existing_dir("dir", directory)
-    _model_name("name", name)
+    CHECKS["name"]("name", name)
     if output is not None:
         writable_file(output, "output")
     model, info = load_student(directory, name)

@@ -94,6 +94,8 @@ def test_a_bad_option_fails_before_any_work(command, args, option, fragment, no_
     (["gradcheck", "--rtol", "-1"], "argument --rtol: expected a finite number > 0"),
     (["verify", "--rtol", "nan"], "argument --rtol: expected a finite number > 0, got nan"),
     (["gradcheck", "--seed", "-2"], "argument --seed: expected an integer >= 0"),
+    (["evaluate", "d", "--name", ""], "argument --name: expected a model name"),
+    (["predict", "d", "--input", "x.npy", "--name", "../student"], "argument --name: expected a model name"),
     (["soft-targets", "t", "--out", "s.npz", "--transfer-samples", "-1"], "argument --transfer-samples: expected an "
                                                                          "integer >= 0"),
 ])
