@@ -70,6 +70,21 @@ def _log_softmax(x, T: float = 1.0):
     return z - xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
 
 
+def _log_softmax_precise(x, T: float = 1.0):
+    """log softmax(x / T) accurate to a few ulps in every entry, the largest included: with z the
+    max-shifted scaled logits (z_k = 0 at the row's argmax k), log sum_c e^z_c = log1p(sum_{c != k}
+    e^z_c), so for a nearly one-hot row log p_k = -log1p(tiny) keeps its relative accuracy instead
+    of rounding log(1 + tiny) to 0 (and every log p_c carries no error of size 1e-16 from that sum).
+    Costs an argmax over ``_log_softmax``; used where such entries matter (the reverse KL, JSD and
+    TVD terms and their gradients)."""
+    xp = get_namespace(x)
+    z = _shift_scale(x, T)
+    top = xp.argmax(z, axis=-1)[..., None]
+    e = xp.exp(z)
+    others = xp.where(xp.arange(z.shape[-1]) == top, 0, e)
+    return z - xp.log1p(xp.sum(others, axis=-1, keepdims=True))
+
+
 def _logsumexp(x):
     xp = get_namespace(x)
     m = xp.max(x, axis=-1, keepdims=True)

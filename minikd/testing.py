@@ -24,7 +24,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-__all__ = ["shapes", "logits", "temperatures", "alphas", "upstreams", "masks", "labels_for",
+__all__ = ["shapes", "logits", "temperatures", "alphas", "betas", "upstreams", "masks", "labels_for",
            "kd_cases", "KDCase"]
 
 
@@ -108,11 +108,12 @@ class KDCase(NamedTuple):
     reduction: str
     scale_t2: bool
     unlabeled: str = "ignore"
+    beta: float | None = None     # kind="jsd"'s mixture weight
 
     def options(self, **override) -> dict:
         """The loss options of the case (everything but the arrays), as keyword arguments."""
         kw = dict(T=self.T, alpha=self.alpha, kind=self.kind, teacher_as=self.teacher_as, reduction=self.reduction,
-                  scale_t2=self.scale_t2, mask=self.mask, unlabeled=self.unlabeled)
+                  scale_t2=self.scale_t2, mask=self.mask, unlabeled=self.unlabeled, beta=self.beta)
         kw.update(override)
         return kw
 
@@ -120,7 +121,7 @@ class KDCase(NamedTuple):
 @st.composite
 def kd_cases(draw, max_rows: int = 6, max_classes: int = 7, teacher_forms=("logits", "probs",
              "log_probs"), reductions=("batchmean", "sum", "none"), neg_inf: bool = True,
-             unlabeled=("ignore", "soft")):
+             unlabeled=("ignore", "soft"), kinds=("kl", "ce")):
     """A consistent KD problem: the teacher is -inf wherever the student is (shared padding).
     Rows labeled ignore_index count nowhere (``unlabeled="ignore"``) or get the soft term alone
     ("soft", the transfer set; then the labels may be absent even for alpha < 1)."""
@@ -138,6 +139,12 @@ def kd_cases(draw, max_rows: int = 6, max_classes: int = 7, teacher_forms=("logi
         from .softmax import _log_softmax  # soft targets stored at temperature T
         log_q = _log_softmax(teacher, T)
         teacher = np.exp(log_q) if teacher_as == "probs" else log_q
-    return KDCase(student, teacher, labels, mask, T, alpha,
-                  draw(st.sampled_from(["kl", "ce"])), teacher_as,
-                  draw(st.sampled_from(reductions)), draw(st.booleans()), unlabeled_rows)
+    kind = draw(st.sampled_from(kinds))
+    beta = draw(betas()) if kind == "jsd" else None
+    return KDCase(student, teacher, labels, mask, T, alpha, kind, teacher_as,
+                  draw(st.sampled_from(reductions)), draw(st.booleans()), unlabeled_rows, beta)
+
+
+def betas():
+    """JSD's mixture weight: the endpoints (forward and reverse KL), their neighbours and the interior."""
+    return st.one_of(st.sampled_from([0.0, 1e-6, 0.5, 1 - 1e-6, 1.0]), st.floats(0.0, 1.0))

@@ -52,13 +52,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
-from ..softmax import _log_softmax, check_temperature
-from . import conventions
+from ..softmax import _log_softmax, _log_softmax_precise, check_temperature
+from . import conventions, divergences
 
 __all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
            "KDCache", "KINDS", "TEACHER_FORMS"]
 
-KINDS = ("kl", "ce")
+KINDS = divergences.KINDS   # "kl", "ce", "reverse_kl", "jsd" (with beta), "tvd": minikd.losses.divergences
 TEACHER_FORMS = ("logits", "probs", "log_probs")
 # Tolerance on the row sums of given probabilities (and logsumexp of given log-probabilities):
 # loose enough for float32/float16 soft targets written to disk, tight enough to catch logits.
@@ -107,7 +107,7 @@ def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
 # ---------------------------------------------------------------- forward / backward
 
 def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, reduction,
-                       ignore_index, mask, unlabeled="ignore", check_student=True, check_label_range=True):
+                       ignore_index, mask, unlabeled="ignore", check_student=True, check_label_range=True, beta=None):
     """Validate every KD argument once (shared by the reference and the fused kernels, so both
     give the same errors). Returns (xp, T, alpha, the rows' roles: ``conventions.RowRoles``)."""
     check_float_array(student, "student", ndim_min=2)
@@ -123,6 +123,7 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     alpha = conventions.check_alpha(alpha)
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    divergences.check_beta(kind, beta)
     if teacher_as not in TEACHER_FORMS:
         raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
     conventions.check_reduction(reduction)
@@ -156,12 +157,16 @@ class KDCache(NamedTuple):
     hard_weight: float     # 1 - alpha
     kind: str
     teacher_as: str
+    beta: object           # JSD's mixture weight, else None
+    log_p_full: object     # (N, C) precise log p and log q, -inf where 0 (kinds other than kl, ce), else None
+    log_q_full: object
     reduction: str
     shape: tuple           # the logits' shape
 
 
 def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
-               teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore"):
+               teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore",
+               beta=None):
     """Hinton KD loss (see module doc). Returns (loss, cache).
 
     Parameters
@@ -170,7 +175,9 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     teacher : same shape; logits, or probabilities / log-probabilities already softened at T.
     labels : integer (N,) or (B, S), optional; required unless alpha == 1.
     T : temperature > 0.  alpha : weight of the distillation term in [0, 1].
-    kind : "kl" (KL(q||p)) or "ce" (soft cross-entropy).  scale_t2 : multiply the soft term by T**2.
+    kind : the divergence D of the soft term (``minikd.losses.divergences``): "kl" (KL(q||p), the
+        default), "ce" (soft cross-entropy), "reverse_kl" (KL(p||q)), "jsd" (generalized JSD, with
+        ``beta`` in [0, 1]) or "tvd" (total variation).  scale_t2 : multiply the soft term by T**2.
     teacher_as : "logits", "probs" or "log_probs".
     reduction : "batchmean", "sum" or "none".  mask : rows that count nowhere where False.
     ignore_index : the label of a row without one; it counts nowhere (``unlabeled="ignore"``) or gets
@@ -179,7 +186,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     """
     xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
-        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled)
+        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, beta=beta)
+    beta = divergences.check_beta(kind, beta)
     valid, hard = roles.valid, roles.hard
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
@@ -200,9 +208,20 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     tau = conventions.soft_scale(T, scale_t2)
     soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2)
     rows = xp.zeros(s.shape[0], dtype=s.dtype)
+    log_p_full = log_q_full = None
+    if kind not in ("kl", "ce"):   # logs accurate in every entry; q's log -inf where q = 0
+        log_p_full = _log_softmax_precise(s, T)
+        p = xp.exp(log_p_full)
+        if teacher_as == "logits":
+            log_q_full = _log_softmax_precise(t, T)
+            q = xp.exp(log_q_full)
+        else:
+            log_q_full = xp.where(q > 0, xp.log(xp.where(q > 0, q, 1)), -xp.inf) if teacher_as == "probs" else t
     if soft_weight > 0.0:
-        kd_rows = xp.sum(q * (log_q - log_p), axis=-1) if kind == "kl" else \
-            -xp.sum(q * log_p, axis=-1)
+        if kind in ("kl", "ce"):
+            kd_rows = xp.sum(q * (log_q - log_p), axis=-1) if kind == "kl" else -xp.sum(q * log_p, axis=-1)
+        else:
+            kd_rows = divergences.divergence_rows(kind, p, log_p_full, q, log_q_full, beta, teacher_as)
         rows = rows + soft_weight * kd_rows
     p1 = None
     labels_safe = None
@@ -217,7 +236,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     loss = conventions.reduce_rows(rows, valid, reduction, lead)
     cache = KDCache(p=p, q=q, log_p=log_p, log_q=log_q, p1=p1, labels=labels_safe, valid=valid, hard=hard,
                     T=T, alpha=alpha, tau=tau, soft_weight=soft_weight, hard_weight=hard_weight,
-                    kind=kind, teacher_as=teacher_as,
+                    kind=kind, teacher_as=teacher_as, beta=beta, log_p_full=log_p_full, log_q_full=log_q_full,
                     reduction=reduction, shape=tuple(student.shape))
     return loss, cache
 
@@ -235,8 +254,17 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     w = conventions.row_weights(dloss, c.valid, c.reduction, c.p.dtype)[:, None]
     soft_weight, hard_weight = c.soft_weight, c.hard_weight
     ds = xp.zeros_like(c.p)
+    dt_soft = None
     if soft_weight > 0.0:
-        ds = ds + (soft_weight / c.T) * (c.p - c.q)
+        if c.kind in ("kl", "ce"):
+            ds = ds + (soft_weight / c.T) * (c.p - c.q)
+        else:
+            if teacher_grad and c.teacher_as == "probs":
+                raise ValueError("teacher_grad: not defined for teacher_as='probs' (d(q log q)/dq is "
+                                 "-inf at q = 0); pass logits or log-probabilities")
+            d_s, dt_soft = divergences.divergence_grads(c.kind, c.p, c.log_p_full, c.q, c.log_q_full, c.beta, c.T,
+                                                        c.teacher_as, teacher_grad)
+            ds = ds + soft_weight * d_s
     if hard_weight > 0.0:
         onehot = xp.zeros_like(c.p1)
         xp.put_along_axis(onehot, c.labels[:, None], 1, axis=-1)
@@ -247,6 +275,9 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     if c.teacher_as == "probs":
         raise ValueError("teacher_grad: not defined for teacher_as='probs' (d(q log q)/dq is "
                          "-inf at q = 0); pass logits or log-probabilities")
+    if c.kind not in ("kl", "ce"):
+        dt = xp.zeros_like(c.p) if dt_soft is None else soft_weight * dt_soft
+        return ds, (w * dt).reshape(c.shape)
     g = (c.log_q - c.log_p) if c.kind == "kl" else -c.log_p
     if c.teacher_as == "logits":
         dt = c.q * (g - xp.sum(c.q * g, axis=-1, keepdims=True)) / c.T
