@@ -16,7 +16,7 @@ from .gradcheck import relative_error
 from .losses import hint_backward, hint_forward, kd_backward, kd_forward, mutual_backward, mutual_forward
 from .losses.relational import RKD_TERMS
 
-__all__ = ["VerifyRow", "run_all", "reference_pdist", "reference_rkd_distance", "reference_rkd_angle"]
+__all__ = ["VerifyRow", "run_all", "reference_divergence", "reference_pdist", "reference_rkd_distance", "reference_rkd_angle"]
 
 
 class VerifyRow(NamedTuple):
@@ -26,9 +26,32 @@ class VerifyRow(NamedTuple):
     grad_rel: float
 
 
+def reference_divergence(torch, kind, log_p, log_q, beta=None):
+    """The soft term per row as PyTorch code writes it: F.kl_div for the KLs (its input is the log
+    of the second argument of KL), TRL's generalized JSD (the mixture's log by logsumexp over
+    log p + log(1 - beta) and log q + log beta, KL(q||m) and KL(p||m) by F.kl_div), Liger's TVD."""
+    F = torch.nn.functional
+    if kind == "kl":
+        return F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+    if kind == "ce":
+        return -(log_q.exp() * log_p).sum(-1)
+    if kind == "reverse_kl":
+        return F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    if kind == "jsd":
+        b = torch.tensor(beta, dtype=log_p.dtype)
+        log_m = torch.logsumexp(torch.stack([log_p + torch.log1p(-b), log_q + torch.log(b)]), dim=0)
+        kl_q = F.kl_div(log_m, log_q, log_target=True, reduction="none").sum(-1)
+        kl_p = F.kl_div(log_m, log_p, log_target=True, reduction="none").sum(-1)
+        return beta * kl_q + (1 - beta) * kl_p
+    if kind == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(kind)
+
+
 def _kd_cases(torch, rng):
     F = torch.nn.functional
-    for kind in ("kl", "ce"):
+    for kind in ("kl", "ce", "reverse_kl", "jsd", "tvd"):
+        beta = 0.3 if kind == "jsd" else None
         for reduction in ("batchmean", "sum"):
             for T, unlabeled in zip((0.5, 1.0, 4.0, 20.0), ("ignore", "soft", "ignore", "soft")):
                 s, t = rng.standard_normal((16, 10)) * 3, rng.standard_normal((16, 10)) * 3
@@ -41,15 +64,15 @@ def _kd_cases(torch, rng):
                 # unlabeled="soft": rows without a label keep the distillation term (the transfer set)
                 counts = labeled if unlabeled == "ignore" else torch.ones_like(labeled)
                 log_p, log_q = F.log_softmax(S / T, -1), F.log_softmax(torch.tensor(t) / T, -1)
-                soft = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1) if kind == "kl" \
-                    else -(log_q.exp() * log_p).sum(-1)
+                soft = reference_divergence(torch, kind, log_p, log_q, beta)
                 hard = torch.where(labeled, F.cross_entropy(S, torch.where(labeled, Y, 0), reduction="none"), 0.0)
                 rows = torch.where(counts, alpha * T * T * soft + (1 - alpha) * hard, 0.0)
                 L = rows.sum() / counts.sum() if reduction == "batchmean" else rows.sum()
                 L.backward()
                 value, cache = kd_forward(s, t, y, T=T, alpha=alpha, kind=kind, reduction=reduction,
-                                          unlabeled=unlabeled)
-                yield "kd_loss", value, L.item(), kd_backward(1.0, cache), S.grad.numpy()
+                                          unlabeled=unlabeled, beta=beta)
+                yield ("kd_loss" if kind in ("kl", "ce") else kind), value, L.item(), kd_backward(1.0, cache), \
+                    S.grad.numpy()
 
 
 def _hint_cases(torch, rng):
