@@ -2,7 +2,7 @@
 
     loss, grad = mk.kernels.softmax_kl(student, teacher, labels, T=4.0, alpha=0.9)
 
-Same meaning and result as ``mk.kd_loss_and_grad`` with teacher logits (``kind``,
+Same meaning and result as ``mk.kd_loss_and_grad`` with teacher logits (``kind``, ``beta``,
 ``scale_t2``, ``reduction``, ``ignore_index``, ``mask``, ``unlabeled`` included; for "none" the
 gradient of the summed loss): the conventions (which rows count, which get the hard term, the
 term weights, the reductions) are ``minikd.losses.conventions``, called here as there. Arguments
@@ -13,16 +13,21 @@ input, except that it may be the student array itself (in place); ``check_out`` 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
 ``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
 "auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
+The fused kernels compute kind "kl" and "ce" (``FUSED_KINDS``); for "reverse_kl", "jsd" and
+"tvd", "auto" runs the reference (and warns once per kind) and an explicit fused backend is refused.
 """
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 
 from ..backend import check_float_array, check_logits, get_namespace, is_cupy_array
 from ..losses import conventions
-from ..losses.kd import check_kd_arguments, kd_loss_and_grad
+from ..checks import UserError
+from ..losses.divergences import check_beta
+from ..losses.kd import KINDS, check_kd_arguments, kd_loss_and_grad
 
 __all__ = ["softmax_kl", "resolve_backend", "check_out", "prepare_rows", "Rows", "sum_of_logs"]
 
@@ -47,13 +52,38 @@ def resolve_backend(backend: str, x) -> str:
     return backend
 
 
+# the divergences the fused kernels compute; the others (reverse_kl, jsd, tvd) run on the reference
+FUSED_KINDS = ("kl", "ce")
+_said_fallback = set()
+
+
+def _fallback(kind, backend, resolved) -> str:
+    """A kind the fused kernels lack: "auto" runs the reference and says so once per kind; an
+    explicit fused backend is refused."""
+    if resolved == "numpy":
+        return resolved
+    if backend != "auto":
+        raise UserError(f"kind={kind!r}: the fused kernels compute {' and '.join(FUSED_KINDS)} only; use "
+                        f"backend='numpy' (the reference) or 'auto' (falls back to it)")
+    if kind not in _said_fallback:
+        _said_fallback.add(kind)
+        warnings.warn(f"kind={kind!r} has no fused kernel yet: backend='auto' runs the NumPy reference",
+                      stacklevel=3)
+    return "numpy"
+
+
 def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
-               reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore", out=None, backend="auto"):
+               reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore", out=None, backend="auto",
+               beta=None):
     """Fused KD loss and gradient (see module doc). Returns (loss, grad)."""
-    backend = resolve_backend(backend, student)
+    if kind in KINDS:
+        check_beta(kind, beta)   # a beta given with another kind is refused on every backend
+    resolved = resolve_backend(backend, student)
+    backend = resolved if kind in FUSED_KINDS or kind not in KINDS else _fallback(kind, backend, resolved)
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
               unlabeled=unlabeled)
     if backend == "numpy":
+        kw["beta"] = beta
         check_out(out, student, teacher, labels, mask)
         loss, grad = kd_loss_and_grad(student, teacher, labels, scale_t2=scale_t2, **kw)
         if out is not None:

@@ -106,7 +106,11 @@ OPTIONS = {
     "batch_size": (_TRAINING, dict(type=int, help="minibatch size (default %(default)s)")),
     "lr": (_TRAINING, dict(type=float, help="AdamW learning rate, cosine schedule (default %(default)s)")),
     "backend": (_TRAINING, dict(choices=["numpy", "numba", "auto"], help="implementation of the KD loss "
-                                "(default %(default)s, the reference; numba: the fused kernel)")),
+                                "(default %(default)s, the reference; numba: the fused kernel, kl and ce only)")),
+    "kind": (_TRAINING, dict(help="the distillation term's divergence: kl (KL(teacher||student), default), ce, "
+                                  "reverse_kl, jsd (with --beta), tvd")),
+    "beta": (_TRAINING, dict(type=float, metavar="B", help="kind jsd: the mixture weight in [0, 1] (0: forward KL, "
+                                                          "1: reverse KL, 0.5: symmetric JSD)")),
     "hint": (_FEATURES, dict(action="append", metavar="TEACHER_TAP:STUDENT_TAP[:WEIGHT]",
                              help="FitNets hint from a teacher layer to a student layer through a trained Linear "
                                   "regressor, e.g. embed:hidden:0.5 (repeat for several layers)")),
@@ -140,6 +144,9 @@ def _add_config_options(parser, config_cls, helps=None):
             kw["nargs"] = "+"
         if helps and f.name in helps:
             kw["help"] = helps[f.name]
+        if f.name == "kind":
+            from .losses.divergences import KINDS  # noqa: PLC0415
+            kw["choices"] = list(KINDS)
         if f.name == "progress":
             group.add_argument("--quiet", dest="progress", action="store_false", help=kw["help"])
         elif f.name == "cache_dir":

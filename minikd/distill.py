@@ -96,17 +96,20 @@ def inference_seconds_per_sample(model, x, repeats: int = 3) -> float:
     return best / max(len(x), 1)
 
 
-def distill_loss_and_grad(student_logits, teacher_logits, labels, *, T, alpha, backend="numpy"):
+def distill_loss_and_grad(student_logits, teacher_logits, labels, *, T, alpha, backend="numpy", kind="kl",
+                          beta=None):
     """The logits' part of a training step: (loss, d loss / d student_logits).
 
     With teacher logits, the KD loss with ``unlabeled="soft"`` (``minikd.losses.conventions``):
-    alpha T^2 KL + (1 - alpha) CE on labeled rows, the distillation term alone on rows labeled -100
+    alpha T^2 D + (1 - alpha) CE on labeled rows, D the divergence ``kind`` (KL(q||p) by default;
+    ``minikd.losses.divergences``, JSD with ``beta``), the distillation term alone on rows labeled -100
     (the transfer set), summed over all rows and divided by their number. ``backend`` chooses the
     implementation ("numpy": the reference, "numba": the fused kernel, "auto"). Without a teacher,
     the cross-entropy, averaged over the labeled rows."""
     if teacher_logits is None:
         return cross_entropy_and_grad(student_logits, labels)
-    return softmax_kl(student_logits, teacher_logits, labels, T=T, alpha=alpha, unlabeled="soft", backend=backend)
+    return softmax_kl(student_logits, teacher_logits, labels, T=T, alpha=alpha, unlabeled="soft", backend=backend,
+                      kind=kind, beta=beta)
 
 
 @dataclass
@@ -158,7 +161,8 @@ class Step(NamedTuple):
 
 
 def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.0, val=None,
-          desc="train", progress=True, backend="numpy", feature_terms=(), on_step=None) -> History:
+          desc="train", progress=True, backend="numpy", feature_terms=(), on_step=None, kind="kl",
+          beta=None) -> History:
     """Minibatch AdamW with a cosine schedule; labels -100 mark unlabeled (transfer) rows.
     Each batch's objective is ``distill_loss_and_grad`` (KD with ``teacher_logits``, else
     cross-entropy) plus the ``feature_terms`` (hint / RKD on tapped student features; their
@@ -188,7 +192,8 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
                 logits, cache = model.forward(xb, train=True, taps=taps)
                 _check_diverged(desc, epoch, cfg, logits)
                 t = None if teacher_logits is None else teacher_logits[idx]
-                loss, dlogits = distill_loss_and_grad(logits, t, yb, T=T, alpha=alpha, backend=backend)
+                loss, dlogits = distill_loss_and_grad(logits, t, yb, T=T, alpha=alpha, backend=backend, kind=kind,
+                                                      beta=beta)
                 loss = float(loss)
                 tap_grads = {}
                 for term in feature_terms:
@@ -309,7 +314,7 @@ def make_feature_terms(specs, teacher, student, x, cache_dir=None, seed=0):
 
 def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teacher_logits_transfer=None,
                   T=4.0, alpha=0.9, hidden=50, use_transfer=False, progress=True, desc="student",
-                  backend="numpy", feature_specs=(), teacher=None, cache_dir=None, on_step=None):
+                  backend="numpy", feature_specs=(), teacher=None, cache_dir=None, on_step=None, kind="kl", beta=None):
     """Step 3. The student MLP, from scratch (teacher_logits None) or distilled; with
     ``use_transfer`` the transfer set joins the training rows with label -100 (soft term only).
     ``feature_specs``: (kind, teacher_tap, student_tap, weight) hint / RKD terms (needs ``teacher``).
@@ -322,7 +327,8 @@ def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teach
         t = np.concatenate([t, teacher_logits_transfer])
     terms = make_feature_terms(feature_specs, teacher, model, x, cache_dir, cfg.seed) if feature_specs else ()
     hist = train(model, x, y, cfg, teacher_logits=t, T=T, alpha=alpha, val=(data.x_val, data.y_val),
-                 desc=desc, progress=progress, backend=backend, feature_terms=terms, on_step=on_step)
+                 desc=desc, progress=progress, backend=backend, feature_terms=terms, on_step=on_step, kind=kind,
+                 beta=beta)
     return model, hist
 
 
@@ -392,11 +398,11 @@ def load_student(out_dir, name: str = "student"):
 
 def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logits,
           teacher_logits_transfer=None, hidden=50, use_transfer=False, progress=True, backend="numpy",
-          on_step=None):
+          on_step=None, kind="kl", beta=None):
     """Step 4. One student per (T, alpha); returns the grid of validation accuracies and
     (val accuracy, T, alpha, model, history) of the best pair by validation accuracy (ties: first
-    in grid order). ``backend`` and ``on_step``: as ``train``'s (each run is labeled
-    "sweep T=..., alpha=...")."""
+    in grid order). ``backend``, ``on_step``, ``kind`` and ``beta``: as ``train``'s (each run is
+    labeled "sweep T=..., alpha=...")."""
     grid = np.zeros((len(temperatures), len(alphas)))
     best = None
     pairs = [(i, j) for i in range(len(temperatures)) for j in range(len(alphas))]
@@ -405,7 +411,8 @@ def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logi
         model, hist = train_student(data, cfg, teacher_logits=teacher_logits,
                                     teacher_logits_transfer=teacher_logits_transfer, T=T, alpha=a,
                                     hidden=hidden, use_transfer=use_transfer, progress=False,
-                                    desc=f"sweep T={T:g}, alpha={a:g}", backend=backend, on_step=on_step)
+                                    desc=f"sweep T={T:g}, alpha={a:g}", backend=backend, on_step=on_step,
+                                    kind=kind, beta=beta)
         grid[i, j] = accuracy(model, data.x_val, data.y_val)
         if best is None or grid[i, j] > best[0]:
             best = (grid[i, j], T, a, model, hist)

@@ -37,6 +37,7 @@ from .distill import (TrainConfig, accuracy, export, inference_seconds_per_sampl
 from . import checks
 from .files import FileError, atomic_write, check_finite_rows, read_array, writable_dir, writable_file, write_npy, \
     write_npz
+from .losses.divergences import KINDS, check_beta
 from .nn.models import student_mlp, teacher_cnn
 from .plots import learning_curves, sweep_heatmap
 
@@ -84,6 +85,8 @@ class StudentConfig:
     seed: int = DEFAULTS["seed"]
     T: float = DEFAULTS["T"]
     alpha: float = DEFAULTS["alpha"]
+    kind: str = "kl"
+    beta: float | None = None
     epochs: int = DEFAULTS["epochs"]
     transfer_epochs: int = DEFAULTS["transfer_epochs"]
     student_hidden: int = DEFAULTS["student_hidden"]
@@ -107,6 +110,8 @@ class DistillConfig:
     seed: int = DEFAULTS["seed"]
     T: float = DEFAULTS["T"]
     alpha: float = DEFAULTS["alpha"]
+    kind: str = "kl"
+    beta: float | None = None
     epochs: int = DEFAULTS["epochs"]
     transfer_epochs: int = DEFAULTS["transfer_epochs"]
     teacher_epochs: int = DEFAULTS["teacher_epochs"]
@@ -135,6 +140,8 @@ class SweepConfig:
     seed: int = DEFAULTS["seed"]
     T: tuple = (1.0, 2.0, 4.0, 8.0)
     alpha: tuple = (0.5, 0.9, 1.0)
+    kind: str = "kl"
+    beta: float | None = None
     epochs: int = DEFAULTS["epochs"]
     transfer_epochs: int = DEFAULTS["transfer_epochs"]
     teacher_epochs: int = DEFAULTS["teacher_epochs"]
@@ -310,6 +317,8 @@ CHECKS = {
     "batch_size": _int(2),   # BatchNorm and the relational terms need two rows
     "lr": _real(0.0, exclusive_minimum=True),
     "backend": _choice("numpy", "numba", "auto"),
+    "kind": _choice(*KINDS),
+    "beta": lambda name, v: None if v is None else checks.number(name, v, 0.0, 1.0),
     "hint": _hints,
     "rkd_distance": _real(0.0),
     "rkd_angle": _real(0.0),
@@ -339,6 +348,14 @@ def validate(config):
         except (TypeError, ValueError) as exc:
             raise ConfigError(f.name, str(exc)) from None
         setattr(config, f.name, value)
+    if hasattr(config, "kind"):
+        try:
+            check_beta(config.kind, config.beta)
+        except checks.UserError as exc:
+            raise ConfigError("beta", str(exc)) from None
+        if config.backend == "numba" and config.kind not in ("kl", "ce"):
+            raise ConfigError("backend", f"backend: the fused kernel computes kind kl and ce only, not "
+                                         f"{config.kind!r}; use numpy or auto")
     if hasattr(config, "weight_decay") and config.lr * config.weight_decay >= 1:
         raise ConfigError("weight_decay", f"weight_decay: expected lr x weight_decay < 1 (AdamW multiplies each "
                                           f"weight by 1 - lr x weight_decay a step), got {config.weight_decay:g} "
@@ -384,6 +401,21 @@ def _targets(teacher, data, cache_dir):
     tl = soft_targets(teacher, data.x_train, cache_dir)
     tt = soft_targets(teacher, data.x_transfer, cache_dir) if len(data.x_transfer) else None
     return tl, tt
+
+
+def _divergence(config) -> dict:
+    """The soft term's kind (and JSD's beta) as train_student takes them: empty for the default
+    forward KL, so reports and exports of KL runs read as before."""
+    if config.kind == "kl":
+        return {}
+    return {"kind": config.kind, **({"beta": config.beta} if config.beta is not None else {})}
+
+
+def _kd_name(T, alpha, divergence) -> str:
+    """"KD (T=4, alpha=0.9)", or with the divergence: "KD jsd(beta=0.5) (T=4, alpha=0.9)"."""
+    kind = divergence.get("kind")
+    what = "" if kind is None else f" {kind}" + (f"(beta={divergence['beta']:g})" if "beta" in divergence else "")
+    return f"KD{what} (T={T:g}, alpha={alpha:g})"
 
 
 def _student_cfg(config, epochs):
@@ -485,16 +517,17 @@ def run_student(config: StudentConfig, on_step=None) -> Report:
     tl, tt = _targets(teacher, data, config.cache_dir)
     use_transfer = tt is not None
     cfg = _student_cfg(config, config.transfer_epochs if use_transfer else config.epochs)
+    div = _divergence(config)
     model, hist = train_student(data, cfg, teacher_logits=tl, teacher_logits_transfer=tt, T=config.T,
-                                alpha=config.alpha, hidden=config.student_hidden, use_transfer=use_transfer,
+                                alpha=config.alpha, **div, hidden=config.student_hidden, use_transfer=use_transfer,
                                 progress=config.progress, desc="student (KD)", backend=config.backend,
                                 on_step=on_step)
     tp = teacher.num_parameters()
-    label = f"student KD (T={config.T:g}, alpha={config.alpha:g})" + (" + transfer" if use_transfer else "")
+    label = f"student {_kd_name(config.T, config.alpha, div)}" + (" + transfer" if use_transfer else "")
     rows = [_row("teacher (CNN)", teacher, data, tp),
-            _row(label, model, data, tp, {"T": config.T, "alpha": config.alpha})]
+            _row(label, model, data, tp, {"T": config.T, "alpha": config.alpha, **div})]
     out = Path(config.out)
-    export(model, out, "student", data, {"T": config.T, "alpha": config.alpha})
+    export(model, out, "student", data, {"T": config.T, "alpha": config.alpha, **div})
     report = Report(rows, {"teacher": rows[0], "student_kd": rows[1], "teacher_dir": str(config.teacher_dir)},
                     {"student KD": hist}, model, teacher, data.spec, time.perf_counter() - t0, asdict(config), out)
     _write_report(report)
@@ -513,14 +546,15 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
     teacher, thist = _teacher(config, data, on_step)
     tl, tt = _targets(teacher, data, config.cache_dir)
     cfg = _student_cfg(config, config.epochs)
-    kd_options = {"T": config.T, "alpha": config.alpha}
+    kd_options = {"T": config.T, "alpha": config.alpha, **_divergence(config)}
     common = dict(hidden=config.student_hidden, progress=config.progress, backend=config.backend, on_step=on_step)
     scratch, sh = train_student(data, cfg, desc="student (scratch)", **common)
     kd, kh = train_student(data, cfg, teacher_logits=tl, desc="student (KD)", **kd_options, **common)
     tp = teacher.num_parameters()
     results = {"teacher": _row("teacher (CNN)", teacher, data, tp),
                "student_scratch": _row("student from scratch", scratch, data, tp),
-               "student_kd": _row(f"student KD (T={config.T:g}, alpha={config.alpha:g})", kd, data, tp, kd_options)}
+               "student_kd": _row(f"student {_kd_name(config.T, config.alpha, kd_options)}", kd, data, tp,
+                                  kd_options)}
     histories = {"teacher": thist, "student scratch": sh, "student KD": kh}
     best = kd
     for key, label, specs in variants:
@@ -559,11 +593,12 @@ def run_sweep(config: SweepConfig, on_step=None) -> Report:
     grid, (_, T, a, model, hist) = sweep(data, cfg, temperatures, alphas, teacher_logits=tl,
                                          teacher_logits_transfer=tt, hidden=config.student_hidden,
                                          use_transfer=use_transfer, progress=config.progress,
-                                         backend=config.backend, on_step=on_step)
+                                         backend=config.backend, on_step=on_step, **_divergence(config))
     tp = teacher.num_parameters()
-    best = _row(f"best student (T={T:g}, alpha={a:g})", model, data, tp, {"T": T, "alpha": a})
+    div = _divergence(config)
+    best = _row(f"best student {_kd_name(T, a, div)}", model, data, tp, {"T": T, "alpha": a, **div})
     out = Path(config.out)
-    export(model, out, "student", data, {"T": T, "alpha": a})
+    export(model, out, "student", data, {"T": T, "alpha": a, **div})
     sweep_heatmap(grid, temperatures, alphas, out / "sweep.png", best=(temperatures.index(T), alphas.index(a)))
     report = Report([_row("teacher (CNN)", teacher, data, tp), best],
                     {"student_kd": best, "grid": {"T": temperatures, "alpha": alphas, "val_accuracy": grid.tolist()}},
