@@ -57,14 +57,20 @@ h_c = log q^_c - log p^_c (the +1 cancels again):
 
 Numerics
 --------
-Every log-probability comes from a max-shifted log-softmax, never from log(p). In particular
-log(1 - p_y) = A^ - A is computed as the log-sum-exp of the non-target log-probabilities
-log p_c = z_c - A (shifted by their own maximum), which never underflows: with a target far above
-the rest, 1 - p_y may be 1e-400 and its log, -921, is still exact, where log(1 - p_y) or
-log(sum of the p_c) would be log 0. The probabilities q_y and 1 - q_y (and p_y, 1 - p_y) are the
-exponentials of those logs, never 1 minus the other; p_y - q_y is formed as (1 - q_y) - (1 - p_y)
-when p_y + q_y > 1, so it keeps its relative precision when both are close to 1. The non-target
-distributions are the log-softmax of the row with the target set to -inf (excluded exactly).
+Every log-probability comes from max-shifted logits, never from log(p). The binary distribution is
+the logistic sigmoid of the margin m = z_y - A^ (the target's scaled logit against the log-sum-exp of
+the others): A = logaddexp(z_y, A^), so
+    log p_y = -softplus(-m),   log(1 - p_y) = A^ - A = -softplus(m),   softplus(x) = max(x, 0) + log1p(exp(-|x|))
+which is log(1 - p_y) as the log of the sum of the non-target exponentials minus the full
+log-sum-exp, evaluated so that both logs keep their relative precision at any margin: with a target
+far above the rest, 1 - p_y may be 1e-400 and its log, -921, is still exact, where log(1 - p_y) or
+log(sum of the p_c) would be log 0; and log p_y = -2e-22 is not rounded to 0 (as z_y - A would be),
+so TCKD of a confident row keeps its relative precision. A^ is the log-sum-exp of the non-target
+logits shifted by their own maximum (the target set to -inf: excluded exactly), and the non-target
+log-probabilities are those shifted logits minus it, accurate however far the target stands above
+them. The probabilities p_y and 1 - p_y (q_y, 1 - q_y) are the exponentials of those logs, never 1
+minus the other; p_y - q_y is formed as (1 - q_y) - (1 - p_y) when p_y + q_y > 1, so it keeps its
+relative precision when both are close to 1.
 
 Edge cases, each the true value or the convention of KD:
 - -inf classes (padding) have probability 0 and 0 * log 0 = 0: terms with q_y = 0, 1 - q_y = 0 or
@@ -109,25 +115,15 @@ authors' code), which writes the same two terms as follows:
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
+from .. import checks
 from ..backend import check_logits, get_namespace
-from ..softmax import _log_softmax, _logsumexp
+from ..softmax import _logsumexp, _shift_scale
 from . import conventions
 from .kd import check_kd_arguments
 
 __all__ = ["dkd_forward", "dkd_backward", "dkd_loss", "dkd_loss_and_grad", "check_dkd_arguments", "DKDCache"]
-
-
-def _check_weight(value, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a finite number >= 0, got {value!r}") from None
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
-    return value
 
 
 def check_dkd_arguments(student, teacher, labels, *, T, alpha_tckd, beta_nckd, reduction, ignore_index, mask):
@@ -137,8 +133,8 @@ def check_dkd_arguments(student, teacher, labels, *, T, alpha_tckd, beta_nckd, r
     if labels is None:
         raise ValueError("labels: required by DKD (each row is split at its target class); rows without "
                          "one carry ignore_index and count nowhere")
-    alpha_tckd = _check_weight(alpha_tckd, "alpha_tckd")
-    beta_nckd = _check_weight(beta_nckd, "beta_nckd")
+    alpha_tckd = checks.number("alpha_tckd", alpha_tckd, minimum=0.0)
+    beta_nckd = checks.number("beta_nckd", beta_nckd, minimum=0.0)
     xp, T, _, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=1.0, kind="kl", teacher_as="logits", reduction=reduction,
         ignore_index=ignore_index, mask=mask, unlabeled="ignore")
@@ -146,21 +142,29 @@ def check_dkd_arguments(student, teacher, labels, *, T, alpha_tckd, beta_nckd, r
     return xp, T, alpha_tckd, beta_nckd, roles
 
 
+def _softplus(x):
+    """log(1 + exp(x)) without overflow or cancellation: max(x, 0) + log1p(exp(-|x|)); +-inf allowed."""
+    xp = get_namespace(x)
+    return xp.maximum(x, 0) + xp.log1p(xp.exp(-xp.abs(x)))
+
+
 def _decouple(x, onehot, labels, T: float):
     """The binary and non-target halves of one side, in log space, for rows x (N, C):
     (log p_y, log(1 - p_y), log p^ (N, C) with -inf at the target, has_rest (N,) bool)."""
     xp = get_namespace(x)
-    log_p = _log_softmax(x, T)
-    log_py = xp.take_along_axis(log_p, labels[:, None], axis=-1)[:, 0]
     # rows with no finite non-target class (C = 1, or all padding) have 1 - p_y = 0 and no p^;
-    # they are computed on a stand-in row and set to -inf afterwards (a max of -inf gives NaN)
+    # they are computed on a stand-in row and set afterwards (a max of -inf would give NaN)
     has_rest = xp.any(~onehot & (x > -xp.inf), axis=-1)
     rest = has_rest[:, None]
-    log_rest = _logsumexp(xp.where(rest, xp.where(onehot, -xp.inf, log_p), 0))   # A^ - A
-    log_1m_py = xp.where(has_rest, log_rest, -xp.inf)
-    log_hat = _log_softmax(xp.where(rest, xp.where(onehot, -xp.inf, x), 0), T)
-    log_hat = xp.where(rest & ~onehot, log_hat, -xp.inf)
-    return log_py, log_1m_py, log_hat, has_rest
+    x_rest = xp.where(rest, xp.where(onehot, -xp.inf, x), 0)
+    m_rest = xp.max(x_rest, axis=-1)
+    z_rest = _shift_scale(x_rest, T)                       # (x_c - max_{k != y} x_k) / T
+    lse_rest = _logsumexp(z_rest)                          # in [0, log(C - 1)]
+    log_hat = xp.where(rest & ~onehot, z_rest - lse_rest[:, None], -xp.inf)
+    # the margin m = z_y - A^; b_p = (sigmoid(m), sigmoid(-m)); +inf without a non-target class
+    x_y = xp.take_along_axis(x, labels[:, None], axis=-1)[:, 0]
+    margin = xp.where(has_rest, (x_y - m_rest) / x.dtype.type(T) - lse_rest, xp.inf)
+    return -_softplus(-margin), -_softplus(margin), log_hat, has_rest
 
 
 class DKDCache(NamedTuple):
