@@ -15,18 +15,22 @@ U = np.finfo(np.float64).eps / 2
 
 
 @st.composite
-def dkd_cases(draw, max_rows=5, max_classes=7, min_classes=1, neg_inf=True, reductions=("batchmean", "sum", "none")):
+def dkd_cases(draw, max_rows=5, max_classes=7, min_classes=2, neg_inf=True, reductions=("batchmean", "sum", "none")):
     """A DKD problem: the teacher is -inf wherever the student is (shared padding) and perhaps elsewhere
-    (also at the label, or at every non-target class); some rows ignore_index; an optional mask."""
+    (also at the label, or at every non-target class); some rows ignore_index; an optional mask. The
+    degenerate draws (no row counts, both weights 0; C = 1 has its own test) are kept rare."""
     shape = draw(shapes(max_rows, max_classes, min_classes))
     student = draw(logits(shape, neg_inf=neg_inf))
     teacher = draw(logits(shape, neg_inf=neg_inf, neg_inf_mask=np.isneginf(student)))
-    labels = draw(labels_for(student))
+    labels = draw(labels_for(student, allow_ignored=False))
+    # about one row in five without a label (drawn from a seed: hypothesis' integers lean to their minimum)
+    unlabeled = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).random(labels.shape) < 0.2
+    labels = np.where(unlabeled, -100, labels)
     kw = dict(T=draw(temperatures()),
-              alpha_tckd=draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 4.0))),
-              beta_nckd=draw(st.one_of(st.sampled_from([0.0, 8.0]), st.floats(0.0, 10.0))),
+              alpha_tckd=draw(st.one_of(st.sampled_from([1.0, 1.0, 2.5, 0.0]), st.floats(0.05, 4.0))),
+              beta_nckd=draw(st.one_of(st.sampled_from([8.0, 8.0, 1.0, 0.0]), st.floats(0.05, 10.0))),
               scale_t2=draw(st.booleans()), reduction=draw(st.sampled_from(reductions)),
-              mask=draw(st.one_of(st.none(), masks(shape[:-1]))))
+              mask=draw(st.one_of(st.none(), st.none(), masks(shape[:-1]))))
     return student, teacher, labels, kw
 
 
@@ -96,9 +100,11 @@ def test_invariants(case):
     valid = cache.valid.reshape(rows.shape)
     assert rows.shape == s.shape[:-1] and np.all(rows[~valid] == 0)
     tau = cache.tau
+    # the size of each row's terms (its log-probabilities), which cancel to a small KL
+    size = tau * (opts["alpha_tckd"] + opts["beta_nckd"]) * (1 + (spread(s) + spread(t)).reshape(rows.shape)
+                                                             / opts["T"])
     # both terms are KL divergences: loss >= 0 up to rounding
-    assert np.all(rows >= -1e-12 * tau * (opts["alpha_tckd"] + opts["beta_nckd"]) * (1 + np.abs(s).max(initial=0)
-                                                                                  / opts["T"]))
+    assert np.all(rows >= -1e-12 * size)
     # gradient rows sum to zero (student and teacher); rows that do not count get exactly zero
     g = np.random.default_rng(0).standard_normal(rows.shape)
     ds, dt = dkd_backward(g, cache, teacher_grad=True)
@@ -109,8 +115,6 @@ def test_invariants(case):
     # adding a constant to a row of the student, and another to the teacher's, changes nothing
     shift = np.linspace(-30, 30, rows.size).reshape(rows.shape + (1,))
     rows2 = dkd_loss(s + shift, t - 2 * shift, y, **opts)
-    size = tau * (opts["alpha_tckd"] + opts["beta_nckd"]) * (1 + (spread(s) + spread(t)).reshape(rows.shape)
-                                                             / opts["T"])
     assert np.all(np.abs(rows2 - rows) <= 1e-12 * size + 1e-9 * np.abs(rows))
 
 
