@@ -110,7 +110,9 @@ authors' code), which writes the same two terms as follows:
   the loss, in the distiller: here too they are the caller's (``cross_entropy_and_grad`` for the
   hard term; scale the loss and dloss by the warmup factor).
 - Its teacher runs under torch.no_grad; the teacher gradient here is for mutual/online settings
-  and for checking. Its alpha and beta are ``alpha_tckd`` and ``beta_nckd`` (defaults 1 and 8, its
+  and for checking. Autograd through its formulation would give NaN there: the masked target's
+  teacher probability exp(w_y - 1000 - ...) is exactly 0 and F.kl_div's d(q log q)/dq = log q + 1
+  is -inf at it (giving the teacher as log-probabilities, log_target=True, avoids it). Its alpha and beta are ``alpha_tckd`` and ``beta_nckd`` (defaults 1 and 8, its
   CIFAR-100 setting; its T there is 4).
 """
 from __future__ import annotations
