@@ -13,8 +13,8 @@ input, except that it may be the student array itself (in place); ``check_out`` 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
 ``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
 "auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
-The fused kernels compute kind "kl" and "ce" (``FUSED_KINDS``); for "reverse_kl", "jsd" and
-"tvd", "auto" runs the reference (and warns once per kind) and an explicit fused backend is refused.
+The fused kernels compute kind "kl" and "ce" (``FUSED_KINDS``); for "reverse_kl", "jsd", "tvd"
+and "dkd", "auto" runs the reference (and warns once per kind) and an explicit fused backend is refused.
 """
 from __future__ import annotations
 
@@ -74,16 +74,18 @@ def _fallback(kind, backend, resolved) -> str:
 
 def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
                reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore", out=None, backend="auto",
-               beta=None):
+               beta=None, dkd_weights=None):
     """Fused KD loss and gradient (see module doc). Returns (loss, grad)."""
     if kind in KINDS:
         check_beta(kind, beta)   # a beta given with another kind is refused on every backend
+    if dkd_weights is not None and kind != "dkd":
+        raise UserError(f"dkd_weights: only kind='dkd' takes them (kind={kind!r})")
     resolved = resolve_backend(backend, student)
     backend = resolved if kind in FUSED_KINDS or kind not in KINDS else _fallback(kind, backend, resolved)
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
               unlabeled=unlabeled)
     if backend == "numpy":
-        kw["beta"] = beta
+        kw.update(beta=beta, dkd_weights=dkd_weights)
         check_out(out, student, teacher, labels, mask)
         loss, grad = kd_loss_and_grad(student, teacher, labels, scale_t2=scale_t2, **kw)
         if out is not None:

@@ -108,7 +108,8 @@ OPTIONS = {
     "backend": (_TRAINING, dict(choices=["numpy", "numba", "auto"], help="implementation of the KD loss "
                                 "(default %(default)s, the reference; numba: the fused kernel, kl and ce only)")),
     "kind": (_TRAINING, dict(help="the distillation term's divergence: kl (KL(teacher||student), default), ce, "
-                                  "reverse_kl, jsd (with --beta), tvd")),
+                                  "reverse_kl, jsd (with --beta), tvd, dkd (decoupled KD, weights 1 and 8; needs "
+                                  "--transfer-samples 0)")),
     "beta": (_TRAINING, dict(type=float, metavar="B", help="kind jsd: the mixture weight in [0, 1] (0: forward KL, "
                                                           "1: reverse KL, 0.5: symmetric JSD)")),
     "hint": (_FEATURES, dict(action="append", metavar="TEACHER_TAP:STUDENT_TAP[:WEIGHT]",
@@ -145,7 +146,7 @@ def _add_config_options(parser, config_cls, helps=None):
         if helps and f.name in helps:
             kw["help"] = helps[f.name]
         if f.name == "kind":
-            from .losses.divergences import KINDS  # noqa: PLC0415
+            from .losses.kd import KINDS  # noqa: PLC0415
             kw["choices"] = list(KINDS)
         if f.name == "progress":
             group.add_argument("--quiet", dest="progress", action="store_false", help=kw["help"])

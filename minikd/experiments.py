@@ -37,7 +37,8 @@ from .distill import (TrainConfig, accuracy, export, inference_seconds_per_sampl
 from . import checks
 from .files import FileError, atomic_write, check_finite_rows, read_array, writable_dir, writable_file, write_npy, \
     write_npz
-from .losses.divergences import KINDS, check_beta
+from .losses.divergences import check_beta
+from .losses.kd import KINDS
 from .nn.models import student_mlp, teacher_cnn
 from .plots import learning_curves, sweep_heatmap
 
@@ -353,6 +354,9 @@ def validate(config):
             check_beta(config.kind, config.beta)
         except checks.UserError as exc:
             raise ConfigError("beta", str(exc)) from None
+        if config.kind == "dkd" and getattr(config, "transfer_samples", 0):
+            raise ConfigError("kind", "kind: dkd splits each row at its label, and the transfer set has none; add "
+                                      "--transfer-samples 0")
         if config.backend == "numba" and config.kind not in ("kl", "ce"):
             raise ConfigError("backend", f"backend: the fused kernel computes kind kl and ce only, not "
                                          f"{config.kind!r}; use numpy or auto")

@@ -237,7 +237,7 @@ def test_the_kernels_entry_point_takes_every_kind():
         mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind="kl", beta=0.3, backend="numba")
 
 
-@pytest.mark.parametrize("kind, beta", [("reverse_kl", None), ("jsd", 0.4), ("tvd", None)])
+@pytest.mark.parametrize("kind, beta", [("reverse_kl", None), ("jsd", 0.4), ("tvd", None), ("dkd", None)])
 def test_training_applies_the_chosen_divergence(kind, beta):
     """Each optimizer step's loss and logit gradient are the reference loss of that kind on the
     batch (the transfer rows, labeled -100, get the distillation term alone)."""
@@ -248,10 +248,11 @@ def test_training_applies_the_chosen_divergence(kind, beta):
     tl = rng.standard_normal((len(data.x_train), 10)).astype(np.float32) * 3
     tt = rng.standard_normal((len(data.x_transfer), 10)).astype(np.float32) * 3
     steps = []
+    transfer = kind != "dkd"   # DKD needs a label on every row
     train_student(data, TrainConfig(epochs=1, batch_size=64), teacher_logits=tl, teacher_logits_transfer=tt,
-                  T=3.0, alpha=0.8, hidden=8, use_transfer=True, progress=False, kind=kind, beta=beta,
+                  T=3.0, alpha=0.8, hidden=8, use_transfer=transfer, progress=False, kind=kind, beta=beta,
                   on_step=steps.append)
-    assert len(steps) > 2 and any((st.labels == -100).any() for st in steps)
+    assert len(steps) > 2 and any((st.labels == -100).any() for st in steps) == transfer
     for st in steps:
         s64, t64 = st.logits.astype(np.float64), st.teacher_logits.astype(np.float64)
         want, grad = mk.kd_loss_and_grad(s64, t64, st.labels, T=3.0, alpha=0.8, kind=kind, beta=beta,
@@ -272,3 +273,41 @@ def test_distill_with_a_divergence_reports_and_exports_it(tmp_path, capsys):
     assert rep["student_kd"]["name"] == "student KD jsd(beta=0.5) (T=4, alpha=0.9)"
     assert json.loads((tmp_path / "o" / "student.json").read_text())["extra"]["kind"] == "jsd"
     assert "KD jsd(beta=0.5)" in capsys.readouterr().out
+    assert main(["distill", *small, "--kind", "dkd", "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["student_kd"]["kind"] == "dkd"
+
+
+# ---------------------------------------------------------------- DKD through the one entry point
+
+@given(kd_with_upstream(kinds=("dkd",), teacher_forms=("logits",), unlabeled=("ignore",)))
+def test_dkd_through_kd_forward_student_and_teacher_gradients(cg):
+    case, g = cg
+    if case.labels is None:
+        return
+    kw = case.options()
+    value, cache = mk.kd_forward(case.student, case.teacher, case.labels, **kw)
+    if not np.all(np.isfinite(value)):
+        return
+    ds, dt = mk.kd_backward(g, cache, teacher_grad=True)
+    eps = 2e-4 * min(case.T, 1)
+    floor = 10 * floor_of(case._replace(kind="kl"), g, eps)   # DKD's NCKD weight 8 scales the noise
+    res = check_vjp(lambda s, t: mk.kd_loss(s, t, case.labels, **kw), [case.student, case.teacher], g,
+                    [ds, dt], eps=eps, floor=floor)
+    assert res.max_rel <= RTOL, res
+
+
+def test_dkd_kind_is_alpha_dkd_plus_the_hard_term():
+    from minikd.losses import dkd_loss
+    rng = np.random.default_rng(0)
+    s, t, y = rng.standard_normal((6, 5)), rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
+    y[2] = -100
+    for weights in (None, (2.0, 0.5)):
+        a, b = weights or (1.0, 8.0)
+        got = mk.kd_loss(s, t, y, T=2.0, alpha=0.7, kind="dkd", dkd_weights=weights, reduction="none")
+        want = 0.7 * dkd_loss(s, t, y, T=2.0, alpha_tckd=a, beta_nckd=b, reduction="none") + \
+            0.3 * mk.kd_loss(s, t, y, T=2.0, alpha=0.0, reduction="none")
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-15)
+    with pytest.raises(UserError, match="every row that counts needs a label"):
+        mk.kd_loss(s, t, y, T=2.0, alpha=0.7, kind="dkd", unlabeled="soft")
+    with pytest.raises(UserError, match="dkd_weights: only kind='dkd'"):
+        mk.kd_loss(s, t, y, T=2.0, alpha=0.7, dkd_weights=(1.0, 8.0))

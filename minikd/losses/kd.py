@@ -52,13 +52,17 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
+from ..checks import UserError
 from ..softmax import _log_softmax, _log_softmax_precise, check_temperature
-from . import conventions, divergences
+from . import conventions, divergences, dkd
 
 __all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
            "KDCache", "KINDS", "TEACHER_FORMS"]
 
-KINDS = divergences.KINDS   # "kl", "ce", "reverse_kl", "jsd" (with beta), "tvd": minikd.losses.divergences
+# "kl", "ce", "reverse_kl", "jsd" (with beta), "tvd": minikd.losses.divergences; "dkd" (with
+# dkd_weights): minikd.losses.dkd, which splits each row at its label
+KINDS = (*divergences.KINDS, "dkd")
+DKD_WEIGHTS = (1.0, 8.0)   # (alpha_tckd, beta_nckd): the DKD paper's CIFAR-100 setting
 TEACHER_FORMS = ("logits", "probs", "log_probs")
 # Tolerance on the row sums of given probabilities (and logsumexp of given log-probabilities):
 # loose enough for float32/float16 soft targets written to disk, tight enough to catch logits.
@@ -107,7 +111,8 @@ def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
 # ---------------------------------------------------------------- forward / backward
 
 def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, reduction,
-                       ignore_index, mask, unlabeled="ignore", check_student=True, check_label_range=True, beta=None):
+                       ignore_index, mask, unlabeled="ignore", check_student=True, check_label_range=True, beta=None,
+                       dkd_weights=None):
     """Validate every KD argument once (shared by the reference and the fused kernels, so both
     give the same errors). Returns (xp, T, alpha, the rows' roles: ``conventions.RowRoles``)."""
     check_float_array(student, "student", ndim_min=2)
@@ -124,6 +129,10 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     divergences.check_beta(kind, beta)
+    if dkd_weights is not None and kind != "dkd":
+        raise UserError(f"dkd_weights: only kind='dkd' takes them (kind={kind!r})")
+    if kind == "dkd" and teacher_as != "logits":
+        raise UserError(f"teacher_as: kind='dkd' takes teacher logits (it splits them at the label), got {teacher_as!r}")
     if teacher_as not in TEACHER_FORMS:
         raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
     conventions.check_reduction(reduction)
@@ -136,6 +145,9 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
     roles = conventions.row_roles(lead, C, labels, mask, ignore_index, unlabeled, xp, check_range=check_label_range)
+    if kind == "dkd" and alpha > 0 and bool((roles.valid & ~roles.hard).any()):
+        raise UserError("kind='dkd': every row that counts needs a label (DKD splits each row at its target "
+                        "class); rows without one (unlabeled='soft', the transfer set) have none")
     if check_student:  # a fused kernel checks the values itself, in its first pass
         check_logits(student, "student", roles.valid)
     return xp, T, alpha, roles
@@ -158,6 +170,7 @@ class KDCache(NamedTuple):
     kind: str
     teacher_as: str
     beta: object           # JSD's mixture weight, else None
+    dkd_cache: object      # kind="dkd": the DKD term's cache (minikd.losses.dkd), else None
     log_p_full: object     # (N, C) precise log p and log q, -inf where 0 (kinds other than kl, ce), else None
     log_q_full: object
     reduction: str
@@ -166,7 +179,7 @@ class KDCache(NamedTuple):
 
 def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
                teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore",
-               beta=None):
+               beta=None, dkd_weights=None):
     """Hinton KD loss (see module doc). Returns (loss, cache).
 
     Parameters
@@ -186,7 +199,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     """
     xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
-        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, beta=beta)
+        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, beta=beta,
+        dkd_weights=dkd_weights)
     beta = divergences.check_beta(kind, beta)
     valid, hard = roles.valid, roles.hard
     C = student.shape[-1]
@@ -217,7 +231,15 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
             q = xp.exp(log_q_full)
         else:
             log_q_full = xp.where(q > 0, xp.log(xp.where(q > 0, q, 1)), -xp.inf) if teacher_as == "probs" else t
-    if soft_weight > 0.0:
+    dkd_cache = None
+    if kind == "dkd" and soft_weight > 0.0 and roles.labels is not None:   # alpha * DKD_i (DKD_i = tau (a TCKD + b NCKD)) on labeled rows
+        a_tckd, b_nckd = DKD_WEIGHTS if dkd_weights is None else dkd_weights
+        dkd_rows, dkd_cache = dkd.dkd_forward(student.reshape(-1, C), teacher.reshape(-1, C),
+                                              xp.where(hard, roles.labels, ignore_index), T=T, alpha_tckd=a_tckd,
+                                              beta_nckd=b_nckd, scale_t2=scale_t2, reduction="none",
+                                              ignore_index=ignore_index, mask=valid)
+        rows = rows + alpha * dkd_rows
+    elif soft_weight > 0.0:
         if kind in ("kl", "ce"):
             kd_rows = xp.sum(q * (log_q - log_p), axis=-1) if kind == "kl" else -xp.sum(q * log_p, axis=-1)
         else:
@@ -236,7 +258,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     loss = conventions.reduce_rows(rows, valid, reduction, lead)
     cache = KDCache(p=p, q=q, log_p=log_p, log_q=log_q, p1=p1, labels=labels_safe, valid=valid, hard=hard,
                     T=T, alpha=alpha, tau=tau, soft_weight=soft_weight, hard_weight=hard_weight,
-                    kind=kind, teacher_as=teacher_as, beta=beta, log_p_full=log_p_full, log_q_full=log_q_full,
+                    kind=kind, teacher_as=teacher_as, beta=beta, dkd_cache=dkd_cache, log_p_full=log_p_full,
+                    log_q_full=log_q_full,
                     reduction=reduction, shape=tuple(student.shape))
     return loss, cache
 
@@ -254,8 +277,11 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     w = conventions.row_weights(dloss, c.valid, c.reduction, c.p.dtype)[:, None]
     soft_weight, hard_weight = c.soft_weight, c.hard_weight
     ds = xp.zeros_like(c.p)
-    dt_soft = None
-    if soft_weight > 0.0:
+    dt_soft = ds_dkd = None
+    if c.dkd_cache is not None:   # its rows' upstream: w * alpha (DKD reduces by "none" inside)
+        ds_dkd = dkd.dkd_backward(w[:, 0] * c.alpha, c.dkd_cache, teacher_grad=teacher_grad)
+        ds_dkd, dt_soft = ds_dkd if teacher_grad else (ds_dkd, None)
+    elif soft_weight > 0.0:
         if c.kind in ("kl", "ce"):
             ds = ds + (soft_weight / c.T) * (c.p - c.q)
         else:
@@ -269,12 +295,15 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
         onehot = xp.zeros_like(c.p1)
         xp.put_along_axis(onehot, c.labels[:, None], 1, axis=-1)
         ds = ds + hard_weight * xp.where(c.hard[:, None], c.p1 - onehot, 0)
-    ds = (w * ds).reshape(c.shape)
+    ds = w * ds if ds_dkd is None else w * ds + ds_dkd
+    ds = ds.reshape(c.shape)
     if not teacher_grad:
         return ds
     if c.teacher_as == "probs":
         raise ValueError("teacher_grad: not defined for teacher_as='probs' (d(q log q)/dq is "
                          "-inf at q = 0); pass logits or log-probabilities")
+    if c.kind == "dkd":
+        return ds, (xp.zeros_like(c.p) if dt_soft is None else dt_soft).reshape(c.shape)
     if c.kind not in ("kl", "ce"):
         dt = xp.zeros_like(c.p) if dt_soft is None else soft_weight * dt_soft
         return ds, (w * dt).reshape(c.shape)
