@@ -13,8 +13,8 @@ input, except that it may be the student array itself (in place); ``check_out`` 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
 ``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
 "auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
-The fused kernels compute kind "kl" and "ce" (``FUSED_KINDS``); for "reverse_kl", "jsd", "tvd"
-and "dkd", "auto" runs the reference (and warns once per kind) and an explicit fused backend is refused.
+The fused kernels compute kind "kl" and "ce" without label smoothing (``FUSED_KINDS``); for
+"reverse_kl", "jsd", "tvd", "dkd" or ``label_smoothing``, "auto" runs the reference (and warns once per kind) and an explicit fused backend is refused.
 """
 from __future__ import annotations
 
@@ -57,35 +57,44 @@ FUSED_KINDS = ("kl", "ce")
 _said_fallback = set()
 
 
-def _fallback(kind, backend, resolved) -> str:
-    """A kind the fused kernels lack: "auto" runs the reference and says so once per kind; an
-    explicit fused backend is refused."""
+def _unfused(kind, label_smoothing):
+    """What the fused kernels cannot compute in this call (None: they can)."""
+    if kind in KINDS and kind not in FUSED_KINDS:
+        return f"kind={kind!r}"
+    if label_smoothing:
+        return "label_smoothing"
+    return None
+
+
+def _fallback(what, backend, resolved) -> str:
+    """Something the fused kernels lack: "auto" runs the reference and says so once per kind of
+    thing; an explicit fused backend is refused."""
     if resolved == "numpy":
         return resolved
     if backend != "auto":
-        raise UserError(f"kind={kind!r}: the fused kernels compute {' and '.join(FUSED_KINDS)} only; use "
-                        f"backend='numpy' (the reference) or 'auto' (falls back to it)")
-    if kind not in _said_fallback:
-        _said_fallback.add(kind)
-        warnings.warn(f"kind={kind!r} has no fused kernel yet: backend='auto' runs the NumPy reference",
-                      stacklevel=3)
+        raise UserError(f"{what}: the fused kernels compute kind {' and '.join(FUSED_KINDS)} without label "
+                        f"smoothing; use backend='numpy' (the reference) or 'auto' (falls back to it)")
+    if what not in _said_fallback:
+        _said_fallback.add(what)
+        warnings.warn(f"{what} has no fused kernel yet: backend='auto' runs the NumPy reference", stacklevel=3)
     return "numpy"
 
 
 def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
                reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore", out=None, backend="auto",
-               beta=None, dkd_weights=None):
+               beta=None, dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0):
     """Fused KD loss and gradient (see module doc). Returns (loss, grad)."""
     if kind in KINDS:
         check_beta(kind, beta)   # a beta given with another kind is refused on every backend
     if dkd_weights is not None and kind != "dkd":
         raise UserError(f"dkd_weights: only kind='dkd' takes them (kind={kind!r})")
     resolved = resolve_backend(backend, student)
-    backend = resolved if kind in FUSED_KINDS or kind not in KINDS else _fallback(kind, backend, resolved)
+    what = _unfused(kind, label_smoothing)
+    backend = resolved if what is None else _fallback(what, backend, resolved)
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
-              unlabeled=unlabeled)
+              unlabeled=unlabeled, normalizer=normalizer, hard_weight=hard_weight)
     if backend == "numpy":
-        kw.update(beta=beta, dkd_weights=dkd_weights)
+        kw.update(beta=beta, dkd_weights=dkd_weights, label_smoothing=label_smoothing)
         check_out(out, student, teacher, labels, mask)
         loss, grad = kd_loss_and_grad(student, teacher, labels, scale_t2=scale_t2, **kw)
         if out is not None:
@@ -149,12 +158,12 @@ class Rows(NamedTuple):
     lead: tuple          # the leading shape of the logits
     T: float
     soft_weight: float   # alpha * tau (conventions.term_weights)
-    hard_weight: float   # 1 - alpha
+    hard_weight: float   # 1 - alpha, or the hard_weight given
     bad_labels: object = None   # on_device: (N,) bool, label outside [0, C) and not ignore_index (unchecked yet)
 
 
 def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                 weight_dtype, unlabeled="ignore", on_device=False):
+                 weight_dtype, unlabeled="ignore", on_device=False, normalizer=None, hard_weight=None):
     """Validate (with the reference's checks, student values excepted: the kernels check those
     in their first pass) and lay out the rows for a kernel. ``on_device=True`` (CuPy) syncs with
     the host nowhere: the label range becomes ``bad_labels`` for the kernel's flags, and the count
@@ -162,16 +171,17 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
     xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
         ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, check_student=False,
-        check_label_range=not on_device)
+        check_label_range=not on_device, normalizer=normalizer, hard_weight=hard_weight)
     C = student.shape[-1]
     s = xp.ascontiguousarray(student.reshape(-1, C))
     t = xp.ascontiguousarray(teacher.reshape(-1, C))
     bad_labels = roles.out_of_range if on_device else None   # what row_roles would refuse, unchecked here
-    n_valid = roles.valid.sum() if on_device else int(roles.valid.sum())
+    normalizer = conventions.check_normalizer(normalizer, reduction)
+    n_valid = normalizer if normalizer is not None else roles.valid.sum() if on_device else int(roles.valid.sum())
     # the kernels' gradient: of the reduced loss, or for "none" of the sum of the row losses
     upstream = xp.ones(s.shape[0], weight_dtype) if reduction == "none" else 1.0
     weights = conventions.row_weights(upstream, roles.valid, reduction, weight_dtype, n_valid=n_valid)
-    soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2)
+    soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2, hard_weight)
     return Rows(s, t, conventions.kernel_labels(roles, C, xp), weights, roles.valid, n_valid,
                 tuple(student.shape[:-1]), T, soft_weight, hard_weight, bad_labels)
 
@@ -194,12 +204,13 @@ def deliver_gradient(buf, is_out, out, shape):
     return out
 
 
-def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask, unlabeled):
+def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask, unlabeled,
+                    hard_weight=None):
     """A kernel flagged rows (bad values, or on the GPU a label out of range): run the reference's
     checks in the reference's order, so that the error raised is the reference's, word for word."""
     check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
                        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
-                       check_student=False)
+                       check_student=False, hard_weight=hard_weight)
     check_logits(student, "student", valid)
     check_logits(teacher, "teacher", valid)
     raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
@@ -223,7 +234,7 @@ SERIAL_BELOW = 1 << 12
 
 
 def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
-                      mask, unlabeled, out):
+                      mask, unlabeled, out, normalizer=None, hard_weight=None):
     from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, RowStats, get_kernel  # noqa: PLC0415
     check_float_array(student, "student", ndim_min=2)   # the reference's first check, its message
     if is_cupy_array(student):
@@ -233,7 +244,7 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
     check_out(out, student, teacher, labels, mask)
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
-                        weight_dtype=np.float64)
+                        weight_dtype=np.float64, normalizer=normalizer, hard_weight=hard_weight)
     s, t = rows.s, rows.t
     N, C = s.shape
     # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
@@ -252,7 +263,7 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
                                          buf, *stats, flags, rows_per_chunk)
     if flags.any():  # rare
         raise_for_flags(student, teacher, labels, rows.valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
-                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled)
+                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, hard_weight=hard_weight)
     grad = deliver_gradient(buf, is_out, out, student.shape)
     # row loss = soft (A/Zt + log(Zs/Zt or Zs)) + hard (log Z1 - (s_y - ms)); rows without a term
     # hold its neutral statistics (0, 1), so give 0; the logs run over all rows at once in NumPy

@@ -249,7 +249,7 @@ def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
 
 
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                    out, unlabeled="ignore", **plan_options):
+                    out, unlabeled="ignore", normalizer=None, hard_weight=None, **plan_options):
     """The CuPy backend of ``minikd.kernels.softmax_kl``; ``plan_options`` (variant, threads, cluster,
     smem_target, ...) go to ``plan`` (tests and benchmarks force kernel families with them), over
     the device's own ``device_caps``."""
@@ -266,7 +266,7 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     check_out(out, student, teacher, labels, mask)
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
-                        weight_dtype=cupy.float32, on_device=True)
+                        weight_dtype=cupy.float32, on_device=True, normalizer=normalizer, hard_weight=hard_weight)
     s = rows.s
     N, C = s.shape
     buf, is_out = gradient_buffer(out, s, cupy)
@@ -281,7 +281,7 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
     if bool(flags.any()):  # the call's one sync; rare
         raise_for_flags(student, teacher, labels, rows.valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
-                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled)
+                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, hard_weight=hard_weight)
     grad = deliver_gradient(buf, is_out, out, student.shape)
     if reduction == "none":
         return row_loss.astype(student.dtype).reshape(rows.lead), grad

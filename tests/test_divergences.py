@@ -231,7 +231,7 @@ def test_the_kernels_entry_point_takes_every_kind():
         with warnings.catch_warnings():
             warnings.simplefilter("error")   # once per kind
             mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind=kind, beta=beta)
-        with pytest.raises(UserError, match="the fused kernels compute kl and ce only"):
+        with pytest.raises(UserError, match="the fused kernels compute kind kl and ce without label smoothing"):
             mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind=kind, beta=beta, backend="numba")
     with pytest.raises(UserError, match="beta: only kind='jsd' takes it"):
         mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind="kl", beta=0.3, backend="numba")
@@ -252,13 +252,13 @@ def test_training_applies_the_chosen_divergence(kind, beta):
     train_student(data, TrainConfig(epochs=1, batch_size=64), teacher_logits=tl, teacher_logits_transfer=tt,
                   T=3.0, alpha=0.8, hidden=8, use_transfer=transfer, progress=False, kind=kind, beta=beta,
                   on_step=steps.append)
-    assert len(steps) > 2 and any((st.labels == -100).any() for st in steps) == transfer
-    for st in steps:
-        s64, t64 = st.logits.astype(np.float64), st.teacher_logits.astype(np.float64)
-        want, grad = mk.kd_loss_and_grad(s64, t64, st.labels, T=3.0, alpha=0.8, kind=kind, beta=beta,
+    assert len(steps) > 2 and any((step.labels == -100).any() for step in steps) == transfer
+    for step in steps:
+        s64, t64 = step.logits.astype(np.float64), step.teacher_logits.astype(np.float64)
+        want, grad = mk.kd_loss_and_grad(s64, t64, step.labels, T=3.0, alpha=0.8, kind=kind, beta=beta,
                                          unlabeled="soft")
-        assert abs(st.loss - want) <= 1e-5 * abs(want)
-        assert np.abs(st.dlogits - grad).max() <= 1e-5 * np.abs(grad).max()
+        assert abs(step.loss - want) <= 1e-5 * abs(want)
+        assert np.abs(step.dlogits - grad).max() <= 1e-5 * np.abs(grad).max()
 
 
 def test_distill_with_a_divergence_reports_and_exports_it(tmp_path, capsys):
@@ -311,3 +311,87 @@ def test_dkd_kind_is_alpha_dkd_plus_the_hard_term():
         mk.kd_loss(s, t, y, T=2.0, alpha=0.7, kind="dkd", unlabeled="soft")
     with pytest.raises(UserError, match="dkd_weights: only kind='dkd'"):
         mk.kd_loss(s, t, y, T=2.0, alpha=0.7, dkd_weights=(1.0, 8.0))
+
+
+# ---------------------------------------------------------------- token-level normalization
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("kind, beta", [("kl", None), ("ce", None), ("reverse_kl", None), ("jsd", 0.3),
+                                        ("tvd", None), ("dkd", None)])
+def test_micro_batches_with_the_batch_count_sum_to_the_full_batch(kind, beta, backend):
+    """Gradient accumulation: each micro-batch divides by the whole batch's count of rows that
+    count (normalizer=, Hugging Face's num_items_in_batch); the micro-batch losses then sum to the
+    full batch's loss and their gradients are its gradient's pieces. Dividing each micro-batch by
+    its own count (the default) does not: the counts differ."""
+    if backend == "numba" and kind not in ("kl", "ce"):
+        backend = "numpy"   # no fused kernel: the reference
+    rng = np.random.default_rng(7)
+    s, t = rng.standard_normal((4, 6, 9)) * 2, rng.standard_normal((4, 6, 9)) * 2   # (B, S, C) tokens
+    y = rng.integers(0, 9, (4, 6))
+    y[rng.random(y.shape) < 0.3] = -100          # padding tokens: uneven counts per micro-batch
+    kw = dict(T=2.0, alpha=0.6, kind=kind, beta=beta, backend=backend)
+    full, gfull = mk.kernels.softmax_kl(s, t, y, **kw)
+    n = int((y != -100).sum())
+    parts = [mk.kernels.softmax_kl(s[i:i + 2], t[i:i + 2], y[i:i + 2], normalizer=n, **kw) for i in (0, 2)]
+    assert abs(sum(p[0] for p in parts) - full) <= 1e-12 * abs(full)
+    np.testing.assert_allclose(np.concatenate([p[1] for p in parts]), gfull, rtol=1e-12, atol=1e-15)
+    naive = sum(mk.kernels.softmax_kl(s[i:i + 2], t[i:i + 2], y[i:i + 2], **kw)[0] for i in (0, 2)) / 2
+    assert abs(naive - full) > 1e-6 * abs(full)
+
+
+@pytest.mark.parametrize("normalizer, reduction, msg", [
+    (0, "batchmean", "normalizer: expected a count >= 1"), (float("nan"), "batchmean", "count >= 1"),
+    ("x", "batchmean", "count >= 1"), (5, "sum", "reduction='sum' has none"),
+])
+def test_normalizer_errors(normalizer, reduction, msg):
+    s = np.zeros((2, 3))
+    with pytest.raises(ValueError, match=msg):
+        mk.kd_loss(s, s, np.arange(2), T=1.0, alpha=0.5, reduction=reduction, normalizer=normalizer)
+
+
+# ---------------------------------------------------------------- the hard term's options
+
+@given(kd_with_upstream(kinds=("kl", "jsd"), teacher_forms=("logits",), unlabeled=("ignore",)),
+       st.sampled_from([0.0, 0.1, 0.5]), st.sampled_from([None, 0.0, 0.7, 3.0]))
+def test_label_smoothing_and_hard_weight_gradients(cg, eps, hard_weight):
+    case, g = cg
+    if case.labels is None:
+        return
+    kw = case.options(label_smoothing=eps, hard_weight=hard_weight)
+    value, cache = mk.kd_forward(case.student, case.teacher, case.labels, **kw)
+    if not np.all(np.isfinite(value)):
+        return   # label smoothing puts eps / C on -inf classes: +inf, as PyTorch's
+    ds = mk.kd_backward(g, cache)
+    step = 1e-3 * min(case.T, 1)
+    res = check_vjp(lambda s: mk.kd_loss(s, case.teacher, case.labels, **kw), [case.student], g, [ds],
+                    eps=step, floor=4 * floor_of(case._replace(beta=None), g, step))
+    assert res.max_rel <= RTOL, res
+
+
+def test_label_smoothing_and_weights_equal_pytorch():
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(11)
+    s, t, y = rng.standard_normal((8, 6)) * 2, rng.standard_normal((8, 6)) * 2, rng.integers(0, 6, 8)
+    y[3] = -100
+    S = torch.tensor(s, requires_grad=True)
+    T, gamma, alpha_w, eps = 3.0, 0.4, 1.7, 0.1
+    ce = F.cross_entropy(S, torch.tensor(y), label_smoothing=eps, ignore_index=-100, reduction="sum")
+    kl = F.kl_div(F.log_softmax(S / T, -1), F.log_softmax(torch.tensor(t) / T, -1), log_target=True,
+                  reduction="none").sum(-1)[torch.tensor(y) != -100].sum()
+    L = (gamma * ce + alpha_w * T * T * kl) / 7
+    L.backward()
+    value, grad = mk.kd_loss_and_grad(s, t, y, T=T, alpha=alpha_w, hard_weight=gamma, label_smoothing=eps)
+    assert abs(value - L.item()) <= 1e-12 * abs(L.item())
+    np.testing.assert_allclose(grad, S.grad.numpy(), rtol=1e-11, atol=1e-14)
+    # the fused kernel takes hard_weight (a weight); label smoothing falls back to the reference
+    fused = mk.kernels.softmax_kl(s, t, y, T=T, alpha=alpha_w, hard_weight=gamma, backend="numba")
+    plain = mk.kd_loss_and_grad(s, t, y, T=T, alpha=alpha_w, hard_weight=gamma)
+    assert abs(fused[0] - plain[0]) <= 1e-12 * abs(plain[0])
+    np.testing.assert_allclose(fused[1], plain[1], rtol=1e-12, atol=1e-15)
+    with pytest.raises(UserError, match="label_smoothing: the fused kernels"):
+        mk.kernels.softmax_kl(s, t, y, T=T, alpha=0.5, label_smoothing=eps, backend="numba")
+    with pytest.raises(ValueError, match="alpha: expected a number in \\[0, 1\\]"):
+        mk.kd_loss(s, t, y, T=T, alpha=1.7)   # above 1 only with an explicit hard_weight
+    with pytest.raises(ValueError, match="label_smoothing: expected a number in \\[0, 1\\)"):
+        mk.kd_loss(s, t, y, T=T, alpha=0.5, label_smoothing=1.0)

@@ -44,7 +44,7 @@ from ..backend import first_bad_row, get_namespace, row_index
 
 __all__ = ["REDUCTIONS", "UNLABELED", "KD_REDUCTIONS", "HINT_REDUCTIONS", "RKD_REDUCTIONS", "MUTUAL_REDUCTIONS",
            "RowRoles", "check_reduction", "check_alpha", "check_unlabeled",
-           "soft_scale", "term_weights", "shares_exponential", "row_roles", "divisor", "reduce_rows",
+           "soft_scale", "term_weights", "check_weights", "check_label_smoothing", "shares_exponential", "row_roles", "divisor", "check_normalizer", "reduce_rows",
            "reduce_total", "row_weights", "kernel_labels"]
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -77,7 +77,7 @@ def divisor(reduction: str, n_rows, n_terms=None):
     if reduction == "sum":
         return 1.0
     if reduction == "batchmean":
-        return get_namespace(n_rows).maximum(n_rows, 1) if hasattr(n_rows, "shape") else max(int(n_rows), 1)
+        return get_namespace(n_rows).maximum(n_rows, 1) if hasattr(n_rows, "shape") else max(n_rows, 1)
     if reduction == "mean":
         return max(int(n_terms), 1)
     raise ValueError(f"divisor: no single divisor for reduction={reduction!r}")
@@ -88,17 +88,36 @@ def reduce_total(total, reduction: str, n_rows, n_terms=None):
     return total / divisor(reduction, n_rows, n_terms)
 
 
-def reduce_rows(rows, valid, reduction: str, lead_shape):
-    """Per-row losses (already 0 on rows that count nowhere), reduced."""
+def check_normalizer(normalizer, reduction: str):
+    """An explicit count that replaces "batchmean"'s number of rows that count (``num_items_in_batch``
+    in Hugging Face's trainers): with gradient accumulation, each micro-batch divides by the count of
+    the whole batch, so the micro-batch losses sum to the full batch's loss. None: count the rows."""
+    if normalizer is None:
+        return None
+    if reduction != "batchmean":
+        raise ValueError(f"normalizer: replaces batchmean's count of rows; reduction={reduction!r} has none")
+    try:
+        value = float(normalizer)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalizer: expected a count >= 1, got {normalizer!r}") from None
+    if not (value >= 1 and value < float("inf")):
+        raise ValueError(f"normalizer: expected a count >= 1, got {normalizer!r}")
+    return value
+
+
+def reduce_rows(rows, valid, reduction: str, lead_shape, normalizer=None):
+    """Per-row losses (already 0 on rows that count nowhere), reduced (``normalizer``: the count
+    "batchmean" divides by, instead of the number of rows that count)."""
     if reduction == "none":
         return rows.reshape(lead_shape)
     xp = get_namespace(rows)
-    return reduce_total(xp.sum(rows), reduction, int(valid.sum()))
+    return reduce_total(xp.sum(rows), reduction, int(valid.sum()) if normalizer is None else normalizer)
 
 
-def row_weights(dloss, valid, reduction: str, dtype, n_valid=None):
+def row_weights(dloss, valid, reduction: str, dtype, n_valid=None, normalizer=None):
     """w_i = d(reduced loss) / d l_i times the upstream dloss, (N,): 0 on rows that count nowhere.
-    ``n_valid`` (int or 0-d device array) saves counting ``valid`` again."""
+    ``n_valid`` (int or 0-d device array) saves counting ``valid`` again; ``normalizer`` replaces
+    the count (``check_normalizer``)."""
     xp = get_namespace(valid)
     w = valid.astype(dtype)
     if reduction == "none":
@@ -110,7 +129,8 @@ def row_weights(dloss, valid, reduction: str, dtype, n_valid=None):
     if hasattr(dloss, "shape") and getattr(dloss, "size", 1) != 1:
         raise ValueError(f"dloss: reduction={reduction!r} gives a scalar loss; its upstream gradient is a "
                          f"scalar, got shape {tuple(dloss.shape)}")
-    d = divisor(reduction, valid.sum() if n_valid is None else n_valid)   # on the device for CuPy
+    count = normalizer if normalizer is not None else valid.sum() if n_valid is None else n_valid
+    d = divisor(reduction, count)   # on the device for CuPy
     return (w * (float(dloss) / d)).astype(dtype, copy=False)
 
 
@@ -140,9 +160,40 @@ def soft_scale(T: float, scale_t2: bool = True) -> float:
     return T * T if scale_t2 else 1.0
 
 
-def term_weights(alpha: float, T: float, scale_t2: bool = True):
-    """(soft, hard): the weights of D_i and CE_i in a row's loss, alpha * tau and 1 - alpha."""
-    return alpha * soft_scale(T, scale_t2), 1.0 - alpha
+def term_weights(alpha: float, T: float, scale_t2: bool = True, hard_weight=None):
+    """(soft, hard): the weights of D_i and CE_i in a row's loss, alpha * tau and 1 - alpha, or
+    ``hard_weight`` when given: ``gamma * CE + alpha * KD`` codebases (weights that need not sum
+    to one) are alpha=alpha, hard_weight=gamma."""
+    return alpha * soft_scale(T, scale_t2), 1.0 - alpha if hard_weight is None else hard_weight
+
+
+def check_weights(alpha, hard_weight=None):
+    """(alpha, hard_weight): alpha in [0, 1] (the hard term then weighs 1 - alpha), or with an
+    explicit ``hard_weight`` both any finite numbers >= 0."""
+    if hard_weight is None:
+        return check_alpha(alpha), None
+    out = []
+    for name, v in (("alpha", alpha), ("hard_weight", hard_weight)):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: expected a number >= 0, got {v!r}") from None
+        if not (v >= 0 and v < float("inf")):
+            raise ValueError(f"{name}: expected a finite number >= 0 (with hard_weight given), got {v}")
+        out.append(v)
+    return tuple(out)
+
+
+def check_label_smoothing(epsilon) -> float:
+    """The hard term's label smoothing, PyTorch's definition: the target is (1 - epsilon) onehot(y)
+    + epsilon / C on every class; epsilon in [0, 1)."""
+    try:
+        epsilon = float(epsilon)
+    except (TypeError, ValueError):
+        raise TypeError(f"label_smoothing: expected a number in [0, 1), got {epsilon!r}") from None
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"label_smoothing: expected a number in [0, 1), got {epsilon}")
+    return epsilon
 
 
 def shares_exponential(T: float) -> bool:

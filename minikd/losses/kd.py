@@ -112,7 +112,7 @@ def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
 
 def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, reduction,
                        ignore_index, mask, unlabeled="ignore", check_student=True, check_label_range=True, beta=None,
-                       dkd_weights=None):
+                       dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0):
     """Validate every KD argument once (shared by the reference and the fused kernels, so both
     give the same errors). Returns (xp, T, alpha, the rows' roles: ``conventions.RowRoles``)."""
     check_float_array(student, "student", ndim_min=2)
@@ -125,7 +125,8 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
                         f"{student.dtype}; cast one so the reference computes in one dtype")
     xp = get_namespace(student, teacher, labels, mask)
     T = check_temperature(T)
-    alpha = conventions.check_alpha(alpha)
+    alpha, _ = conventions.check_weights(alpha, hard_weight)
+    conventions.check_label_smoothing(label_smoothing)
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     divergences.check_beta(kind, beta)
@@ -136,8 +137,9 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     if teacher_as not in TEACHER_FORMS:
         raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
     conventions.check_reduction(reduction)
+    conventions.check_normalizer(normalizer, reduction)
     conventions.check_unlabeled(unlabeled)
-    if labels is None and alpha != 1.0 and unlabeled == "ignore":
+    if labels is None and (alpha != 1.0 if hard_weight is None else hard_weight != 0) and unlabeled == "ignore":
         raise ValueError(f"labels: required when alpha < 1 (the hard term has weight "
                          f"1 - alpha = {1 - alpha}); pass labels, alpha=1, or unlabeled='soft' "
                          f"(every row gets the distillation term alone)")
@@ -166,7 +168,8 @@ class KDCache(NamedTuple):
     alpha: float
     tau: float
     soft_weight: float     # alpha * tau   (conventions.term_weights)
-    hard_weight: float     # 1 - alpha
+    hard_weight: float     # 1 - alpha, or the hard_weight given
+    label_smoothing: float
     kind: str
     teacher_as: str
     beta: object           # JSD's mixture weight, else None
@@ -175,11 +178,12 @@ class KDCache(NamedTuple):
     log_q_full: object
     reduction: str
     shape: tuple           # the logits' shape
+    normalizer: object = None   # batchmean's count, when given (conventions.check_normalizer)
 
 
 def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
                teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore",
-               beta=None, dkd_weights=None):
+               beta=None, dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0):
     """Hinton KD loss (see module doc). Returns (loss, cache).
 
     Parameters
@@ -191,8 +195,13 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     kind : the divergence D of the soft term (``minikd.losses.divergences``): "kl" (KL(q||p), the
         default), "ce" (soft cross-entropy), "reverse_kl" (KL(p||q)), "jsd" (generalized JSD, with
         ``beta`` in [0, 1]) or "tvd" (total variation).  scale_t2 : multiply the soft term by T**2.
+    hard_weight : the hard term's weight instead of 1 - alpha (then alpha may be any weight >= 0:
+        ``gamma * CE + alpha * KD`` is alpha=alpha, hard_weight=gamma).
+    label_smoothing : the hard term's, PyTorch's definition: target (1 - eps) onehot(y) + eps / C.
     teacher_as : "logits", "probs" or "log_probs".
     reduction : "batchmean", "sum" or "none".  mask : rows that count nowhere where False.
+    normalizer : with "batchmean", the count to divide by instead of the number of rows that count
+        (a micro-batch of gradient accumulation divides by the whole batch's count).
     ignore_index : the label of a row without one; it counts nowhere (``unlabeled="ignore"``) or gets
         the distillation term alone (``unlabeled="soft"``: the transfer set; with no labels at all,
         every row).
@@ -200,7 +209,9 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, beta=beta,
-        dkd_weights=dkd_weights)
+        dkd_weights=dkd_weights, normalizer=normalizer, hard_weight=hard_weight, label_smoothing=label_smoothing)
+    normalizer = conventions.check_normalizer(normalizer, reduction)
+    label_smoothing = conventions.check_label_smoothing(label_smoothing)
     beta = divergences.check_beta(kind, beta)
     valid, hard = roles.valid, roles.hard
     C = student.shape[-1]
@@ -220,7 +231,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     log_q = xp.where(has_mass, log_q, 0)
 
     tau = conventions.soft_scale(T, scale_t2)
-    soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2)
+    soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2, hard_weight)
     rows = xp.zeros(s.shape[0], dtype=s.dtype)
     log_p_full = log_q_full = None
     if kind not in ("kl", "ce"):   # logs accurate in every entry; q's log -inf where q = 0
@@ -252,15 +263,18 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
             xp.where(hard, roles.labels, 0)
         log_p1 = _log_softmax(s, 1.0)
         ce_rows = -xp.take_along_axis(log_p1, labels_safe[:, None], axis=-1)[:, 0]
+        if label_smoothing > 0.0:   # (1 - eps) CE + eps * mean_c(-log p1_c), PyTorch's label_smoothing
+            ce_rows = (1.0 - label_smoothing) * ce_rows - label_smoothing * xp.mean(log_p1, axis=-1)
         rows = rows + hard_weight * xp.where(hard, ce_rows, 0)
         p1 = xp.exp(log_p1)
     rows = xp.where(valid, rows, 0)
-    loss = conventions.reduce_rows(rows, valid, reduction, lead)
+    loss = conventions.reduce_rows(rows, valid, reduction, lead, normalizer)
     cache = KDCache(p=p, q=q, log_p=log_p, log_q=log_q, p1=p1, labels=labels_safe, valid=valid, hard=hard,
                     T=T, alpha=alpha, tau=tau, soft_weight=soft_weight, hard_weight=hard_weight,
+                    label_smoothing=label_smoothing,
                     kind=kind, teacher_as=teacher_as, beta=beta, dkd_cache=dkd_cache, log_p_full=log_p_full,
                     log_q_full=log_q_full,
-                    reduction=reduction, shape=tuple(student.shape))
+                    reduction=reduction, shape=tuple(student.shape), normalizer=normalizer)
     return loss, cache
 
 
@@ -274,7 +288,7 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     """
     c = cache
     xp = get_namespace(c.p)
-    w = conventions.row_weights(dloss, c.valid, c.reduction, c.p.dtype)[:, None]
+    w = conventions.row_weights(dloss, c.valid, c.reduction, c.p.dtype, normalizer=c.normalizer)[:, None]
     soft_weight, hard_weight = c.soft_weight, c.hard_weight
     ds = xp.zeros_like(c.p)
     dt_soft = ds_dkd = None
@@ -294,7 +308,9 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     if hard_weight > 0.0:
         onehot = xp.zeros_like(c.p1)
         xp.put_along_axis(onehot, c.labels[:, None], 1, axis=-1)
-        ds = ds + hard_weight * xp.where(c.hard[:, None], c.p1 - onehot, 0)
+        target = onehot if c.label_smoothing == 0.0 else \
+            (1.0 - c.label_smoothing) * onehot + c.label_smoothing / onehot.shape[-1]
+        ds = ds + hard_weight * xp.where(c.hard[:, None], c.p1 - target, 0)
     ds = w * ds if ds_dkd is None else w * ds + ds_dkd
     ds = ds.reshape(c.shape)
     if not teacher_grad:
