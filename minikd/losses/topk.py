@@ -73,10 +73,11 @@ loss has per-row upstream weights w_i (``conventions.row_weights``): ds_i = w_i 
 
 Numerics
 --------
-log p comes from the max-shifted log-softmax (softmax.py). The tail's log p_t is never log(1 - P)
-(which cancels to -inf or 0 when P is near 1 or tiny): it is logsumexp of the shifted student
-logits off the support minus logsumexp of all of them, exact for a tail as small as exp(-1000);
-r = exp(z - lse_tail) likewise. A tail with no finite class (k = C, or every off-support student
+log p comes from the max-shifted log-softmax (softmax.py): z = (s - max s) / T, log p = z - lse(z).
+The tail's log p_t is never log(1 - P) (which loses every digit as P -> 1 and gives log 0 = -inf for
+a tail below 1e-16): it is the logsumexp of z off the support, with its own max shift, minus lse(z),
+accurate for a tail as small as exp(-1000); r is the softmax of z off the support, from the same
+shifted exponentials (so it keeps full relative precision however small p_t is). A tail with no finite class (k = C, or every off-support student
 logit -inf) has p_t = 0 and r = 0; then the loss is +inf if q_t > 0 (the true value). The teacher's
 tail q_t = -expm1(lse(u)) keeps its relative precision when Q is near 0. Terms with q_j = 0 (or
 q_t = 0) are exactly 0; a support class where the teacher has mass and the student logit is -inf
@@ -88,7 +89,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
-from ..softmax import _log_softmax, _logsumexp, check_temperature
+from ..softmax import _log_softmax, _logsumexp, _shift_scale, check_temperature
 from . import conventions
 from .kd import SIMPLEX_TOL
 
@@ -150,7 +151,11 @@ def _check_options(T, T_gen, teacher_as, variant, reduction):
         if teacher_as == "logits":
             raise ValueError("T_gen: applies to teacher_as='log_probs' only; logits are raw (T = 1) values, "
                              "divided by T at loss time; pass T_gen=None")
-        T_gen = check_temperature(T_gen)
+        try:
+            T_gen = check_temperature(T_gen)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"T_gen: the temperature the log-probabilities were captured at must be a finite "
+                          f"number > 0, got {T_gen!r}") from None
     conventions.check_reduction(reduction, conventions.KD_REDUCTIONS, "the top-k KD loss")
     return T, T_gen
 
@@ -253,23 +258,25 @@ def topk_forward(student, indices, values, labels=None, *, T, T_gen=None, teache
         d_rows = xp.sum(q * (log_q0 - xp.where(has_mass, log_pr, 0)), axis=-1)
         prob = xp.exp(log_pr)
     else:
-        log_p = _log_softmax(s, T)
+        z = _shift_scale(s, T)                               # (s - max s) / T <= 0
+        lse_z = xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
+        log_p = z - lse_z                                    # = _log_softmax(s, T)
         log_p_S = xp.where(has_mass, xp.take_along_axis(log_p, idx, axis=-1), 0)
         d_rows = xp.sum(q * (log_q0 - log_p_S), axis=-1)
         prob = xp.exp(log_p)
         if variant == "tail":
+            # log p_t = lse_{c not in S} z_c - lse_c z_c with its own max shift, and r = the softmax of z off
+            # the support from the same shifted exponentials (not from log p, whose size R/T would cost
+            # relative precision); an empty tail (no finite class off S) gives p_t = 0, r = 0
             on_support = xp.zeros(s.shape, dtype=bool)
             xp.put_along_axis(on_support, idx, True, axis=-1)
-            # log p_t = logsumexp of log p over the classes off the support (= lse_off(s/T) - lse(s/T)),
-            # max-shifted; -inf when no class off the support is finite (then r = 0)
-            lp_off = xp.where(on_support, -xp.inf, log_p)
-            m_off = xp.max(lp_off, axis=-1, keepdims=True)
+            z_off = xp.where(on_support, -xp.inf, z)
+            m_off = xp.max(z_off, axis=-1, keepdims=True)
             empty = xp.isneginf(m_off)
-            m_safe = xp.where(empty, 0, m_off)
-            sum_off = xp.sum(xp.exp(lp_off - m_safe), axis=-1, keepdims=True)
-            log_pt = xp.where(empty, -xp.inf, m_safe + xp.log(xp.where(empty, 1, sum_off)))
-            tail_share = xp.where(empty, 0, xp.exp(lp_off - xp.where(empty, 0, log_pt)))   # r
-            log_pt = log_pt[:, 0]
+            e_off = xp.exp(z_off - xp.where(empty, 0, m_off))
+            sum_off = xp.where(empty, 1, xp.sum(e_off, axis=-1, keepdims=True))
+            tail_share = e_off / sum_off                                                    # r
+            log_pt = xp.where(empty, -xp.inf, m_off + xp.log(sum_off) - lse_z)[:, 0]
             has_tail = q_t > 0                               # 0 * log 0 = 0; q_t > 0 = p_t gives +inf
             d_rows = d_rows + q_t * (xp.log(xp.where(has_tail, q_t, 1)) - xp.where(has_tail, log_pt, 0))
     rows = xp.where(valid, tau * d_rows, 0)
