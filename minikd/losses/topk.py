@@ -77,11 +77,12 @@ log p comes from the max-shifted log-softmax (softmax.py): z = (s - max s) / T, 
 The tail's log p_t is never log(1 - P) (which loses every digit as P -> 1 and gives log 0 = -inf for
 a tail below 1e-16): it is the logsumexp of z off the support, with its own max shift, minus lse(z),
 accurate for a tail as small as exp(-1000); r is the softmax of z off the support, from the same
-shifted exponentials (so it keeps full relative precision however small p_t is). A tail with no finite class (k = C, or every off-support student
-logit -inf) has p_t = 0 and r = 0; then the loss is +inf if q_t > 0 (the true value). The teacher's
-tail q_t = -expm1(lse(u)) keeps its relative precision when Q is near 0. Terms with q_j = 0 (or
-q_t = 0) are exactly 0; a support class where the teacher has mass and the student logit is -inf
-gives +inf, the true value. Rows that count nowhere are replaced by harmless values before any
+shifted exponentials (so it keeps full relative precision however small p_t is). A tail with no
+finite class (k = C, or every off-support student logit -inf) has p_t = 0 and r = 0; then the loss
+is +inf if q_t > 0 (the true value). The teacher's tail q_t = -expm1(lse(u)) is exact to the
+rounding of lse(u) (about k ulps), hence the k * eps cut. Terms with q_j = 0 (or q_t = 0) are
+exactly 0; a support class where the teacher has mass and the student logit is -inf gives +inf,
+the true value. Rows that count nowhere are replaced by harmless values before any
 arithmetic, so padding rows may hold anything (NaN logits, ids out of range).
 """
 from __future__ import annotations
