@@ -14,6 +14,7 @@ Reductions: one meaning for every loss; each loss accepts the ones that make sen
     loss            its terms                         accepts
     KD (kd)         l_i, one per row                  batchmean (default), sum, none;
                                                       "mean" is refused: over the N*C elements it is KL / C
+    top-k KD (topk) l_i, one per row                  as KD
     hint (feature)  (r_nk - h_nk)^2, N*K of them      batchmean (default), mean (= MSE), sum
     RKD distance    h(x_ab), N^2 pairs                mean (default, the authors' code), sum
     RKD angle       h(x_abc), N^3 triples             mean (default, the authors' code), sum
