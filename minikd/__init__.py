@@ -22,7 +22,9 @@ __all__ = ["get_namespace", "logsumexp", "logsumexp_forward", "logsumexp_backwar
            "softmax_forward", "softmax_backward", "kd_forward", "kd_backward", "kd_loss",
            "kd_loss_and_grad", "cross_entropy_and_grad", "hint_forward", "hint_backward", "hint_loss",
            "rkd_distance_forward", "rkd_distance_backward", "rkd_distance", "rkd_angle_forward",
-           "rkd_angle_backward", "rkd_angle", "mutual_forward", "mutual_backward", "mutual_loss"]
+           "rkd_angle_backward", "rkd_angle", "mutual_forward", "mutual_backward", "mutual_loss",
+           "dkd_forward", "dkd_backward", "dkd_loss", "dkd_loss_and_grad", "topk_forward", "topk_backward",
+           "topk_loss", "topk_loss_and_grad", "topk_from_dense"]
 
 
 # The fast paths live in the checkout's top-level kernels/ folder (DESIGN.md, floor 3). A wheel or
@@ -54,7 +56,9 @@ _LAZY = {"get_namespace": "backend",
          **dict.fromkeys(["kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
                           "hint_forward", "hint_backward", "hint_loss", "rkd_distance_forward", "rkd_distance_backward",
                           "rkd_distance", "rkd_angle_forward", "rkd_angle_backward", "rkd_angle", "mutual_forward",
-                          "mutual_backward", "mutual_loss"], "losses")}
+                          "mutual_backward", "mutual_loss", "dkd_forward", "dkd_backward", "dkd_loss",
+                          "dkd_loss_and_grad", "topk_forward", "topk_backward", "topk_loss", "topk_loss_and_grad",
+                          "topk_from_dense"], "losses")}
 _SUBMODULES = {"nn", "losses", "softmax", "backend", "files", "checks", "data", "distill", "experiments", "cli",
                "gradcheck", "gradcheck_ops", "testing", "torch_parity", "plots", "kernels"}
 

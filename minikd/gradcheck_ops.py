@@ -51,8 +51,12 @@ def _softmax_cases(rng) -> Iterator:
 def _kd_cases(rng) -> Iterator:
     for kind in kd.KINDS:
         beta = 0.3 if kind == "jsd" else None   # JSD's endpoints are the two KLs (tests/test_divergences.py)
-        for teacher_as in kd.TEACHER_FORMS:
+        # DKD splits rows at their labels: teacher logits, and no unlabeled rows that count
+        forms = ("logits",) if kind == "dkd" else kd.TEACHER_FORMS
+        for teacher_as in forms:
             for reduction, unlabeled in itertools.product(conventions.KD_REDUCTIONS, conventions.UNLABELED):
+                if kind == "dkd" and unlabeled == "soft":
+                    continue
                 for T in (0.05, 1.0, 4.0, 50.0):
                     shape = (2, 3, 6) if reduction == "none" else (6, 6)
                     s = random_logits(rng, shape)

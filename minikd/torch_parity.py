@@ -16,7 +16,7 @@ from .gradcheck import relative_error
 from .losses import hint_backward, hint_forward, kd_backward, kd_forward, mutual_backward, mutual_forward
 from .losses.relational import RKD_TERMS
 
-__all__ = ["VerifyRow", "run_all", "reference_divergence", "reference_pdist", "reference_rkd_distance", "reference_rkd_angle"]
+__all__ = ["VerifyRow", "run_all", "reference_divergence", "reference_dkd_terms", "reference_pdist", "reference_rkd_distance", "reference_rkd_angle"]
 
 
 class VerifyRow(NamedTuple):
@@ -46,6 +46,46 @@ def reference_divergence(torch, kind, log_p, log_q, beta=None):
     if kind == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     raise ValueError(kind)
+
+
+def reference_dkd_terms(torch, S, Tt, y, T, log_target=False):
+    """(TCKD, NCKD) as mdistiller defines them (its DKD.py, reimplemented from the definition): masks of
+    the target and of the other classes, the binary distributions as masked sums of the tempered
+    softmaxes and their torch.log, NCKD from softmaxes of the logits / T with 1000 subtracted at the
+    target, F.kl_div summed, times T^2, divided by the batch size.
+
+    ``log_target=True`` gives the teacher to F.kl_div as log-probabilities: the same values, but an
+    autograd teacher gradient. With probabilities (mdistiller's way, its teacher under no_grad) that
+    gradient is NaN: the masked target's teacher probability exp(-1000) is exactly 0, and
+    d(q log q)/dq = log q + 1 = -inf there meets the softmax Jacobian's 0."""
+    F = torch.nn.functional
+    target = F.one_hot(y, S.shape[1]).to(S.dtype)
+    other = 1 - target
+
+    def binary(logits):
+        pr = F.softmax(logits / T, dim=1)
+        return torch.stack([(pr * target).sum(1), (pr * other).sum(1)], dim=1)
+    b_q = binary(Tt)
+    tckd = F.kl_div(torch.log(binary(S)), torch.log(b_q) if log_target else b_q, reduction="sum",
+                    log_target=log_target)
+    teacher_rest = (F.log_softmax if log_target else F.softmax)(Tt / T - 1000.0 * target, dim=1)
+    log_p_rest = F.log_softmax(S / T - 1000.0 * target, dim=1)
+    nckd = F.kl_div(log_p_rest, teacher_rest, reduction="sum", log_target=log_target)
+    return tckd * T**2 / y.shape[0], nckd * T**2 / y.shape[0]
+
+
+def _dkd_cases(torch, rng):
+    """DKD against mdistiller's formulation (``reference_dkd_terms``), where its -1000 target
+    masking does not matter (moderate logits)."""
+    from .losses import dkd_backward, dkd_forward  # noqa: PLC0415
+    for T, (a, b) in zip((1.0, 4.0), ((1.0, 8.0), (0.5, 2.0))):
+        s, t, y = rng.standard_normal((16, 10)) * 3, rng.standard_normal((16, 10)) * 3, rng.integers(0, 10, 16)
+        S = torch.tensor(s, requires_grad=True)
+        tckd, nckd = reference_dkd_terms(torch, S, torch.tensor(t), torch.tensor(y), T)
+        L = a * tckd + b * nckd
+        L.backward()
+        value, cache = dkd_forward(s, t, y, T=T, alpha_tckd=a, beta_nckd=b)
+        yield "dkd", value, L.item(), dkd_backward(1.0, cache), S.grad.numpy()
 
 
 def _kd_cases(torch, rng):
@@ -150,7 +190,7 @@ def run_all(seed: int = 0) -> list[VerifyRow]:
     import torch  # noqa: PLC0415
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {}
-    for make in (_kd_cases, _hint_cases, _rkd_cases, _mutual_cases):
+    for make in (_kd_cases, _dkd_cases, _hint_cases, _rkd_cases, _mutual_cases):
         for op, v, tv, g, tg in make(torch, rng):
             rows.setdefault(op, []).append((relative_error(v, tv), relative_error(g, tg)))
     return [VerifyRow(op, len(r), max(x[0] for x in r), max(x[1] for x in r)) for op, r in rows.items()]

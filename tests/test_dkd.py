@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from minikd.gradcheck import check_vjp, relative_error
 from minikd.losses import dkd_backward, dkd_forward, dkd_loss, dkd_loss_and_grad, kd_backward, kd_forward, kd_loss
 from minikd.testing import labels_for, logits, masks, shapes, temperatures, upstreams
+from minikd.torch_parity import reference_dkd_terms
 
 RTOL = 1e-7
 U = np.finfo(np.float64).eps / 2
@@ -383,32 +384,6 @@ def test_errors(call, exc, msg):
 
 # ---------------------------------------------------------------- PyTorch: mdistiller's formulation
 
-def mdistiller_terms(torch, S, Tt, y, T, log_target=False):
-    """(TCKD, NCKD) as mdistiller defines them (its DKD.py, reimplemented from the definition): masks of
-    the target and of the other classes, the binary distributions as masked sums of the tempered
-    softmaxes and their torch.log, NCKD from softmaxes of the logits / T with 1000 subtracted at the
-    target, F.kl_div summed, times T^2, divided by the batch size.
-
-    ``log_target=True`` gives the teacher to F.kl_div as log-probabilities: the same values, but an
-    autograd teacher gradient. With probabilities (mdistiller's way, its teacher under no_grad) that
-    gradient is NaN: the masked target's teacher probability exp(-1000) is exactly 0, and
-    d(q log q)/dq = log q + 1 = -inf there meets the softmax Jacobian's 0."""
-    F = torch.nn.functional
-    target = F.one_hot(y, S.shape[1]).to(S.dtype)
-    other = 1 - target
-
-    def binary(logits):
-        pr = F.softmax(logits / T, dim=1)
-        return torch.stack([(pr * target).sum(1), (pr * other).sum(1)], dim=1)
-    b_q = binary(Tt)
-    tckd = F.kl_div(torch.log(binary(S)), torch.log(b_q) if log_target else b_q, reduction="sum",
-                    log_target=log_target)
-    teacher_rest = (F.log_softmax if log_target else F.softmax)(Tt / T - 1000.0 * target, dim=1)
-    log_p_rest = F.log_softmax(S / T - 1000.0 * target, dim=1)
-    nckd = F.kl_div(log_p_rest, teacher_rest, reduction="sum", log_target=log_target)
-    return tckd * T**2 / y.shape[0], nckd * T**2 / y.shape[0]
-
-
 @given(st.integers(0, 2**32 - 1), st.integers(1, 8), st.integers(2, 12), st.sampled_from([0.1, 1.0, 4.0]),
        st.one_of(st.sampled_from([1.0, 4.0]), st.floats(0.3, 10.0)),
        st.sampled_from([(1.0, 8.0), (1.0, 0.0), (0.0, 1.0)]) | st.tuples(st.floats(0, 3), st.floats(0, 10)))
@@ -425,11 +400,11 @@ def test_matches_mdistiller_in_torch(seed, n, C, scale, T, weights):
     assume(max(spread(s).max(), spread(t).max()) / T < 500)
     alpha, beta = weights
     S = torch.tensor(s, requires_grad=True)
-    tckd, nckd = mdistiller_terms(torch, S, torch.tensor(t), torch.tensor(y), T)   # teacher constant
+    tckd, nckd = reference_dkd_terms(torch, S, torch.tensor(t), torch.tensor(y), T)   # teacher constant
     L = alpha * tckd + beta * nckd
     L.backward()
     Tt = torch.tensor(t, requires_grad=True)   # the teacher gradient: the log_target form (see above)
-    tckd_l, nckd_l = mdistiller_terms(torch, torch.tensor(s), Tt, torch.tensor(y), T, log_target=True)
+    tckd_l, nckd_l = reference_dkd_terms(torch, torch.tensor(s), Tt, torch.tensor(y), T, log_target=True)
     L_l = alpha * tckd_l + beta * nckd_l
     L_l.backward()
     loss, cache = dkd_forward(s, t, y, T=T, alpha_tckd=alpha, beta_nckd=beta)   # batchmean: every row counts
@@ -453,7 +428,7 @@ def test_where_mdistiller_differs():
     torch = pytest.importorskip("torch")
 
     def md(s, t, y, alpha, beta, T=1.0):
-        tckd, nckd = mdistiller_terms(torch, torch.tensor(s), torch.tensor(t), torch.tensor(y), T)
+        tckd, nckd = reference_dkd_terms(torch, torch.tensor(s), torch.tensor(t), torch.tensor(y), T)
         return float((alpha * tckd if alpha else 0) + (beta * nckd if beta else 0))
     # NCKD at a scaled gap of 2000 (logits (2000, 0, 1) vs (1990, 1, 0)): mdistiller's "non-target"
     # softmaxes are almost all target, its NCKD ~ 0; the exact NCKD is KL(softmax(1, 0) || softmax(0, 1))
@@ -478,6 +453,6 @@ def test_where_mdistiller_differs():
     assert np.isfinite(dkd_loss(sp, tp, np.array([2]), T=1.0))
     # the teacher gradient of its formulation (teacher probabilities to F.kl_div) is NaN everywhere
     Tt = torch.tensor([[0.2, 1.0, 0.1]], requires_grad=True)
-    tckd, nckd = mdistiller_terms(torch, torch.tensor([[1.0, 0.0, 0.5]]), Tt, torch.tensor([0]), 1.0)
+    tckd, nckd = reference_dkd_terms(torch, torch.tensor([[1.0, 0.0, 0.5]]), Tt, torch.tensor([0]), 1.0)
     (tckd + 8 * nckd).backward()
     assert torch.isnan(Tt.grad).all()
