@@ -57,12 +57,14 @@ FUSED_KINDS = ("kl", "ce")
 _said_fallback = set()
 
 
-def _unfused(kind, label_smoothing):
+def _unfused(kind, label_smoothing, vocab, student, teacher):
     """What the fused kernels cannot compute in this call (None: they can)."""
     if kind in KINDS and kind not in FUSED_KINDS:
         return f"kind={kind!r}"
     if label_smoothing:
         return "label_smoothing"
+    if vocab is not None and getattr(student, "shape", (0,))[-1:] != getattr(teacher, "shape", (0,))[-1:]:
+        return "vocab"
     return None
 
 
@@ -73,7 +75,8 @@ def _fallback(what, backend, resolved) -> str:
         return resolved
     if backend != "auto":
         raise UserError(f"{what}: the fused kernels compute kind {' and '.join(FUSED_KINDS)} without label "
-                        f"smoothing; use backend='numpy' (the reference) or 'auto' (falls back to it)")
+                        f"smoothing, on equal class counts; use backend='numpy' (the reference) or 'auto' (falls "
+                        f"back to it)")
     if what not in _said_fallback:
         _said_fallback.add(what)
         warnings.warn(f"{what} has no fused kernel yet: backend='auto' runs the NumPy reference", stacklevel=3)
@@ -82,19 +85,19 @@ def _fallback(what, backend, resolved) -> str:
 
 def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
                reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore", out=None, backend="auto",
-               beta=None, dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0):
+               beta=None, dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0, vocab=None):
     """Fused KD loss and gradient (see module doc). Returns (loss, grad)."""
     if kind in KINDS:
         check_beta(kind, beta)   # a beta given with another kind is refused on every backend
     if dkd_weights is not None and kind != "dkd":
         raise UserError(f"dkd_weights: only kind='dkd' takes them (kind={kind!r})")
     resolved = resolve_backend(backend, student)
-    what = _unfused(kind, label_smoothing)
+    what = _unfused(kind, label_smoothing, vocab, student, teacher)
     backend = resolved if what is None else _fallback(what, backend, resolved)
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
               unlabeled=unlabeled, normalizer=normalizer, hard_weight=hard_weight)
     if backend == "numpy":
-        kw.update(beta=beta, dkd_weights=dkd_weights, label_smoothing=label_smoothing)
+        kw.update(beta=beta, dkd_weights=dkd_weights, label_smoothing=label_smoothing, vocab=vocab)
         check_out(out, student, teacher, labels, mask)
         loss, grad = kd_loss_and_grad(student, teacher, labels, scale_t2=scale_t2, **kw)
         if out is not None:

@@ -395,3 +395,45 @@ def test_label_smoothing_and_weights_equal_pytorch():
         mk.kd_loss(s, t, y, T=T, alpha=1.7)   # above 1 only with an explicit hard_weight
     with pytest.raises(ValueError, match="label_smoothing: expected a number in \\[0, 1\\)"):
         mk.kd_loss(s, t, y, T=T, alpha=0.5, label_smoothing=1.0)
+
+
+# ---------------------------------------------------------------- vocabularies of different sizes
+
+@pytest.mark.parametrize("vocab", ["truncate", "pad"])
+@pytest.mark.parametrize("cs, ct", [(7, 5), (5, 7)])
+@pytest.mark.parametrize("kind, beta", [("kl", None), ("jsd", 0.3), ("reverse_kl", None)])
+def test_vocabularies_of_different_sizes(vocab, cs, ct, kind, beta):
+    rng = np.random.default_rng(cs * 10 + ct)
+    s, t, y = rng.standard_normal((4, cs)) * 2, rng.standard_normal((4, ct)) * 2, rng.integers(0, 5, 4)
+    kw = dict(T=2.0, alpha=0.6, kind=kind, beta=beta, vocab=vocab)
+    loss, cache = mk.kd_forward(s, t, y, **kw)
+    if not np.isfinite(loss):   # pad: the student lacks classes the teacher has mass on (reverse KL: the reverse)
+        assert vocab == "pad"
+        return
+    ds, dt = mk.kd_backward(0.7, cache, teacher_grad=True)
+    assert ds.shape == s.shape and dt.shape == t.shape
+    res = check_vjp(lambda s, t: mk.kd_loss(s, t, y, **kw), [s, t], 0.7, [ds, dt], eps=1e-4)
+    assert res.max_rel <= RTOL, res
+    # what each means: "truncate" is the loss on the common classes, "pad" on -inf-padded logits
+    c = min(cs, ct)
+    if vocab == "truncate":
+        assert loss == mk.kd_loss(s[:, :c], t[:, :c], y, T=2.0, alpha=0.6, kind=kind, beta=beta)
+        assert np.all(ds[:, c:] == 0)
+    else:
+        n = max(cs, ct)
+        padded = [np.concatenate([x, np.full((4, n - x.shape[1]), -np.inf)], axis=1) for x in (s, t)]
+        assert loss == mk.kd_loss(*padded, y, T=2.0, alpha=0.6, kind=kind, beta=beta)
+        liger = [np.concatenate([x, np.zeros((4, n - x.shape[1]))], axis=1) for x in (s, t)]   # zero logits
+        assert abs(mk.kd_loss(*liger, y, T=2.0, alpha=0.6, kind=kind, beta=beta) - loss) > 1e-3
+
+
+def test_vocab_through_the_kernels_entry_point():
+    rng = np.random.default_rng(1)
+    s, t, y = rng.standard_normal((4, 7)), rng.standard_normal((4, 5)), rng.integers(0, 5, 4)
+    want = mk.kd_loss_and_grad(s, t, y, T=2.0, alpha=0.6, vocab="truncate")
+    got = mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, vocab="truncate", backend="numpy")
+    assert got[0] == want[0] and np.array_equal(got[1], want[1])
+    with pytest.raises(UserError, match="vocab: the fused kernels"):
+        mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, vocab="truncate", backend="numba")
+    with pytest.raises(ValueError, match="vocab='truncate' or 'pad' matches them"):
+        mk.kd_loss(s, t, y, T=2.0, alpha=0.6)

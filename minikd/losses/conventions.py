@@ -46,7 +46,7 @@ from ..backend import first_bad_row, get_namespace, row_index
 __all__ = ["REDUCTIONS", "UNLABELED", "KD_REDUCTIONS", "HINT_REDUCTIONS", "RKD_REDUCTIONS", "MUTUAL_REDUCTIONS",
            "RowRoles", "check_reduction", "check_alpha", "check_unlabeled",
            "soft_scale", "term_weights", "check_weights", "check_label_smoothing", "shares_exponential", "row_roles", "divisor", "check_normalizer", "reduce_rows",
-           "reduce_total", "row_weights", "kernel_labels"]
+           "reduce_total", "row_weights", "kernel_labels", "VOCAB", "match_vocab", "unmatch_vocab"]
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 UNLABELED = ("ignore", "soft")
@@ -251,6 +251,50 @@ def row_roles(lead_shape, n_classes, labels=None, mask=None, ignore_index=-100, 
             raise ValueError(f"mask: expected shape {tuple(lead_shape)}, got {tuple(mask.shape)}")
         valid = valid & mask.reshape(-1)
     return RowRoles(valid, valid & has_label, labels_flat, tuple(lead_shape), out_of_range)
+
+
+VOCAB = ("truncate", "pad")
+
+
+def match_vocab(student, teacher, vocab=None, teacher_as="logits"):
+    """Student and teacher logits whose class counts differ (a tokenizer with added tokens, a
+    padded embedding), brought to one count. ``vocab``: None refuses the mismatch; "truncate"
+    keeps the first min(C_s, C_t) classes of both (the extra classes count nowhere, and the
+    student's get gradient 0); "pad" extends the shorter with -inf logits (probability exactly 0:
+    a student missing a class the teacher has mass on gives KL = +inf, the true value). Liger-Kernel
+    pads with zero logits instead: e^0 gives each padded class a share of the mass, so the padded
+    side is no longer the model's distribution. Teacher probabilities are padded with 0 and
+    log-probabilities with -inf. Returns (student, teacher, C_s, C_t)."""
+    cs, ct = student.shape[-1], teacher.shape[-1]
+    if cs == ct or vocab is None:
+        return student, teacher, cs, ct
+    if vocab not in VOCAB:
+        raise ValueError(f"vocab: expected None (refuse), 'truncate' or 'pad', got {vocab!r}")
+    if tuple(student.shape[:-1]) != tuple(teacher.shape[:-1]):
+        return student, teacher, cs, ct   # a shape mismatch beyond the class axis: refused later
+    xp = get_namespace(student, teacher)
+    if vocab == "truncate":
+        c = min(cs, ct)
+        return student[..., :c], teacher[..., :c], cs, ct
+
+    def pad(x, c, fill):
+        extra = xp.full(tuple(x.shape[:-1]) + (c - x.shape[-1],), fill, dtype=x.dtype)
+        return xp.concatenate([x, extra], axis=-1)
+    c = max(cs, ct)
+    fill_t = 0.0 if teacher_as == "probs" else -xp.inf
+    return (pad(student, c, -xp.inf) if cs < c else student), (pad(teacher, c, fill_t) if ct < c else teacher), cs, ct
+
+
+def unmatch_vocab(grad, classes):
+    """A gradient over the matched classes, back on an input's own ``classes``: padded classes
+    dropped, truncated ones 0."""
+    c = grad.shape[-1]
+    if c == classes:
+        return grad
+    if c > classes:
+        return grad[..., :classes]
+    xp = get_namespace(grad)
+    return xp.concatenate([grad, xp.zeros(tuple(grad.shape[:-1]) + (classes - c,), dtype=grad.dtype)], axis=-1)
 
 
 def kernel_labels(roles: RowRoles, n_classes: int, xp):

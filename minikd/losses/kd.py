@@ -118,8 +118,10 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     check_float_array(student, "student", ndim_min=2)
     check_float_array(teacher, "teacher", ndim_min=2)
     if tuple(teacher.shape) != tuple(student.shape):
+        more = " (different class counts: vocab='truncate' or 'pad' matches them)" if \
+            tuple(teacher.shape[:-1]) == tuple(student.shape[:-1]) else ""
         raise ValueError(f"teacher: expected the student's shape {tuple(student.shape)}, "
-                         f"got {tuple(teacher.shape)}")
+                         f"got {tuple(teacher.shape)}{more}")
     if teacher.dtype != student.dtype:
         raise TypeError(f"teacher: dtype {teacher.dtype} differs from the student's "
                         f"{student.dtype}; cast one so the reference computes in one dtype")
@@ -179,11 +181,13 @@ class KDCache(NamedTuple):
     reduction: str
     shape: tuple           # the logits' shape
     normalizer: object = None   # batchmean's count, when given (conventions.check_normalizer)
+    classes: tuple = None       # (C_student, C_teacher) as given, when vocab= matched them
 
 
 def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
                teacher_as="logits", reduction="batchmean", ignore_index=-100, mask=None, unlabeled="ignore",
-               beta=None, dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0):
+               beta=None, dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0,
+               vocab=None):
     """Hinton KD loss (see module doc). Returns (loss, cache).
 
     Parameters
@@ -198,6 +202,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     hard_weight : the hard term's weight instead of 1 - alpha (then alpha may be any weight >= 0:
         ``gamma * CE + alpha * KD`` is alpha=alpha, hard_weight=gamma).
     label_smoothing : the hard term's, PyTorch's definition: target (1 - eps) onehot(y) + eps / C.
+    vocab : student and teacher with different class counts: None refuses, "truncate" or "pad"
+        (``conventions.match_vocab``); the gradients come back on each input's own classes.
     teacher_as : "logits", "probs" or "log_probs".
     reduction : "batchmean", "sum" or "none".  mask : rows that count nowhere where False.
     normalizer : with "batchmean", the count to divide by instead of the number of rows that count
@@ -206,6 +212,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
         the distillation term alone (``unlabeled="soft"``: the transfer set; with no labels at all,
         every row).
     """
+    student, teacher, student_classes, teacher_classes = conventions.match_vocab(student, teacher, vocab, teacher_as)
     xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, beta=beta,
@@ -274,7 +281,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
                     label_smoothing=label_smoothing,
                     kind=kind, teacher_as=teacher_as, beta=beta, dkd_cache=dkd_cache, log_p_full=log_p_full,
                     log_q_full=log_q_full,
-                    reduction=reduction, shape=tuple(student.shape), normalizer=normalizer)
+                    reduction=reduction, shape=tuple(student.shape), normalizer=normalizer,
+                    classes=(student_classes, teacher_classes))
     return loss, cache
 
 
@@ -286,6 +294,14 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     log-probabilities (probabilities on the simplex boundary have no finite derivative of
     q log q, so teacher_as="probs" refuses it).
     """
+    out = _kd_backward(dloss, cache, teacher_grad)
+    cs, ct = cache.classes or (cache.shape[-1], cache.shape[-1])
+    if not teacher_grad:
+        return conventions.unmatch_vocab(out, cs)
+    return conventions.unmatch_vocab(out[0], cs), conventions.unmatch_vocab(out[1], ct)
+
+
+def _kd_backward(dloss, cache: KDCache, teacher_grad: bool):
     c = cache
     xp = get_namespace(c.p)
     w = conventions.row_weights(dloss, c.valid, c.reduction, c.p.dtype, normalizer=c.normalizer)[:, None]
