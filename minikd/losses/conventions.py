@@ -264,25 +264,29 @@ def match_vocab(student, teacher, vocab=None, teacher_as="logits"):
     a student missing a class the teacher has mass on gives KL = +inf, the true value). Liger-Kernel
     pads with zero logits instead: e^0 gives each padded class a share of the mass, so the padded
     side is no longer the model's distribution. Teacher probabilities are padded with 0 and
-    log-probabilities with -inf. Returns (student, teacher, C_s, C_t)."""
+    log-probabilities with -inf. Returns (student, teacher, (C_s, C_t)), the last None when nothing
+    was matched (then the inputs, unchecked, are returned as given)."""
+    if vocab is None or not (hasattr(student, "shape") and hasattr(teacher, "shape")):
+        return student, teacher, None
     cs, ct = student.shape[-1], teacher.shape[-1]
-    if cs == ct or vocab is None:
-        return student, teacher, cs, ct
+    if cs == ct:
+        return student, teacher, None
     if vocab not in VOCAB:
         raise ValueError(f"vocab: expected None (refuse), 'truncate' or 'pad', got {vocab!r}")
     if tuple(student.shape[:-1]) != tuple(teacher.shape[:-1]):
-        return student, teacher, cs, ct   # a shape mismatch beyond the class axis: refused later
+        return student, teacher, None   # a shape mismatch beyond the class axis: refused later
     xp = get_namespace(student, teacher)
     if vocab == "truncate":
         c = min(cs, ct)
-        return student[..., :c], teacher[..., :c], cs, ct
+        return student[..., :c], teacher[..., :c], (cs, ct)
 
     def pad(x, c, fill):
         extra = xp.full(tuple(x.shape[:-1]) + (c - x.shape[-1],), fill, dtype=x.dtype)
         return xp.concatenate([x, extra], axis=-1)
     c = max(cs, ct)
     fill_t = 0.0 if teacher_as == "probs" else -xp.inf
-    return (pad(student, c, -xp.inf) if cs < c else student), (pad(teacher, c, fill_t) if ct < c else teacher), cs, ct
+    return (pad(student, c, -xp.inf) if cs < c else student), (pad(teacher, c, fill_t) if ct < c else teacher), \
+        (cs, ct)
 
 
 def unmatch_vocab(grad, classes):

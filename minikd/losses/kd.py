@@ -212,7 +212,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
         the distillation term alone (``unlabeled="soft"``: the transfer set; with no labels at all,
         every row).
     """
-    student, teacher, student_classes, teacher_classes = conventions.match_vocab(student, teacher, vocab, teacher_as)
+    student, teacher, classes = conventions.match_vocab(student, teacher, vocab, teacher_as)
     xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, beta=beta,
@@ -282,7 +282,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
                     kind=kind, teacher_as=teacher_as, beta=beta, dkd_cache=dkd_cache, log_p_full=log_p_full,
                     log_q_full=log_q_full,
                     reduction=reduction, shape=tuple(student.shape), normalizer=normalizer,
-                    classes=(student_classes, teacher_classes))
+                    classes=classes)
     return loss, cache
 
 
@@ -295,7 +295,9 @@ def kd_backward(dloss, cache: KDCache, teacher_grad: bool = False):
     q log q, so teacher_as="probs" refuses it).
     """
     out = _kd_backward(dloss, cache, teacher_grad)
-    cs, ct = cache.classes or (cache.shape[-1], cache.shape[-1])
+    if cache.classes is None:
+        return out
+    cs, ct = cache.classes
     if not teacher_grad:
         return conventions.unmatch_vocab(out, cs)
     return conventions.unmatch_vocab(out[0], cs), conventions.unmatch_vocab(out[1], ct)
