@@ -24,7 +24,7 @@ __all__ = ["get_namespace", "logsumexp", "logsumexp_forward", "logsumexp_backwar
            "rkd_distance_forward", "rkd_distance_backward", "rkd_distance", "rkd_angle_forward",
            "rkd_angle_backward", "rkd_angle", "mutual_forward", "mutual_backward", "mutual_loss",
            "dkd_forward", "dkd_backward", "dkd_loss", "dkd_loss_and_grad", "topk_forward", "topk_backward",
-           "topk_loss", "topk_loss_and_grad", "topk_from_dense"]
+           "topk_loss", "topk_loss_and_grad", "topk_from_dense", "TopK"]
 
 
 # The fast paths live in the checkout's top-level kernels/ folder (DESIGN.md, floor 3). A wheel or
@@ -58,7 +58,7 @@ _LAZY = {"get_namespace": "backend",
                           "rkd_distance", "rkd_angle_forward", "rkd_angle_backward", "rkd_angle", "mutual_forward",
                           "mutual_backward", "mutual_loss", "dkd_forward", "dkd_backward", "dkd_loss",
                           "dkd_loss_and_grad", "topk_forward", "topk_backward", "topk_loss", "topk_loss_and_grad",
-                          "topk_from_dense"], "losses")}
+                          "topk_from_dense", "TopK"], "losses")}
 _SUBMODULES = {"nn", "losses", "softmax", "backend", "files", "checks", "data", "distill", "experiments", "cli",
                "gradcheck", "gradcheck_ops", "testing", "torch_parity", "plots", "kernels"}
 

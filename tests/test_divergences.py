@@ -437,3 +437,35 @@ def test_vocab_through_the_kernels_entry_point():
         mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, vocab="truncate", backend="numba")
     with pytest.raises(ValueError, match="vocab='truncate' or 'pad' matches them"):
         mk.kd_loss(s, t, y, T=2.0, alpha=0.6)
+
+
+# ---------------------------------------------------------------- top-k teachers through the one entry point
+
+@pytest.mark.parametrize("variant", ["gather", "renormalized", "tail"])
+def test_a_topk_teacher_through_kd_forward(variant):
+    """mk.kd_forward(student, mk.TopK(indices, values), labels, ...): alpha * tau * D_topk + (1 - alpha)
+    * CE on labeled rows, the soft term alone on unlabeled ones; with k = C the dense KD loss."""
+    rng = np.random.default_rng(3)
+    s, t = rng.standard_normal((2, 4, 7)) * 2, rng.standard_normal((2, 4, 7)) * 2
+    y = rng.integers(0, 7, (2, 4))
+    y[0, 1] = y[1, 3] = -100
+    kw = dict(T=2.0, alpha=0.7, unlabeled="soft")
+    idx, vals = mk.topk_from_dense(t, 7, T_gen=2.0)
+    full = mk.kd_loss_and_grad(s, mk.TopK(idx, vals, T_gen=2.0, variant=variant), y, **kw)
+    dense = mk.kd_loss_and_grad(s, t, y, **kw)
+    assert abs(full[0] - dense[0]) <= 1e-13 * abs(dense[0])
+    np.testing.assert_allclose(full[1], dense[1], rtol=1e-12, atol=1e-14)
+    idx, vals = mk.topk_from_dense(t, 3, T_gen=2.0)
+    teacher = mk.TopK(idx, vals, T_gen=2.0, variant=variant)
+    loss, cache = mk.kd_forward(s, teacher, y, **kw)
+    g = 0.8
+    ds = mk.kd_backward(g, cache)
+    res = check_vjp(lambda s: mk.kd_loss(s, teacher, y, **kw), [s], g, [ds], eps=1e-4)
+    assert res.max_rel <= RTOL, res
+    soft = mk.topk_loss(s, idx, vals, T=2.0, T_gen=2.0, variant=variant, reduction="none")
+    hard = mk.kd_loss(s, s, y, T=2.0, alpha=0.0, reduction="none")
+    assert abs(loss - (0.7 * soft + 0.3 * hard).sum() / 8) <= 1e-13 * abs(loss)
+    with pytest.raises(UserError, match="a top-k teacher"):
+        mk.kd_loss(s, teacher, y, kind="jsd", beta=0.5, **kw)
+    with pytest.raises(UserError, match="teacher_grad: a top-k teacher"):
+        mk.kd_backward(g, cache, teacher_grad=True)

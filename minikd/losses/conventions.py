@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 from ..backend import first_bad_row, get_namespace, row_index
 
-__all__ = ["REDUCTIONS", "UNLABELED", "KD_REDUCTIONS", "HINT_REDUCTIONS", "RKD_REDUCTIONS", "MUTUAL_REDUCTIONS",
+__all__ = ["SIMPLEX_TOL", "REDUCTIONS", "UNLABELED", "KD_REDUCTIONS", "HINT_REDUCTIONS", "RKD_REDUCTIONS", "MUTUAL_REDUCTIONS",
            "RowRoles", "check_reduction", "check_alpha", "check_unlabeled",
            "soft_scale", "term_weights", "check_weights", "check_label_smoothing", "shares_exponential", "row_roles", "divisor", "check_normalizer", "reduce_rows",
            "reduce_total", "row_weights", "kernel_labels", "VOCAB", "match_vocab", "unmatch_vocab"]
@@ -55,6 +55,9 @@ KD_REDUCTIONS = ("batchmean", "sum", "none")
 HINT_REDUCTIONS = ("batchmean", "mean", "sum")
 RKD_REDUCTIONS = ("mean", "sum")
 MUTUAL_REDUCTIONS = ("batchmean", "sum")
+# Tolerance on the row sums of given probabilities (and logsumexp of given log-probabilities):
+# loose enough for float32/float16 soft targets written to disk, tight enough to catch logits.
+SIMPLEX_TOL = 1e-3
 
 
 # ---------------------------------------------------------------- reductions

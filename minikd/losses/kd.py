@@ -54,7 +54,8 @@ from typing import NamedTuple
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
 from ..checks import UserError
 from ..softmax import _log_softmax, _log_softmax_precise, check_temperature
-from . import conventions, divergences, dkd
+from . import conventions, divergences, dkd, topk
+from .conventions import SIMPLEX_TOL
 
 __all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
            "KDCache", "KINDS", "TEACHER_FORMS"]
@@ -64,9 +65,6 @@ __all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_los
 KINDS = (*divergences.KINDS, "dkd")
 DKD_WEIGHTS = (1.0, 8.0)   # (alpha_tckd, beta_nckd): the DKD paper's CIFAR-100 setting
 TEACHER_FORMS = ("logits", "probs", "log_probs")
-# Tolerance on the row sums of given probabilities (and logsumexp of given log-probabilities):
-# loose enough for float32/float16 soft targets written to disk, tight enough to catch logits.
-SIMPLEX_TOL = 1e-3
 
 
 # ---------------------------------------------------------------- validation of the teacher
@@ -176,6 +174,7 @@ class KDCache(NamedTuple):
     teacher_as: str
     beta: object           # JSD's mixture weight, else None
     dkd_cache: object      # kind="dkd": the DKD term's cache (minikd.losses.dkd), else None
+    topk_cache: object     # a TopK teacher: the top-k term's cache (minikd.losses.topk), else None
     log_p_full: object     # (N, C) precise log p and log q, -inf where 0 (kinds other than kl, ce), else None
     log_q_full: object
     reduction: str
@@ -202,6 +201,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     hard_weight : the hard term's weight instead of 1 - alpha (then alpha may be any weight >= 0:
         ``gamma * CE + alpha * KD`` is alpha=alpha, hard_weight=gamma).
     label_smoothing : the hard term's, PyTorch's definition: target (1 - eps) onehot(y) + eps / C.
+    teacher may also be a ``minikd.losses.topk.TopK`` (indices, values): a sparse teacher, its soft
+        term the top-k loss of its variant (kind "kl"; no teacher gradient).
     vocab : student and teacher with different class counts: None refuses, "truncate" or "pad"
         (``conventions.match_vocab``); the gradients come back on each input's own classes.
     teacher_as : "logits", "probs" or "log_probs".
@@ -212,6 +213,12 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
         the distillation term alone (``unlabeled="soft"``: the transfer set; with no labels at all,
         every row).
     """
+    sparse = teacher if isinstance(teacher, topk.TopK) else None
+    if sparse is not None:   # a top-k teacher: its soft term is minikd.losses.topk's, a KL form
+        if kind != "kl" or teacher_as != "logits" or vocab is not None:
+            raise UserError("teacher: a top-k teacher (TopK) takes kind='kl' (its variants are KL forms), no "
+                            "teacher_as (TopK.values_as says) and no vocab")
+        teacher = student   # the argument checks below see a dense stand-in; the soft term ignores it
     student, teacher, classes = conventions.match_vocab(student, teacher, vocab, teacher_as)
     xp, T, alpha, roles = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
@@ -249,8 +256,14 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
             q = xp.exp(log_q_full)
         else:
             log_q_full = xp.where(q > 0, xp.log(xp.where(q > 0, q, 1)), -xp.inf) if teacher_as == "probs" else t
-    dkd_cache = None
-    if kind == "dkd" and soft_weight > 0.0 and roles.labels is not None:   # alpha * DKD_i (DKD_i = tau (a TCKD + b NCKD)) on labeled rows
+    dkd_cache = topk_cache = None
+    if sparse is not None and soft_weight > 0.0:   # alpha * tau * D_i of the top-k variant
+        topk_rows, topk_cache = topk.topk_forward(
+            student.reshape(-1, C), sparse.indices.reshape(-1, sparse.indices.shape[-1]),
+            sparse.values.reshape(-1, sparse.values.shape[-1]), T=T, T_gen=sparse.T_gen, teacher_as=sparse.values_as,
+            variant=sparse.variant, scale_t2=scale_t2, reduction="none", mask=valid)
+        rows = rows + alpha * topk_rows
+    elif kind == "dkd" and soft_weight > 0.0 and roles.labels is not None:   # alpha * DKD_i (DKD_i = tau (a TCKD + b NCKD)) on labeled rows
         a_tckd, b_nckd = DKD_WEIGHTS if dkd_weights is None else dkd_weights
         dkd_rows, dkd_cache = dkd.dkd_forward(student.reshape(-1, C), teacher.reshape(-1, C),
                                               xp.where(hard, roles.labels, ignore_index), T=T, alpha_tckd=a_tckd,
@@ -279,7 +292,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     cache = KDCache(p=p, q=q, log_p=log_p, log_q=log_q, p1=p1, labels=labels_safe, valid=valid, hard=hard,
                     T=T, alpha=alpha, tau=tau, soft_weight=soft_weight, hard_weight=hard_weight,
                     label_smoothing=label_smoothing,
-                    kind=kind, teacher_as=teacher_as, beta=beta, dkd_cache=dkd_cache, log_p_full=log_p_full,
+                    kind=kind, teacher_as=teacher_as, beta=beta, dkd_cache=dkd_cache, topk_cache=topk_cache,
+                    log_p_full=log_p_full,
                     log_q_full=log_q_full,
                     reduction=reduction, shape=tuple(student.shape), normalizer=normalizer,
                     classes=classes)
@@ -309,10 +323,14 @@ def _kd_backward(dloss, cache: KDCache, teacher_grad: bool):
     w = conventions.row_weights(dloss, c.valid, c.reduction, c.p.dtype, normalizer=c.normalizer)[:, None]
     soft_weight, hard_weight = c.soft_weight, c.hard_weight
     ds = xp.zeros_like(c.p)
-    dt_soft = ds_dkd = None
-    if c.dkd_cache is not None:   # its rows' upstream: w * alpha (DKD reduces by "none" inside)
-        ds_dkd = dkd.dkd_backward(w[:, 0] * c.alpha, c.dkd_cache, teacher_grad=teacher_grad)
-        ds_dkd, dt_soft = ds_dkd if teacher_grad else (ds_dkd, None)
+    dt_soft = ds_term = None
+    if c.topk_cache is not None:
+        if teacher_grad:
+            raise UserError("teacher_grad: a top-k teacher (TopK) has no gradient here (its values are stored targets)")
+        ds_term = topk.topk_backward(w[:, 0] * c.alpha, c.topk_cache)
+    elif c.dkd_cache is not None:   # its rows' upstream: w * alpha (DKD reduces by "none" inside)
+        ds_term = dkd.dkd_backward(w[:, 0] * c.alpha, c.dkd_cache, teacher_grad=teacher_grad)
+        ds_term, dt_soft = ds_term if teacher_grad else (ds_term, None)
     elif soft_weight > 0.0:
         if c.kind in ("kl", "ce"):
             ds = ds + (soft_weight / c.T) * (c.p - c.q)
@@ -329,7 +347,7 @@ def _kd_backward(dloss, cache: KDCache, teacher_grad: bool):
         target = onehot if c.label_smoothing == 0.0 else \
             (1.0 - c.label_smoothing) * onehot + c.label_smoothing / onehot.shape[-1]
         ds = ds + hard_weight * xp.where(c.hard[:, None], c.p1 - target, 0)
-    ds = w * ds if ds_dkd is None else w * ds + ds_dkd
+    ds = w * ds if ds_term is None else w * ds + ds_term
     ds = ds.reshape(c.shape)
     if not teacher_grad:
         return ds

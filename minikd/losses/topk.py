@@ -92,9 +92,9 @@ from typing import NamedTuple
 from ..backend import check_float_array, check_logits, first_bad_row, get_namespace, row_index
 from ..softmax import _log_softmax, _logsumexp, _shift_scale, check_temperature
 from . import conventions
-from .kd import SIMPLEX_TOL
+from .conventions import SIMPLEX_TOL
 
-__all__ = ["topk_forward", "topk_backward", "topk_loss", "topk_loss_and_grad", "topk_from_dense",
+__all__ = ["TopK", "topk_forward", "topk_backward", "topk_loss", "topk_loss_and_grad", "topk_from_dense",
            "TopkCache", "VARIANTS", "TOPK_TEACHER_FORMS"]
 
 VARIANTS = ("gather", "renormalized", "tail")
@@ -194,6 +194,17 @@ def _teacher(v, teacher_as, T, T_gen, k, C, valid, lead):
 
 
 # ---------------------------------------------------------------- forward / backward
+
+class TopK(NamedTuple):
+    """A top-k teacher as ``kd_forward``'s teacher argument (the soft term is then this module's
+    loss of ``variant``, the hard term KD's cross-entropy): ``indices`` (N, k), ``values`` (N, k)
+    as ``values_as`` ("log_probs" at ``T_gen``, or "logits")."""
+    indices: object
+    values: object
+    values_as: str = "log_probs"
+    T_gen: object = None
+    variant: str = "gather"
+
 
 class TopkCache(NamedTuple):
     variant: str
