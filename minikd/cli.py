@@ -111,7 +111,9 @@ OPTIONS = {
                                   "reverse_kl, jsd (with --beta), tvd, dkd (decoupled KD, weights 1 and 8; needs "
                                   "--transfer-samples 0)")),
     "beta": (_TRAINING, dict(type=float, metavar="B", help="kind jsd: the mixture weight in [0, 1] (0: forward KL, "
-                                                          "1: reverse KL, 0.5: symmetric JSD)")),
+                                                          "1: reverse KL, 0.5: symmetric JSD); sweep: several")),
+    "dkd_weights": (_TRAINING, dict(type=float, metavar="W", help="kind dkd: the weights of TCKD and NCKD "
+                                                                 "(default %(default)s, the DKD paper's)")),
     "hint": (_FEATURES, dict(action="append", metavar="TEACHER_TAP:STUDENT_TAP[:WEIGHT]",
                              help="FitNets hint from a teacher layer to a student layer through a trained Linear "
                                   "regressor, e.g. embed:hidden:0.5 (repeat for several layers)")),
@@ -205,11 +207,16 @@ def cmd_sweep(args) -> int:
     report = experiments.run_sweep(_config(experiments.SweepConfig, args))
     grid, best = report.results["grid"], report.results["student_kd"]
     header = "T / alpha"
-    print(f"\nvalidation accuracy (rows T, columns alpha):\n{header:>10}" + "".join(f"{x:>8g}" for x in grid["alpha"]))
-    for t, accuracies in zip(grid["T"], grid["val_accuracy"]):
-        print(f"{t:>10g}" + "".join(f"{v:>8.3f}" for v in accuracies))
+    panels = zip(grid["beta"], grid["val_accuracy"]) if "beta" in grid else [(None, grid["val_accuracy"])]
+    for beta, rows in panels:
+        title = "" if beta is None else f", beta={beta:g}"
+        print(f"\nvalidation accuracy (rows T, columns alpha{title}):\n{header:>10}"
+              + "".join(f"{x:>8g}" for x in grid["alpha"]))
+        for t, accuracies in zip(grid["T"], rows):
+            print(f"{t:>10g}" + "".join(f"{v:>8.3f}" for v in accuracies))
     _print_table(report.rows)
-    print(f"\nbest on validation: T={best['T']:g}, alpha={best['alpha']:g} (val {best['val_accuracy']:.3f}); "
+    chosen = "" if "beta" not in best else f", beta={best['beta']:g}"
+    print(f"\nbest on validation: T={best['T']:g}, alpha={best['alpha']:g}{chosen} (val {best['val_accuracy']:.3f}); "
           f"wrote {report.out}/sweep.png, student.npz/.json, report.json")
     return 0
 

@@ -97,7 +97,7 @@ def inference_seconds_per_sample(model, x, repeats: int = 3) -> float:
 
 
 def distill_loss_and_grad(student_logits, teacher_logits, labels, *, T, alpha, backend="numpy", kind="kl",
-                          beta=None):
+                          beta=None, dkd_weights=None):
     """The logits' part of a training step: (loss, d loss / d student_logits).
 
     With teacher logits, the KD loss with ``unlabeled="soft"`` (``minikd.losses.conventions``):
@@ -109,7 +109,7 @@ def distill_loss_and_grad(student_logits, teacher_logits, labels, *, T, alpha, b
     if teacher_logits is None:
         return cross_entropy_and_grad(student_logits, labels)
     return softmax_kl(student_logits, teacher_logits, labels, T=T, alpha=alpha, unlabeled="soft", backend=backend,
-                      kind=kind, beta=beta)
+                      kind=kind, beta=beta, dkd_weights=None if dkd_weights is None else tuple(dkd_weights))
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Step(NamedTuple):
 
 def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.0, val=None,
           desc="train", progress=True, backend="numpy", feature_terms=(), on_step=None, kind="kl",
-          beta=None) -> History:
+          beta=None, dkd_weights=None) -> History:
     """Minibatch AdamW with a cosine schedule; labels -100 mark unlabeled (transfer) rows.
     Each batch's objective is ``distill_loss_and_grad`` (KD with ``teacher_logits``, else
     cross-entropy) plus the ``feature_terms`` (hint / RKD on tapped student features; their
@@ -193,7 +193,7 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
                 _check_diverged(desc, epoch, cfg, logits)
                 t = None if teacher_logits is None else teacher_logits[idx]
                 loss, dlogits = distill_loss_and_grad(logits, t, yb, T=T, alpha=alpha, backend=backend, kind=kind,
-                                                      beta=beta)
+                                                      beta=beta, dkd_weights=dkd_weights)
                 loss = float(loss)
                 tap_grads = {}
                 for term in feature_terms:
@@ -314,7 +314,8 @@ def make_feature_terms(specs, teacher, student, x, cache_dir=None, seed=0):
 
 def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teacher_logits_transfer=None,
                   T=4.0, alpha=0.9, hidden=50, use_transfer=False, progress=True, desc="student",
-                  backend="numpy", feature_specs=(), teacher=None, cache_dir=None, on_step=None, kind="kl", beta=None):
+                  backend="numpy", feature_specs=(), teacher=None, cache_dir=None, on_step=None, kind="kl", beta=None,
+                  dkd_weights=None):
     """Step 3. The student MLP, from scratch (teacher_logits None) or distilled; with
     ``use_transfer`` the transfer set joins the training rows with label -100 (soft term only).
     ``feature_specs``: (kind, teacher_tap, student_tap, weight) hint / RKD terms (needs ``teacher``).
@@ -328,7 +329,7 @@ def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teach
     terms = make_feature_terms(feature_specs, teacher, model, x, cache_dir, cfg.seed) if feature_specs else ()
     hist = train(model, x, y, cfg, teacher_logits=t, T=T, alpha=alpha, val=(data.x_val, data.y_val),
                  desc=desc, progress=progress, backend=backend, feature_terms=terms, on_step=on_step, kind=kind,
-                 beta=beta)
+                 beta=beta, dkd_weights=dkd_weights)
     return model, hist
 
 
@@ -398,7 +399,7 @@ def load_student(out_dir, name: str = "student"):
 
 def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logits,
           teacher_logits_transfer=None, hidden=50, use_transfer=False, progress=True, backend="numpy",
-          on_step=None, kind="kl", beta=None):
+          on_step=None, kind="kl", beta=None, dkd_weights=None):
     """Step 4. One student per (T, alpha); returns the grid of validation accuracies and
     (val accuracy, T, alpha, model, history) of the best pair by validation accuracy (ties: first
     in grid order). ``backend``, ``on_step``, ``kind`` and ``beta``: as ``train``'s (each run is
@@ -412,7 +413,7 @@ def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logi
                                     teacher_logits_transfer=teacher_logits_transfer, T=T, alpha=a,
                                     hidden=hidden, use_transfer=use_transfer, progress=False,
                                     desc=f"sweep T={T:g}, alpha={a:g}", backend=backend, on_step=on_step,
-                                    kind=kind, beta=beta)
+                                    kind=kind, beta=beta, dkd_weights=dkd_weights)
         grid[i, j] = accuracy(model, data.x_val, data.y_val)
         if best is None or grid[i, j] > best[0]:
             best = (grid[i, j], T, a, model, hist)

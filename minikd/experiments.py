@@ -38,7 +38,7 @@ from . import checks
 from .files import FileError, atomic_write, check_finite_rows, read_array, writable_dir, writable_file, write_npy, \
     write_npz
 from .losses.divergences import check_beta
-from .losses.kd import KINDS
+from .losses.kd import DKD_WEIGHTS, KINDS
 from .nn.models import student_mlp, teacher_cnn
 from .plots import learning_curves, sweep_heatmap
 
@@ -88,6 +88,7 @@ class StudentConfig:
     alpha: float = DEFAULTS["alpha"]
     kind: str = "kl"
     beta: float | None = None
+    dkd_weights: tuple = DKD_WEIGHTS
     epochs: int = DEFAULTS["epochs"]
     transfer_epochs: int = DEFAULTS["transfer_epochs"]
     student_hidden: int = DEFAULTS["student_hidden"]
@@ -113,6 +114,7 @@ class DistillConfig:
     alpha: float = DEFAULTS["alpha"]
     kind: str = "kl"
     beta: float | None = None
+    dkd_weights: tuple = DKD_WEIGHTS
     epochs: int = DEFAULTS["epochs"]
     transfer_epochs: int = DEFAULTS["transfer_epochs"]
     teacher_epochs: int = DEFAULTS["teacher_epochs"]
@@ -133,8 +135,8 @@ class DistillConfig:
 
 @dataclass
 class SweepConfig:
-    """``run_sweep``: every (T, alpha) of ``T`` x ``alpha``; with a transfer set the students train
-    ``transfer_epochs`` on it, else ``epochs``."""
+    """``run_sweep``: every (T, alpha) of ``T`` x ``alpha`` (and, for kind "jsd", every ``beta``);
+    with a transfer set the students train ``transfer_epochs`` on it, else ``epochs``."""
     data: str | None = None
     samples: int = DEFAULTS["samples"]
     transfer_samples: int = DEFAULTS["transfer_samples"]
@@ -142,7 +144,8 @@ class SweepConfig:
     T: tuple = (1.0, 2.0, 4.0, 8.0)
     alpha: tuple = (0.5, 0.9, 1.0)
     kind: str = "kl"
-    beta: float | None = None
+    beta: tuple = ()            # kind jsd: the betas to sweep (a third axis); empty for other kinds
+    dkd_weights: tuple = DKD_WEIGHTS
     epochs: int = DEFAULTS["epochs"]
     transfer_epochs: int = DEFAULTS["transfer_epochs"]
     teacher_epochs: int = DEFAULTS["teacher_epochs"]
@@ -320,6 +323,7 @@ CHECKS = {
     "backend": _choice("numpy", "numba", "auto"),
     "kind": _choice(*KINDS),
     "beta": lambda name, v: None if v is None else checks.number(name, v, 0.0, 1.0),
+    "dkd_weights": lambda name, v: checks.number(name, v, 0.0),
     "hint": _hints,
     "rkd_distance": _real(0.0),
     "rkd_angle": _real(0.0),
@@ -341,7 +345,7 @@ def validate(config):
         try:
             if isinstance(f.default, tuple):
                 values = value if isinstance(value, (tuple, list)) else [value]
-                if not values:
+                if not values and f.default:   # an empty default (the sweep's beta) may stay empty
                     raise checks.UserError(f"{f.name}: expected at least one value")
                 value = tuple(check(f.name, v) for v in values)
             else:
@@ -350,10 +354,19 @@ def validate(config):
             raise ConfigError(f.name, str(exc)) from None
         setattr(config, f.name, value)
     if hasattr(config, "kind"):
+        betas = config.beta if isinstance(config.beta, tuple) else (config.beta,)   # the sweep takes several
         try:
-            check_beta(config.kind, config.beta)
+            if config.kind == "jsd" and not betas:
+                raise checks.UserError("beta: kind='jsd' needs beta in [0, 1] (one or more for the sweep)")
+            for b in betas or (None,):
+                check_beta(config.kind, b)
         except checks.UserError as exc:
             raise ConfigError("beta", str(exc)) from None
+        if len(config.dkd_weights) != 2:
+            raise ConfigError("dkd_weights", f"dkd_weights: expected two weights (TCKD, NCKD), got "
+                                             f"{list(config.dkd_weights)}")
+        if config.kind != "dkd" and config.dkd_weights != DKD_WEIGHTS:
+            raise ConfigError("dkd_weights", f"dkd_weights: only kind dkd takes them (kind {config.kind!r})")
         if config.kind == "dkd" and getattr(config, "transfer_samples", 0):
             raise ConfigError("kind", "kind: dkd splits each row at its label, and the transfer set has none; add "
                                       "--transfer-samples 0")
@@ -412,7 +425,9 @@ def _divergence(config) -> dict:
     forward KL, so reports and exports of KL runs read as before."""
     if config.kind == "kl":
         return {}
-    return {"kind": config.kind, **({"beta": config.beta} if config.beta is not None else {})}
+    extra = {"dkd_weights": list(config.dkd_weights)} if config.kind == "dkd" else {}
+    beta = config.beta if not isinstance(config.beta, tuple) else None   # the sweep sets its own
+    return {"kind": config.kind, **({"beta": beta} if beta is not None else {}), **extra}
 
 
 def _kd_name(T, alpha, divergence) -> str:
@@ -585,28 +600,40 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
 
 
 def run_sweep(config: SweepConfig, on_step=None) -> Report:
-    """Step 4: one student per (T, alpha) (with the transfer set when there is one), the best by
-    validation accuracy exported; writes student.npz/.json, sweep.png and report.json."""
+    """Step 4: one student per (T, alpha) (and per beta for kind "jsd"), with the transfer set when
+    there is one; the best by validation accuracy (ties: the first in (beta, T, alpha) order) is
+    exported; writes student.npz/.json, sweep.png (a heatmap per beta) and report.json."""
     t0 = _start(config, ("student.npz", "student.json", "report.json", "sweep.png"))
     temperatures, alphas = [float(t) for t in config.T], [float(a) for a in config.alpha]
+    betas = list(config.beta)
     data = _dataset(config, config.transfer_samples)
     teacher, _ = _teacher(config, data, on_step)
     tl, tt = _targets(teacher, data, config.cache_dir)
     use_transfer = tt is not None
     cfg = _student_cfg(config, config.transfer_epochs if use_transfer else config.epochs)
-    grid, (_, T, a, model, hist) = sweep(data, cfg, temperatures, alphas, teacher_logits=tl,
-                                         teacher_logits_transfer=tt, hidden=config.student_hidden,
-                                         use_transfer=use_transfer, progress=config.progress,
-                                         backend=config.backend, on_step=on_step, **_divergence(config))
+    grids, best = [], None
+    for b in betas or [None]:
+        div = {**_divergence(config), **({"beta": b} if b is not None else {})}
+        grid, found = sweep(data, cfg, temperatures, alphas, teacher_logits=tl, teacher_logits_transfer=tt,
+                            hidden=config.student_hidden, use_transfer=use_transfer, progress=config.progress,
+                            backend=config.backend, on_step=on_step, **div)
+        grids.append(grid)
+        if best is None or found[0] > best[0][0]:
+            best = (found, div, len(grids) - 1)
+    (_, T, a, model, hist), div, k = best
     tp = teacher.num_parameters()
-    div = _divergence(config)
-    best = _row(f"best student {_kd_name(T, a, div)}", model, data, tp, {"T": T, "alpha": a, **div})
+    row = _row(f"best student {_kd_name(T, a, div)}", model, data, tp, {"T": T, "alpha": a, **div})
     out = Path(config.out)
     export(model, out, "student", data, {"T": T, "alpha": a, **div})
-    sweep_heatmap(grid, temperatures, alphas, out / "sweep.png", best=(temperatures.index(T), alphas.index(a)))
-    report = Report([_row("teacher (CNN)", teacher, data, tp), best],
-                    {"student_kd": best, "grid": {"T": temperatures, "alpha": alphas, "val_accuracy": grid.tolist()}},
-                    {f"best (T={T:g}, alpha={a:g})": hist}, model, teacher, data.spec, time.perf_counter() - t0,
+    titles = [f"beta = {b:g}" for b in betas] if betas else None
+    sweep_heatmap(np.stack(grids), temperatures, alphas, out / "sweep.png",
+                  best=(k, temperatures.index(T), alphas.index(a)), titles=titles)
+    grid_report = {"T": temperatures, "alpha": alphas,
+                   "val_accuracy": [g.tolist() for g in grids] if betas else grids[0].tolist()}
+    if betas:
+        grid_report["beta"] = betas
+    report = Report([_row("teacher (CNN)", teacher, data, tp), row], {"student_kd": row, "grid": grid_report},
+                    {f"best {_kd_name(T, a, div)}": hist}, model, teacher, data.spec, time.perf_counter() - t0,
                     asdict(config), out)
     _write_report(report)
     return report

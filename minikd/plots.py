@@ -39,20 +39,30 @@ def learning_curves(histories: dict, path):
     plt.close(fig)
 
 
-def sweep_heatmap(grid, temperatures, alphas, path, best=None):
-    """Validation accuracy of each (T, alpha) student."""
+def sweep_heatmap(grid, temperatures, alphas, path, best=None, titles=None):
+    """Validation accuracy of each (T, alpha) student: ``grid`` (T, alpha), or (panels, T, alpha)
+    with a ``titles`` entry per panel (the sweep's betas); ``best``: (i, j), or (panel, i, j)."""
+    grid = np.asarray(grid)
+    grids = grid[None] if grid.ndim == 2 else grid
+    if best is not None and len(best) == 2:
+        best = (0, *best)
     plt = new_figure()
-    fig, ax = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.8 * len(temperatures) + 2))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
-    ax.set(xlabel="alpha (weight of the distillation term)", ylabel="temperature T",
-           title="Student validation accuracy")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center",
-                    color="white" if grid[i, j] < grid.mean() else "black", fontsize=8,
-                    fontweight="bold" if best == (i, j) else "normal")
-    fig.colorbar(im, ax=ax)
+    width = 1.2 * len(alphas) + 2.5
+    fig, axes = plt.subplots(1, len(grids), figsize=(width * len(grids), 0.8 * len(temperatures) + 2), squeeze=False)
+    lo, hi = float(grids.min()), float(grids.max())
+    for k, (ax, g) in enumerate(zip(axes[0], grids)):
+        im = ax.imshow(g, cmap="viridis", aspect="auto", vmin=lo, vmax=hi)
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_yticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
+        title = titles[k] if titles else "Student validation accuracy"
+        ax.set(xlabel="alpha (weight of the distillation term)", ylabel="temperature T", title=title)
+        for i in range(g.shape[0]):
+            for j in range(g.shape[1]):
+                ax.text(j, i, f"{g[i, j]:.3f}", ha="center", va="center",
+                        color="white" if g[i, j] < grids.mean() else "black", fontsize=8,
+                        fontweight="bold" if best == (k, i, j) else "normal")
+    if titles:
+        fig.suptitle("Student validation accuracy")
+    fig.colorbar(im, ax=list(axes[0]))
     save_figure(fig, path)
     plt.close(fig)

@@ -469,3 +469,43 @@ def test_a_topk_teacher_through_kd_forward(variant):
         mk.kd_loss(s, teacher, y, kind="jsd", beta=0.5, **kw)
     with pytest.raises(UserError, match="teacher_grad: a top-k teacher"):
         mk.kd_backward(g, cache, teacher_grad=True)
+
+
+def test_the_sweep_ranges_over_beta_and_dkd_takes_its_weights(tmp_path, capsys):
+    import json
+
+    from minikd.cli import main
+    small = ["--samples", "300", "--transfer-samples", "0", "--teacher-epochs", "1", "--epochs", "1", "--quiet",
+             "--teacher-width", "4", "--student-hidden", "8", "--no-cache"]
+    assert main(["sweep", *small, "--T", "1", "4", "--alpha", "0.5", "1", "--kind", "jsd", "--beta", "0.2", "0.8",
+                 "--out", str(tmp_path / "s")]) == 0
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    grid = np.array(rep["grid"]["val_accuracy"])
+    assert rep["grid"]["beta"] == [0.2, 0.8] and grid.shape == (2, 2, 2)
+    k, i, j = np.unravel_index(np.argmax(grid), grid.shape)   # the first best in (beta, T, alpha) order
+    best = rep["student_kd"]
+    assert (best["beta"], best["T"], best["alpha"]) == ([0.2, 0.8][k], [1.0, 4.0][i], [0.5, 1.0][j])
+    assert best["val_accuracy"] == grid[k, i, j]
+    assert "beta=0.8" in capsys.readouterr().out and (tmp_path / "s" / "sweep.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main(["sweep", *small, "--kind", "jsd", "--out", str(tmp_path / "x")])   # jsd without a beta
+    assert main(["distill", *small, "--kind", "dkd", "--dkd-weights", "1", "2", "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["student_kd"]["dkd_weights"] == [1.0, 2.0]
+    with pytest.raises(SystemExit):
+        main(["distill", *small, "--dkd-weights", "1", "2", "--out", str(tmp_path / "x")])   # not kind dkd
+
+
+def test_training_passes_the_dkd_weights():
+    from minikd import data as D
+    from minikd.distill import TrainConfig, train_student
+    data = D.mnist1d(300, seed=1)
+    tl = np.random.default_rng(2).standard_normal((len(data.x_train), 10)).astype(np.float32) * 3
+    steps = []
+    train_student(data, TrainConfig(epochs=1, batch_size=64), teacher_logits=tl, T=3.0, alpha=0.8, hidden=8,
+                  progress=False, kind="dkd", dkd_weights=(2.0, 0.5), on_step=steps.append)
+    for step in steps:
+        want, grad = mk.kd_loss_and_grad(step.logits.astype(np.float64), step.teacher_logits.astype(np.float64),
+                                         step.labels, T=3.0, alpha=0.8, kind="dkd", dkd_weights=(2.0, 0.5),
+                                         unlabeled="soft")
+        assert abs(step.loss - want) <= 1e-5 * abs(want)
+        assert np.abs(step.dlogits - grad).max() <= 1e-5 * np.abs(grad).max()
