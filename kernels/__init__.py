@@ -171,7 +171,7 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
     in their first pass) and lay out the rows for a kernel. ``on_device=True`` (CuPy) syncs with
     the host nowhere: the label range becomes ``bad_labels`` for the kernel's flags, and the count
     of valid rows stays a device scalar."""
-    xp, T, alpha, roles = check_kd_arguments(
+    xp, T, alpha, roles, _, normalizer, _ = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
         ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, check_student=False,
         check_label_range=not on_device, normalizer=normalizer, hard_weight=hard_weight)
@@ -179,7 +179,6 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
     s = xp.ascontiguousarray(student.reshape(-1, C))
     t = xp.ascontiguousarray(teacher.reshape(-1, C))
     bad_labels = roles.out_of_range if on_device else None   # what row_roles would refuse, unchecked here
-    normalizer = conventions.check_normalizer(normalizer, reduction)
     n_valid = normalizer if normalizer is not None else roles.valid.sum() if on_device else int(roles.valid.sum())
     # the kernels' gradient: of the reduced loss, or for "none" of the sum of the row losses
     upstream = xp.ones(s.shape[0], weight_dtype) if reduction == "none" else 1.0

@@ -137,7 +137,7 @@ def check_dkd_arguments(student, teacher, labels, *, T, alpha_tckd, beta_nckd, r
                          "one carry ignore_index and count nowhere")
     alpha_tckd = checks.number("alpha_tckd", alpha_tckd, minimum=0.0)
     beta_nckd = checks.number("beta_nckd", beta_nckd, minimum=0.0)
-    xp, T, _, roles = check_kd_arguments(
+    xp, T, _, roles, *_ = check_kd_arguments(
         student, teacher, labels, T=T, alpha=1.0, kind="kl", teacher_as="logits", reduction=reduction,
         ignore_index=ignore_index, mask=mask, unlabeled="ignore")
     check_logits(teacher, "teacher", roles.valid)

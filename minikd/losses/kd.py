@@ -57,7 +57,7 @@ from ..softmax import _log_softmax, _log_softmax_precise, check_temperature
 from . import conventions, divergences, dkd, topk
 from .conventions import SIMPLEX_TOL
 
-__all__ = ["check_kd_arguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
+__all__ = ["check_kd_arguments", "KDArguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
            "KDCache", "KINDS", "TEACHER_FORMS"]
 
 # "kl", "ce", "reverse_kl", "jsd" (with beta), "tvd": minikd.losses.divergences; "dkd" (with
@@ -69,12 +69,13 @@ TEACHER_FORMS = ("logits", "probs", "log_probs")
 
 # ---------------------------------------------------------------- validation of the teacher
 
-def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
-    """(q, log q) per row from teacher logits / probs / log-probs, rows outside V set to 0 / log."""
+def _teacher_log_probs(teacher, teacher_as: str, T: float, valid, precise: bool = False):
+    """(q, log q) per row from teacher logits / probs / log-probs, rows outside V set to 0 / log;
+    log q is -inf where q = 0. ``precise``: logits through ``_log_softmax_precise``."""
     xp = get_namespace(teacher)
     if teacher_as == "logits":
         check_logits(teacher, "teacher", valid)
-        log_q = _log_softmax(teacher, T)
+        log_q = (_log_softmax_precise if precise else _log_softmax)(teacher, T)
         return xp.exp(log_q), log_q
     lead = tuple(teacher.shape[:-1])
     rows = teacher
@@ -108,11 +109,22 @@ def _teacher_log_probs(teacher, teacher_as: str, T: float, valid):
 
 # ---------------------------------------------------------------- forward / backward
 
+class KDArguments(NamedTuple):
+    """``check_kd_arguments``' result: the namespace, the checked numbers and the rows' roles."""
+    xp: object
+    T: float
+    alpha: float
+    roles: object          # conventions.RowRoles
+    beta: object           # JSD's mixture weight, else None
+    normalizer: object     # batchmean's explicit count, else None
+    label_smoothing: float
+
+
 def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, reduction,
                        ignore_index, mask, unlabeled="ignore", check_student=True, check_label_range=True, beta=None,
                        dkd_weights=None, normalizer=None, hard_weight=None, label_smoothing=0.0):
     """Validate every KD argument once (shared by the reference and the fused kernels, so both
-    give the same errors). Returns (xp, T, alpha, the rows' roles: ``conventions.RowRoles``)."""
+    give the same errors). Returns the checked values: ``KDArguments``."""
     check_float_array(student, "student", ndim_min=2)
     check_float_array(teacher, "teacher", ndim_min=2)
     if tuple(teacher.shape) != tuple(student.shape):
@@ -126,10 +138,10 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     xp = get_namespace(student, teacher, labels, mask)
     T = check_temperature(T)
     alpha, _ = conventions.check_weights(alpha, hard_weight)
-    conventions.check_label_smoothing(label_smoothing)
+    label_smoothing = conventions.check_label_smoothing(label_smoothing)
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-    divergences.check_beta(kind, beta)
+    beta = divergences.check_beta(kind, beta)
     if dkd_weights is not None and kind != "dkd":
         raise UserError(f"dkd_weights: only kind='dkd' takes them (kind={kind!r})")
     if kind == "dkd" and teacher_as != "logits":
@@ -137,7 +149,7 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     if teacher_as not in TEACHER_FORMS:
         raise ValueError(f"teacher_as: expected one of {TEACHER_FORMS}, got {teacher_as!r}")
     conventions.check_reduction(reduction)
-    conventions.check_normalizer(normalizer, reduction)
+    normalizer = conventions.check_normalizer(normalizer, reduction)
     conventions.check_unlabeled(unlabeled)
     if labels is None and (alpha != 1.0 if hard_weight is None else hard_weight != 0) and unlabeled == "ignore":
         raise ValueError(f"labels: required when alpha < 1 (the hard term has weight "
@@ -152,7 +164,7 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
                         "class); rows without one (unlabeled='soft', the transfer set) have none")
     if check_student:  # a fused kernel checks the values itself, in its first pass
         check_logits(student, "student", roles.valid)
-    return xp, T, alpha, roles
+    return KDArguments(xp, T, alpha, roles, beta, normalizer, label_smoothing)
 
 
 class KDCache(NamedTuple):
@@ -220,13 +232,10 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
                             "teacher_as (TopK.values_as says) and no vocab")
         teacher = student   # the argument checks below see a dense stand-in; the soft term ignores it
     student, teacher, classes = conventions.match_vocab(student, teacher, vocab, teacher_as)
-    xp, T, alpha, roles = check_kd_arguments(
+    xp, T, alpha, roles, beta, normalizer, label_smoothing = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as=teacher_as,
         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, beta=beta,
         dkd_weights=dkd_weights, normalizer=normalizer, hard_weight=hard_weight, label_smoothing=label_smoothing)
-    normalizer = conventions.check_normalizer(normalizer, reduction)
-    label_smoothing = conventions.check_label_smoothing(label_smoothing)
-    beta = divergences.check_beta(kind, beta)
     valid, hard = roles.valid, roles.hard
     C = student.shape[-1]
     lead = tuple(student.shape[:-1])
@@ -237,25 +246,19 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     s = xp.where(keep, s, 0)
     t = xp.where(keep, t, 1.0 / C if teacher_as == "probs" else
                  (-xp.log(xp.asarray(C, dtype=t.dtype)) if teacher_as == "log_probs" else 0))
-    q, log_q = _teacher_log_probs(t, teacher_as, T, valid)
-    log_p_full = _log_softmax(s, T)
-    p = xp.exp(log_p_full)
+    # the kinds of minikd.losses.divergences need logs accurate in every entry, and unmasked
+    precise = kind not in ("kl", "ce")
+    q, log_q_all = _teacher_log_probs(t, teacher_as, T, valid, precise)
+    log_p_all = (_log_softmax_precise if precise else _log_softmax)(s, T)
+    p = xp.exp(log_p_all)
     has_mass = q > 0
-    log_p = xp.where(has_mass, log_p_full, 0)
-    log_q = xp.where(has_mass, log_q, 0)
+    log_p = xp.where(has_mass, log_p_all, 0)
+    log_q = xp.where(has_mass, log_q_all, 0)
+    log_p_full, log_q_full = (log_p_all, log_q_all) if precise else (None, None)
 
     tau = conventions.soft_scale(T, scale_t2)
     soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2, hard_weight)
     rows = xp.zeros(s.shape[0], dtype=s.dtype)
-    log_p_full = log_q_full = None
-    if kind not in ("kl", "ce"):   # logs accurate in every entry; q's log -inf where q = 0
-        log_p_full = _log_softmax_precise(s, T)
-        p = xp.exp(log_p_full)
-        if teacher_as == "logits":
-            log_q_full = _log_softmax_precise(t, T)
-            q = xp.exp(log_q_full)
-        else:
-            log_q_full = xp.where(q > 0, xp.log(xp.where(q > 0, q, 1)), -xp.inf) if teacher_as == "probs" else t
     dkd_cache = topk_cache = None
     if sparse is not None and soft_weight > 0.0:   # alpha * tau * D_i of the top-k variant
         topk_rows, topk_cache = topk.topk_forward(
