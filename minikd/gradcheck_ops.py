@@ -90,6 +90,30 @@ def _kd_cases(rng) -> Iterator:
                                [s, t], g, [ds, dt], eps)
 
 
+def _topk_cases(rng) -> Iterator:
+    """A top-k teacher through kd_forward (k = 3 of 6): every variant and values form, gradients with
+    respect to the student and to the values. Log-probabilities get a tail >= 0.2 (values + log 0.8),
+    so that a finite-difference step of the values stays a valid teacher (sum exp(v) <= 1)."""
+    from .losses import topk  # noqa: PLC0415
+    for variant in topk.VARIANTS:
+        for values_as, T_gen in (("logits", None), ("log_probs", None), ("log_probs", 2.5)):
+            for T in (0.5, 1.0, 4.0):
+                s = random_logits(rng, (5, 6), p_inf=0.0)
+                t = random_logits(rng, (5, 6), p_inf=0.0)
+                idx, v = topk.topk_from_dense(t, 3, T if T_gen is None else T_gen)
+                v = np.take_along_axis(t, idx, -1) if values_as == "logits" else v + np.log(0.8)
+                y = rng.integers(0, 6, 5)
+                y[0] = -100
+                kw = dict(T=T, alpha=float(rng.uniform(0.2, 0.9)), unlabeled="soft")
+                g = float(rng.standard_normal())
+                _, c = kd.kd_forward(s, topk.TopK(idx, v, values_as, T_gen, variant), y, **kw)
+                a = 1 / T if values_as == "logits" else (T_gen or T) / T    # q is a function of a v
+                yield ("topk (student, teacher)",
+                       lambda s, v, idx=idx, va=values_as, tg=T_gen, vr=variant, y=y, kw=kw:
+                       kd.kd_loss(s, topk.TopK(idx, v, va, tg, vr), y, **kw),
+                       [s, v], g, list(kd.kd_backward(g, c, teacher_grad=True)), 2e-4 * min(T, 1, 1 / a))
+
+
 def _feature_relational_mutual_cases(rng) -> Iterator:
     from .losses import feature, mutual, relational  # noqa: PLC0415
     for reduction in conventions.HINT_REDUCTIONS:
@@ -164,7 +188,7 @@ def _nn_cases(rng) -> Iterator:
         yield name, lambda x, layer=layer: layer.forward(x)[0], [xx], g, [layer.backward(g, c)], 1e-5
 
 
-CASES: list[Callable[[np.random.Generator], Iterator]] = [_softmax_cases, _kd_cases,
+CASES: list[Callable[[np.random.Generator], Iterator]] = [_softmax_cases, _kd_cases, _topk_cases,
                                                            _feature_relational_mutual_cases, _nn_cases]
 
 

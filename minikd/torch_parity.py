@@ -16,7 +16,7 @@ from .gradcheck import relative_error
 from .losses import hint_backward, hint_forward, kd_backward, kd_forward, mutual_backward, mutual_forward
 from .losses.relational import RKD_TERMS
 
-__all__ = ["VerifyRow", "run_all", "reference_divergence", "reference_dkd_terms", "reference_pdist", "reference_rkd_distance", "reference_rkd_angle"]
+__all__ = ["VerifyRow", "run_all", "reference_divergence", "reference_dkd_terms", "reference_topk", "reference_pdist", "reference_rkd_distance", "reference_rkd_angle"]
 
 
 class VerifyRow(NamedTuple):
@@ -86,6 +86,52 @@ def _dkd_cases(torch, rng):
         L.backward()
         value, cache = dkd_forward(s, t, y, T=T, alpha_tckd=a, beta_nckd=b)
         yield "dkd", value, L.item(), dkd_backward(1.0, cache), S.grad.numpy()
+
+
+def reference_topk(torch, S, idx, V, T, variant, values_as="logits"):
+    """The top-k soft term per row as sparse-teacher code writes it (DistillKit's gather): the
+    student's log_softmax over the full vocabulary gathered at the teacher's ids; the teacher's
+    logits softmaxed over its ids (``values_as="logits"``) or its log-probabilities at T used as given,
+    the tail 1 - sum exp(v); "renormalized" takes log_softmax of the gathered student logits and of
+    the values, "tail" adds q_t log(q_t / p_t) with p_t = 1 - sum of the gathered student probabilities."""
+    F = torch.nn.functional
+    log_q = F.log_softmax(V / T, -1) if values_as == "logits" else V
+    if variant == "renormalized":
+        lq = F.log_softmax(log_q, -1)
+        return (lq.exp() * (lq - F.log_softmax(S.gather(-1, idx) / T, -1))).sum(-1)
+    log_p = F.log_softmax(S / T, -1).gather(-1, idx)
+    D = (log_q.exp() * (log_q - log_p)).sum(-1)
+    if variant == "tail":
+        q_t, p_t = 1 - log_q.exp().sum(-1), 1 - log_p.exp().sum(-1)
+        D = D + q_t * (torch.log(q_t) - torch.log(p_t))
+    return D
+
+
+def _topk_cases(torch, rng):
+    """A top-k teacher (k = 4 of 12, kd_forward with mk.TopK) against ``reference_topk``; the gradient
+    compared is the student's and the values', concatenated."""
+    from .losses import TopK, topk_from_dense  # noqa: PLC0415
+    F = torch.nn.functional
+    for variant in ("gather", "renormalized", "tail"):
+        for values_as, T in (("logits", 2.0), ("log_probs", 1.0), ("log_probs", 4.0)):
+            s, t = rng.standard_normal((16, 12)) * 2, rng.standard_normal((16, 12)) * 2
+            idx, v = topk_from_dense(t, 4, T)
+            if values_as == "logits":
+                v = np.take_along_axis(t, idx, -1)
+            y = rng.integers(0, 12, 16)
+            y[3] = -100
+            alpha = float(rng.uniform(0.1, 0.9))
+            S, V = torch.tensor(s, requires_grad=True), torch.tensor(v, requires_grad=True)
+            Y = torch.tensor(y)
+            labeled = Y != -100
+            soft = reference_topk(torch, S, torch.tensor(idx), V, T, variant, values_as)
+            hard = torch.where(labeled, F.cross_entropy(S, torch.where(labeled, Y, 0), reduction="none"), 0.0)
+            L = (alpha * T * T * soft + (1 - alpha) * hard).sum() / 16
+            L.backward()
+            value, cache = kd_forward(s, TopK(idx, v, values_as, None, variant), y, T=T, alpha=alpha, unlabeled="soft")
+            ds, dv = kd_backward(1.0, cache, teacher_grad=True)
+            yield "topk", value, L.item(), np.concatenate([ds.ravel(), dv.ravel()]), \
+                np.concatenate([S.grad.numpy().ravel(), V.grad.numpy().ravel()])
 
 
 def _kd_cases(torch, rng):
@@ -190,7 +236,7 @@ def run_all(seed: int = 0) -> list[VerifyRow]:
     import torch  # noqa: PLC0415
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {}
-    for make in (_kd_cases, _dkd_cases, _hint_cases, _rkd_cases, _mutual_cases):
+    for make in (_kd_cases, _dkd_cases, _topk_cases, _hint_cases, _rkd_cases, _mutual_cases):
         for op, v, tv, g, tg in make(torch, rng):
             rows.setdefault(op, []).append((relative_error(v, tv), relative_error(g, tg)))
     return [VerifyRow(op, len(r), max(x[0] for x in r), max(x[1] for x in r)) for op, r in rows.items()]

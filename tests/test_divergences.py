@@ -467,8 +467,20 @@ def test_a_topk_teacher_through_kd_forward(variant):
     assert abs(loss - (0.7 * soft + 0.3 * hard).sum() / 8) <= 1e-13 * abs(loss)
     with pytest.raises(UserError, match="a top-k teacher"):
         mk.kd_loss(s, teacher, y, kind="jsd", beta=0.5, **kw)
-    with pytest.raises(UserError, match="teacher_grad: a top-k teacher"):
-        mk.kd_backward(g, cache, teacher_grad=True)
+    # the teacher gradient is d loss / d values (alpha times the top-k term's), shaped like the values;
+    # with alpha = 0 there is no soft term, and it is 0
+    ds_t, dv = mk.kd_backward(g, cache, teacher_grad=True)
+    assert np.array_equal(ds_t, ds) and dv.shape == vals.shape
+    _, tcache = mk.topk_forward(s, idx, vals, T=2.0, T_gen=2.0, variant=variant, reduction="none")
+    np.testing.assert_allclose(dv, mk.topk_backward(np.full((2, 4), 0.7 * g / 8), tcache, teacher_grad=True)[1],
+                               rtol=1e-13, atol=1e-16)
+    res = check_vjp(lambda v: mk.kd_loss(s, mk.TopK(idx, v, T_gen=2.0, variant=variant), y, **kw),
+                    [vals + np.log(0.9)], g,
+                    [mk.kd_backward(g, mk.kd_forward(s, mk.TopK(idx, vals + np.log(0.9), T_gen=2.0, variant=variant),
+                                                     y, **kw)[1], teacher_grad=True)[1]], eps=1e-4)
+    assert res.max_rel <= RTOL, res
+    zero = mk.kd_backward(g, mk.kd_forward(s, teacher, y, **dict(kw, alpha=0.0))[1], teacher_grad=True)[1]
+    assert zero.shape == vals.shape and not zero.any()
 
 
 def test_the_sweep_ranges_over_beta_and_dkd_takes_its_weights(tmp_path, capsys):

@@ -138,6 +138,64 @@ def test_student_gradient(variant, data):
     assert res.max_rel <= RTOL, res
 
 
+# ---------------------------------------------------------------- the teacher gradient (d loss / d values)
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@given(data=st.data())
+def test_teacher_gradient(variant, data):
+    """d loss / d values against finite differences, every form. Log-probabilities live on
+    sum exp(v) <= 1: the case is moved inside (values + log 0.8, a tail >= 0.2; at T_gen != T the loss
+    does not see the shift) so that a finite-difference step stays a valid teacher, and k < C (with
+    k = C the values are pinned to sum 1; that gradient is tested against the dense one)."""
+    case, g = data.draw(with_upstream(variants=(variant,)))
+    if case.teacher_as == "log_probs":
+        assume(case.k < case.student.shape[-1])
+        case.values = case.values + np.log(0.8)
+    kw = case.options()
+    loss, cache = topk_forward(case.student, case.idx, case.values, case.labels, **kw)
+    assume(np.all(np.isfinite(loss)))
+    ds, dv = topk_backward(g, cache, teacher_grad=True)
+    assert dv.shape == case.values.shape and np.array_equal(ds, topk_backward(g, cache))
+    assert np.all(dv.reshape(-1, case.k)[~cache.valid] == 0)
+    # q is a function of a v (a = 1/T for logits, T_gen/T for log-probs): steps of 1e-3 in a v at most
+    a = 1 / case.T if case.teacher_as == "logits" else (case.T_gen or case.T) / case.T
+    eps = 1e-3 * min(1, 1 / a)
+    res = check_vjp(lambda v: topk_loss(case.student, case.idx, v, case.labels, **kw), [case.values], g, [dv],
+                    eps=eps, floor=noise_floor(case, g, eps))
+    assert res.max_rel <= RTOL, res
+
+
+def test_teacher_gradient_of_a_nearly_one_hot_teacher_against_40_digits():
+    """Teacher logits 40 apart: q ~ (1, 4e-18, ...). Its dominant entry q_m (g_m - D) is a difference of
+    numbers near each other; it is recomputed from the others, so it keeps its relative accuracy."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 40
+    s = np.array([[3.0, 1.0, -2.0, 0.5, 30.0]])
+    idx = np.array([[0, 2, 3]])
+    vals = np.array([[40.0, 0.0, -1.0]])
+    T = 1.0
+
+    def value(v, variant):
+        mp = mpmath.mpf
+        zs = [mp(float(x)) / T for x in s[0]]
+        e = [mpmath.e ** x for x in zs]
+        p = [x / mpmath.fsum(e) for x in e]
+        eq = [mpmath.e ** (x / T) for x in v]
+        q = [x / mpmath.fsum(eq) for x in eq]
+        pS = [p[i] for i in idx[0]]
+        if variant == "renormalized":
+            pS = [x / mpmath.fsum(pS) for x in pS]
+        return mpmath.fsum(a * mpmath.log(a / b) for a, b in zip(q, pS))
+
+    for variant in VARIANTS:
+        v0 = [mpmath.mpf(float(x)) for x in vals[0]]
+        want = np.array([float(mpmath.diff(lambda x, j=j: value(v0[:j] + [x] + v0[j + 1:], variant), v0[j]))
+                         for j in range(3)])
+        _, (_, dv) = topk_loss_and_grad(s, idx, vals, T=T, teacher_as="logits", variant=variant, scale_t2=False,
+                                        teacher_grad=True)
+        np.testing.assert_allclose(dv[0], want, rtol=1e-12, err_msg=variant)
+
+
 # ---------------------------------------------------------------- invariants
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -231,8 +289,19 @@ def test_full_support_is_the_dense_kl(variant, data):
     tau = cache.tau
     assert relative_error(np.where(fin, ours, 0), np.where(fin, dense, 0), tau) <= 1e-12
     g = np.random.default_rng(1).standard_normal(np.shape(dense)) if case.reduction == "none" else 0.7
-    gd, go = mk.kd_backward(g, cache), topk_backward(g, ocache)
+    (gd, dt), (go, dv) = mk.kd_backward(g, cache, teacher_grad=True), topk_backward(g, ocache, teacher_grad=True)
     assert relative_error(go, gd, tau / case.T * 1e-3) <= 1e-12
+    # the values' gradient, scattered back to the C classes: for q = softmax(a v) over the support, v is
+    # t / T_gen up to a constant, so d/dv = T_gen d/dt (logits: v = t); log-probs used as given (gather and
+    # tail at T_gen = T) are the dense teacher_as="log_probs" gradient
+    back = np.zeros(dv.shape)
+    np.put_along_axis(back, idx, dv, -1)
+    if teacher_as == "log_probs" and T_gen in (None, case.T) and variant != "renormalized":
+        want = mk.kd_backward(g, mk.kd_forward(case.student, mk.log_softmax(case.teacher, case.T), case.labels,
+                                               alpha=1.0, teacher_as="log_probs", **kw)[1], teacher_grad=True)[1]
+    else:
+        want = dt * (1.0 if teacher_as == "logits" else (T_gen or case.T))
+    assert relative_error(back, want, tau * 1e-3) <= 1e-12
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -304,10 +373,16 @@ def test_values_and_gradients_by_hand():
     qtil[[3, 0]] = q / Q
     grads = {"gather": (Q * p - qhat) / T, "renormalized": (ptil - qtil) / T,
              "tail": np.where(off, r * (pt - qt), p - qhat) / T}
+    # the values' gradient (v = log q): gather q (g + 1), tail q (g - g_t), renormalized q~ (g~ - D)
+    g_log = np.log(q / pS)
+    g_til = np.log((q / Q) / (pS / P))
+    dvals = {"gather": q * (g_log + 1), "tail": q * (g_log - np.log(qt / pt)),
+             "renormalized": q / Q * (g_til - want["renormalized"])}
     for variant in VARIANTS:
-        loss, g = topk_loss_and_grad(s, idx, np.log(q)[None], T=T, variant=variant)
+        loss, (g, dv) = topk_loss_and_grad(s, idx, np.log(q)[None], T=T, variant=variant, teacher_grad=True)
         assert loss == pytest.approx(T**2 * want[variant], rel=1e-13), variant
         np.testing.assert_allclose(g[0], T**2 * grads[variant], rtol=1e-13, atol=1e-16, err_msg=variant)
+        np.testing.assert_allclose(dv[0], T**2 * dvals[variant], rtol=1e-13, err_msg=variant)
     assert grads["gather"][1] > 0 and grads["renormalized"][1] == 0   # off the support: pushed down, or left
 
 
@@ -416,8 +491,9 @@ def torch_topk(torch, S, idx, V, *, T, T_gen, teacher_as, variant, tau, valid, r
     F = torch.nn.functional
     k, C = idx.shape[-1], S.shape[-1]
     I = torch.tensor(idx.reshape(-1, k))
-    S, V = S.reshape(-1, C), torch.tensor(V.reshape(-1, k))
+    S = S.reshape(-1, C)
     zero = torch.zeros((), dtype=torch.float64)
+    V = V.reshape(-1, k)
     if teacher_as == "logits":
         log_q, q_t = F.log_softmax(V / T, -1), torch.zeros(V.shape[0], dtype=torch.float64)
     elif T_gen is None or T_gen == T:
@@ -458,9 +534,10 @@ def test_matches_torch(variant, data):
     kw = case.options()
     loss, cache = topk_forward(case.student, case.idx, case.values, case.labels, **kw)
     assume(np.all(np.isfinite(loss)))
-    ds = topk_backward(g, cache)
+    ds, dv = topk_backward(g, cache, teacher_grad=True)
     S = torch.tensor(case.student, requires_grad=True)
-    value, phi = torch_topk(torch, S, case.idx, case.values, T=case.T, T_gen=case.T_gen, teacher_as=case.teacher_as,
+    V = torch.tensor(case.values, requires_grad=True)
+    value, phi = torch_topk(torch, S, case.idx, V, T=case.T, T_gen=case.T_gen, teacher_as=case.teacher_as,
                             variant=variant, tau=cache.tau, valid=cache.valid, reduction=case.reduction, g=g)
     phi.backward()
     # natural sizes: a row's terms are ~tau (they cancel to ~0 at student = teacher); the gradient's ~tau / T
@@ -468,6 +545,8 @@ def test_matches_torch(variant, data):
     assert relative_error(loss, value.detach().numpy().reshape(np.shape(loss)), cache.tau * 1e-3) <= 1e-10
     gs = np.max(np.abs(g)) * cache.tau / case.T / (n if case.reduction == "batchmean" else 1)
     assert relative_error(ds, S.grad.numpy(), gs * 1e-3) <= 1e-10
+    vs = gs * case.T * (1 if case.teacher_as == "logits" else case.T_gen or case.T)
+    assert relative_error(dv, V.grad.numpy(), vs * 1e-3) <= 1e-10
 
 
 # ---------------------------------------------------------------- errors

@@ -81,6 +81,7 @@ def test_verify_command(capsys):
     from minikd.cli import main
     assert main(["verify"]) == 0
     out = capsys.readouterr().out
-    for op in ("kd_loss", "reverse_kl", "jsd", "tvd", "dkd", "hint", "rkd_distance", "rkd_angle", "mutual (joint)"):
+    for op in ("kd_loss", "reverse_kl", "jsd", "tvd", "dkd", "topk", "hint", "rkd_distance", "rkd_angle",
+               "mutual (joint)"):
         assert op in out
-    assert "9 of 9 losses equal PyTorch autograd" in out
+    assert "10 of 10 losses equal PyTorch autograd" in out

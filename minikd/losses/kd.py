@@ -193,6 +193,7 @@ class KDCache(NamedTuple):
     shape: tuple           # the logits' shape
     normalizer: object = None   # batchmean's count, when given (conventions.check_normalizer)
     classes: tuple = None       # (C_student, C_teacher) as given, when vocab= matched them
+    sparse_shape: tuple = None  # a TopK teacher: its values' shape (the teacher gradient's), else None
 
 
 def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=True,
@@ -214,7 +215,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
         ``gamma * CE + alpha * KD`` is alpha=alpha, hard_weight=gamma).
     label_smoothing : the hard term's, PyTorch's definition: target (1 - eps) onehot(y) + eps / C.
     teacher may also be a ``minikd.losses.topk.TopK`` (indices, values): a sparse teacher, its soft
-        term the top-k loss of its variant (kind "kl"; no teacher gradient).
+        term the top-k loss of its variant (kind "kl"); its teacher gradient is d loss / d values.
     vocab : student and teacher with different class counts: None refuses, "truncate" or "pad"
         (``conventions.match_vocab``); the gradients come back on each input's own classes.
     teacher_as : "logits", "probs" or "log_probs".
@@ -299,7 +300,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
                     log_p_full=log_p_full,
                     log_q_full=log_q_full,
                     reduction=reduction, shape=tuple(student.shape), normalizer=normalizer,
-                    classes=classes)
+                    classes=classes, sparse_shape=None if sparse is None else tuple(sparse.values.shape))
     return loss, cache
 
 
@@ -327,10 +328,9 @@ def _kd_backward(dloss, cache: KDCache, teacher_grad: bool):
     soft_weight, hard_weight = c.soft_weight, c.hard_weight
     ds = xp.zeros_like(c.p)
     dt_soft = ds_term = None
-    if c.topk_cache is not None:
-        if teacher_grad:
-            raise UserError("teacher_grad: a top-k teacher (TopK) has no gradient here (its values are stored targets)")
-        ds_term = topk.topk_backward(w[:, 0] * c.alpha, c.topk_cache)
+    if c.topk_cache is not None:   # its teacher gradient is with respect to TopK.values, shaped like them
+        ds_term = topk.topk_backward(w[:, 0] * c.alpha, c.topk_cache, teacher_grad=teacher_grad)
+        ds_term, dt_soft = ds_term if teacher_grad else (ds_term, None)
     elif c.dkd_cache is not None:   # its rows' upstream: w * alpha (DKD reduces by "none" inside)
         ds_term = dkd.dkd_backward(w[:, 0] * c.alpha, c.dkd_cache, teacher_grad=teacher_grad)
         ds_term, dt_soft = ds_term if teacher_grad else (ds_term, None)
@@ -357,6 +357,8 @@ def _kd_backward(dloss, cache: KDCache, teacher_grad: bool):
     if c.teacher_as == "probs":
         raise ValueError("teacher_grad: not defined for teacher_as='probs' (d(q log q)/dq is "
                          "-inf at q = 0); pass logits or log-probabilities")
+    if c.sparse_shape is not None:   # d TopK.values (0 when the soft term has no weight)
+        return ds, xp.zeros(c.sparse_shape, dtype=c.p.dtype) if dt_soft is None else dt_soft.reshape(c.sparse_shape)
     if c.kind == "dkd":
         return ds, (xp.zeros_like(c.p) if dt_soft is None else dt_soft).reshape(c.shape)
     if c.kind not in ("kl", "ce"):

@@ -71,6 +71,29 @@ q scattered into C classes (0 off the support) and [k not in S] for the tail ind
 Every gradient row sums to zero (adding a constant to a student row changes nothing). The reduced
 loss has per-row upstream weights w_i (``conventions.row_weights``): ds_i = w_i * tau * dD_i/ds_i.
 
+Derivation of the gradient with respect to the teacher's values v (N, k)
+-----------------------------------------------------------------------
+(For on-policy and mutual training, where the values come from a model being trained.) The student
+does not depend on v; write g_j = log q_j - log p_j on the support (renormalized: log q~_j -
+log p~_j), 0 where q_j = 0, D_S = sum_j q_j g_j, and g_t = log q_t - log p_t. Two kinds of teacher:
+a. Normalized over the support, q = softmax(a v): a = 1/T (logits), T_gen/T (log-probs at
+   T_gen != T); the renormalized variant's q~ = q / Q = softmax(v) is one too, with a = 1 (log-probs
+   at T_gen = T). dq_j/dv_m = a q_j (delta_jm - q_m), and with dD/dq_j = g_j + 1 and sum_j q_j = 1:
+       dD/dv_m = a sum_j q_j (delta_jm - q_m)(g_j + 1) = a q_m (g_m - D_S)
+   (the tail variant has q_t = 0 here, so D = D_S: the same as "gather"). Rows sum to 0.
+b. Log-probabilities used as given (T_gen = T; "gather" and "tail"): q = exp(v), dq_j/dv_m = delta_jm q_m,
+   and the tail q_t = 1 - sum_j exp(v_j) has dq_t/dv_m = -q_m. So
+       gather:  dD/dv_m = q_m (g_m + 1)
+       tail:    dD/dv_m = q_m (g_m + 1) - q_m (g_t + 1) = q_m (g_m - g_t)
+   (with k = C, gather's is the dense KD gradient for teacher log-probabilities, q (log q - log p + 1)).
+   Where q_t is below the k * eps cut it is the constant 0 (it is rounding residue, not mass), and
+   the tail's gradient is gather's; as a true tail q_t -> 0 the exact derivative grows as -log q_t.
+The reduced loss: dv_i = w_i * tau * dD_i/dv_i; rows that count nowhere get 0. Where the loss is
++inf (the student has no mass where the teacher has some) there is no finite gradient (NaN or inf).
+Numerics: a q (g - D_S) of a nearly one-hot teacher is, at its dominant class, a difference of
+numbers near each other; that entry is recomputed as minus the sum of the others (the row sums to
+0), as in ``minikd.losses.divergences``.
+
 Numerics
 --------
 log p comes from the max-shifted log-softmax (softmax.py): z = (s - max s) / T, log p = z - lse(z).
@@ -93,6 +116,7 @@ from ..backend import check_float_array, check_logits, first_bad_row, get_namesp
 from ..softmax import _log_softmax, _logsumexp, _shift_scale, check_temperature
 from . import conventions
 from .conventions import SIMPLEX_TOL
+from .divergences import _balance, _project, _quiet
 
 __all__ = ["TopK", "topk_forward", "topk_backward", "topk_loss", "topk_loss_and_grad", "topk_from_dense",
            "TopkCache", "VARIANTS", "TOPK_TEACHER_FORMS"]
@@ -213,6 +237,10 @@ class TopkCache(NamedTuple):
     q: object              # (N, k) teacher probabilities on the support (renormalized: q~)
     q_tail: object         # (N,) teacher tail mass q_t (0 unless log-probs at T_gen = T)
     tail_share: object     # tail: (N, C) r = softmax of s / T over the classes off the support; else None
+    log_ratio: object      # (N, k) g = log q - log p on the support (renormalized: log q~ - log p~); 0 where q = 0
+    tail_log_ratio: object  # (N,) g_t = log q_t - log p_t where q_t > 0, else 0
+    teacher_scale: object  # a where the teacher is softmax(a v) over the support; None where q = exp(v)
+    values_shape: tuple    # the values' shape (the teacher gradient's)
     valid: object          # (N,) bool: the row counts
     T: float
     tau: float             # T**2 or 1
@@ -258,6 +286,9 @@ def topk_forward(student, indices, values, labels=None, *, T, T_gen=None, teache
     tau = conventions.soft_scale(T, scale_t2)
 
     tail_share = None
+    tail_ratio = xp.zeros(v.shape[0], dtype=v.dtype)
+    # the teacher as a function of v (module doc, teacher gradient): softmax(a v) over the support, or exp(v)
+    a = 1.0 / T if teacher_as == "logits" else (T_gen / T if T_gen is not None and T_gen != T else None)
     if variant == "renormalized":
         s_S = xp.take_along_axis(s, idx, axis=-1)
         bad = xp.isneginf(s_S).all(axis=-1) & valid
@@ -267,14 +298,17 @@ def topk_forward(student, indices, values, labels=None, *, T, T_gen=None, teache
         log_pr = _log_softmax(s_S, T)
         q = q / xp.sum(q, axis=-1, keepdims=True)        # q~; Q = 1 already except log-probs at T_gen = T
         log_q0 = xp.where(has_mass, _log_softmax(log_q, 1.0), 0)
-        d_rows = xp.sum(q * (log_q0 - xp.where(has_mass, log_pr, 0)), axis=-1)
+        ratio = log_q0 - xp.where(has_mass, log_pr, 0)
+        d_rows = xp.sum(q * ratio, axis=-1)
         prob = xp.exp(log_pr)
+        a = 1.0 if a is None else a                      # q~ = softmax(v) for log-probs at T_gen = T
     else:
         z = _shift_scale(s, T)                               # (s - max s) / T <= 0
         lse_z = xp.log(xp.sum(xp.exp(z), axis=-1, keepdims=True))
         log_p = z - lse_z                                    # = _log_softmax(s, T)
         log_p_S = xp.where(has_mass, xp.take_along_axis(log_p, idx, axis=-1), 0)
-        d_rows = xp.sum(q * (log_q0 - log_p_S), axis=-1)
+        ratio = log_q0 - log_p_S
+        d_rows = xp.sum(q * ratio, axis=-1)
         prob = xp.exp(log_p)
         if variant == "tail":
             # log p_t = lse_{c not in S} z_c - lse_c z_c with its own max shift, and r = the softmax of z off
@@ -290,37 +324,59 @@ def topk_forward(student, indices, values, labels=None, *, T, T_gen=None, teache
             tail_share = e_off / sum_off                                                    # r
             log_pt = xp.where(empty, -xp.inf, m_off + xp.log(sum_off) - lse_z)[:, 0]
             has_tail = q_t > 0                               # 0 * log 0 = 0; q_t > 0 = p_t gives +inf
-            d_rows = d_rows + q_t * (xp.log(xp.where(has_tail, q_t, 1)) - xp.where(has_tail, log_pt, 0))
+            tail_ratio = xp.log(xp.where(has_tail, q_t, 1)) - xp.where(has_tail, log_pt, 0)
+            d_rows = d_rows + q_t * tail_ratio
     rows = xp.where(valid, tau * d_rows, 0)
     loss = conventions.reduce_rows(rows, valid, reduction, lead)
     cache = TopkCache(variant=variant, indices=idx, prob=prob, q=q, q_tail=q_t, tail_share=tail_share,
-                      valid=valid, T=T, tau=tau, reduction=reduction, shape=tuple(student.shape))
+                      log_ratio=xp.where(has_mass, ratio, 0), tail_log_ratio=tail_ratio, teacher_scale=a,
+                      values_shape=tuple(values.shape), valid=valid, T=T, tau=tau, reduction=reduction,
+                      shape=tuple(student.shape))
     return loss, cache
 
 
-def topk_backward(dloss, cache: TopkCache):
-    """Gradient of the top-k loss with respect to the student logits, the student's shape (module doc).
+def topk_backward(dloss, cache: TopkCache, teacher_grad: bool = False):
+    """Gradient of the top-k loss with respect to the student logits, the student's shape, or
+    (d_student, d_values) when ``teacher_grad``: d_values shaped like the values, with respect to
+    them as given (logits, or log-probabilities) (module doc).
 
     ``dloss`` is a scalar for "batchmean"/"sum" and an array shaped like the loss for "none"."""
     c = cache
     xp = get_namespace(c.prob)
     dtype = c.prob.dtype
-    w = conventions.row_weights(dloss, c.valid, c.reduction, dtype)[:, None] * (c.tau / c.T)
+    w_rows = conventions.row_weights(dloss, c.valid, c.reduction, dtype)[:, None]
+    ds = (_student_grad(xp, c, dtype) * (w_rows * (c.tau / c.T))).reshape(c.shape)
+    if not teacher_grad:
+        return ds
+    dv = xp.where(c.valid[:, None], _values_grad(xp, c) * (w_rows * c.tau), 0)
+    return ds, dv.reshape(c.values_shape)
+
+
+def _values_grad(xp, c):
+    """dD/dv per row, (N, k) (module doc, the teacher's gradient)."""
+    g = c.log_ratio
+    if c.teacher_scale is not None:           # q = softmax(a v) over the support
+        return c.teacher_scale * _balance(xp, _project(xp, c.q, g), c.q)
+    g_t = xp.where(c.q_tail > 0, c.tail_log_ratio, -1.0)[:, None] if c.variant == "tail" else -1.0
+    with _quiet(xp):                          # q_t > 0 = p_t: +inf loss, no finite gradient
+        return xp.where(c.q > 0, c.q * (g - g_t), 0)
+
+
+def _student_grad(xp, c, dtype):
+    """dD/ds per row times T, (N, C) (module doc, the student's gradient)."""
     N = c.valid.shape[0]
     C = c.shape[-1]
     if c.variant == "renormalized":
         ds = xp.zeros((N, C), dtype=dtype)
         xp.put_along_axis(ds, c.indices, c.prob - c.q, axis=-1)
-    else:
-        Q = xp.sum(c.q, axis=-1, keepdims=True)
-        q_hat = xp.zeros((N, C), dtype=dtype)
-        xp.put_along_axis(q_hat, c.indices, c.q, axis=-1)
-        if c.variant == "gather":
-            ds = Q * c.prob - q_hat
-        else:
-            qt = c.q_tail[:, None]
-            ds = (Q + qt) * c.prob - q_hat - qt * c.tail_share
-    return (w * ds).reshape(c.shape)
+        return ds
+    Q = xp.sum(c.q, axis=-1, keepdims=True)
+    q_hat = xp.zeros((N, C), dtype=dtype)
+    xp.put_along_axis(q_hat, c.indices, c.q, axis=-1)
+    if c.variant == "gather":
+        return Q * c.prob - q_hat
+    qt = c.q_tail[:, None]
+    return (Q + qt) * c.prob - q_hat - qt * c.tail_share
 
 
 def topk_loss(student, indices, values, labels=None, **kwargs):
@@ -328,12 +384,13 @@ def topk_loss(student, indices, values, labels=None, **kwargs):
     return topk_forward(student, indices, values, labels, **kwargs)[0]
 
 
-def topk_loss_and_grad(student, indices, values, labels=None, **kwargs):
-    """(loss, d loss / d student); for reduction="none" the gradient of the summed loss."""
+def topk_loss_and_grad(student, indices, values, labels=None, *, teacher_grad=False, **kwargs):
+    """(loss, d loss / d student), or (loss, (d student, d values)) when ``teacher_grad``; for
+    reduction="none" the gradient of the summed loss."""
     loss, cache = topk_forward(student, indices, values, labels, **kwargs)
     xp = get_namespace(student)
     dloss = xp.ones(cache.shape[:-1], dtype=student.dtype) if cache.reduction == "none" else 1.0
-    return loss, topk_backward(dloss, cache)
+    return loss, topk_backward(dloss, cache, teacher_grad)
 
 
 def topk_from_dense(teacher_logits, k, T_gen=1.0):
