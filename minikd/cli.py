@@ -303,6 +303,45 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+def _key_values(text: str) -> tuple[str, object]:
+    """``K=V`` with V read as a Python literal (4, 0.9, 'x', True), else as the string."""
+    import ast  # noqa: PLC0415
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        v = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        pass
+    return k.strip(), v
+
+
+def _roles(text: str) -> tuple[str, ...]:
+    return tuple(r.strip() for r in text.split(",") if r.strip())
+
+
+def _names(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected ROLE=NAME pairs, e.g. student=logits,teacher=targets; "
+                                             f"got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_diagnose(args) -> int:
+    from .diagnose import diagnose  # noqa: PLC0415
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip()) if args.dtypes else ()
+    d = diagnose(args.target, order=args.order, names=args.names, teacher_as=args.teacher_as,
+                 fixed=dict(args.arg or []), module_init=dict(args.init_arg) if args.init_arg else None,
+                 framework=args.framework, expect=args.expect, dtypes=dtypes, sequence=args.sequence,
+                 seed=args.seed)
+    print(d.to_json() if args.json else d.table())
+    return d.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import DistillConfig, MutualConfig, StudentConfig, SweepConfig, TeacherConfig  # noqa: PLC0415
     p = Parser(prog="minikd", description=minikd.__doc__.splitlines()[0])
@@ -316,6 +355,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=SEED, default=0, help="seed of the random cases (default 0)")
     v.add_argument("--rtol", type=RTOL, default=1e-10, help="max relative error to pass (default 1e-10)")
     v.set_defaults(func=cmd_verify, parser=v)
+
+    dg = sub.add_parser("diagnose", help="tell which convention your own KD loss implements, and where it departs "
+                        "from the math", description="Probe a KD loss written in PyTorch, JAX or NumPy with float64 "
+                        "inputs and name its convention (divergence, T and where it applies, T^2, alpha, hard term, "
+                        "reduction, ignore_index, -inf classes, eps, gradient). Exit code 0: the loss is what "
+                        "--expect says (without --expect: a known convention exactly); 1: it departs; 2: usage error.")
+    dg.add_argument("target", help="FILE.py:NAME or package.module:NAME (a function, or a torch.nn.Module class)")
+    dg.add_argument("--order", type=_roles, default=("student", "teacher", "labels"),
+                    help="the roles in the loss's positional order (default student,teacher,labels; "
+                         "student,teacher for a loss without labels)")
+    dg.add_argument("--names", type=_names, default=None,
+                    help="pass roles by keyword instead: student=NAME,teacher=NAME,labels=NAME")
+    dg.add_argument("--teacher-as", choices=("logits", "probs", "log_probs"), default="logits",
+                    help="what the loss takes as the teacher (probabilities / log-probabilities at T = 1)")
+    dg.add_argument("--arg", type=_key_values, action="append", metavar="NAME=VALUE",
+                    help="a keyword argument to pass the loss on every call, e.g. --arg T=4 (repeat for more)")
+    dg.add_argument("--init-arg", type=_key_values, action="append", metavar="NAME=VALUE",
+                    help="a constructor argument of a torch.nn.Module loss class (repeat for more)")
+    dg.add_argument("--framework", choices=("torch", "jax", "numpy"), default=None,
+                    help="the loss's framework (default: detected from the names it uses)")
+    dg.add_argument("--expect", default=None, metavar="K=V,...",
+                    help="what you meant, e.g. T=4,alpha=0.9,kind=kl (also beta, reduction, t_squared, hard_term, "
+                         "label_smoothing, temperature_on, ignore_index): every difference is reported with the "
+                         "smallest input that shows it")
+    dg.add_argument("--dtypes", default=None, metavar="D1,D2",
+                    help="also run the loss in these precisions (float32,bfloat16,float16) against the float64 oracle")
+    dg.add_argument("--sequence", action="store_true",
+                    help="the loss takes (B, S, C) logits: name its reduction on those (a mean over B alone is "
+                         "batch_axis_mean)")
+    dg.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    dg.add_argument("--seed", type=SEED, default=0, help="seed of the probes (default 0)")
+    dg.set_defaults(func=cmd_diagnose, parser=dg)
 
     d = sub.add_parser("distill", help="train a teacher, distill a student, compare with scratch (the main job)",
                        description="The seed's practice end to end: train the teacher CNN, cache its soft "

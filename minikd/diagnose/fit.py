@@ -1,0 +1,291 @@
+"""Probes and the fit: which ``Convention`` a user's loss values are.
+
+Probes are seeded float64 inputs chosen to separate the hypotheses: batches of different row counts N
+and class counts C (a sum, a mean over rows and a mean over elements scale differently with N and C),
+rows of different logit scales (the temperature changes how peaked they are, so T is identifiable),
+random labels (the hard term, and label smoothing through U = mean_c -log p_c).
+
+The fit: for each divergence and each side the temperature is on, and each T (a grid over
+[0.05, 200], then Brent's method around the best; JSD adds beta), the per-row soft terms D_i and hard
+terms CE_i, U_i are minikd's (``Convention.parts``); the loss is then linear in the coefficients
+(a, b1, b2) for each pair of denominators, solved by least squares. The hypothesis with the smallest
+relative residual wins. Rows labeled -100, -inf classes, sequences and nearly one-hot rows are
+probed afterwards against the winner (``minikd.diagnose``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import replace
+from typing import NamedTuple
+
+import numpy as np
+
+from ..losses import kd_forward
+from .model import DIVERGENCES, IGNORE, TEMP_ON, Convention, count
+
+CORE_SHAPES = ((4, 5), (7, 5), (4, 9), (6, 3), (9, 9), (5, 7), (3, 4), (8, 6))
+BETA_GRID = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2)) + (0.01, 0.99)
+T_GRID = tuple(np.geomspace(0.05, 200.0, 49))
+NICE_T = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 16.0, 20.0)
+
+
+class Probe(NamedTuple):
+    s: np.ndarray
+    t: np.ndarray
+    y: np.ndarray | None
+
+
+def core_probes(rng, has_labels: bool) -> list[Probe]:
+    """Batches of several (N, C), rows of logit scales 0.3 to 6, every row labeled."""
+    out = []
+    for N, C in CORE_SHAPES:
+        scale_s = rng.uniform(0.3, 6.0, (N, 1))
+        scale_t = rng.uniform(0.3, 6.0, (N, 1))
+        s = rng.standard_normal((N, C)) * scale_s
+        t = rng.standard_normal((N, C)) * scale_t
+        y = rng.integers(0, C, N) if has_labels else None
+        out.append(Probe(s, t, y))
+    return out
+
+
+def ignore_probes(rng) -> list[Probe]:
+    """Batches where some rows are labeled -100, in different proportions."""
+    out = []
+    for (N, C), k in zip(((6, 5), (5, 7), (8, 4), (7, 6)), (1, 2, 3, 5)):
+        s, t = rng.standard_normal((N, C)) * 2, rng.standard_normal((N, C)) * 2
+        y = rng.integers(0, C, N)
+        y[rng.permutation(N)[:k]] = IGNORE
+        out.append(Probe(s, t, y))
+    return out
+
+
+def sequence_probes(rng, has_labels: bool) -> list[Probe]:
+    """(B, S, C) batches: a mean over rows divides by B * S, a mean over the leading axis by B."""
+    out = []
+    for shape in ((2, 3, 5), (3, 4, 4), (4, 2, 6)):
+        s, t = rng.standard_normal(shape) * 2, rng.standard_normal(shape) * 2
+        out.append(Probe(s, t, rng.integers(0, shape[-1], shape[:-1]) if has_labels else None))
+    return out
+
+
+def neg_inf_probes(rng, has_labels: bool) -> list[Probe]:
+    """Vocabulary padding: student and teacher -inf at the same classes (never at a label)."""
+    out = []
+    for N, C in ((4, 6), (5, 8)):
+        s, t = rng.standard_normal((N, C)) * 2, rng.standard_normal((N, C)) * 2
+        pad = np.zeros((N, C), dtype=bool)
+        pad[:, -2:] = True                      # the last two classes are padding in every row
+        pad[0, -3] = True                       # and one more in the first row
+        s, t = np.where(pad, -np.inf, s), np.where(pad, -np.inf, t)
+        y = rng.integers(0, C - 3, N) if has_labels else None
+        out.append(Probe(s, t, y))
+    return out
+
+
+def peaked_probes(rng, T: float, has_labels: bool) -> list[Probe]:
+    """Nearly one-hot rows at the fitted temperature: the smallest probabilities ~1e-12 and below,
+    where log(p + eps) departs from log p."""
+    out = []
+    for N, C in ((4, 5), (6, 4)):
+        s = rng.standard_normal((N, C)) * 0.5
+        t = rng.standard_normal((N, C)) * 0.5
+        s[np.arange(N), rng.integers(0, C, N)] += 30.0 * T
+        t[np.arange(N), rng.integers(0, C, N)] += 30.0 * T
+        out.append(Probe(s, t, rng.integers(0, C, N) if has_labels else None))
+    return out
+
+
+# ---------------------------------------------------------------- per-row terms (minikd's values)
+
+def soft_rows(p: Probe, divergence, temp_on, T, beta) -> np.ndarray:
+    """D_i of every row (flattened), the divergence with the temperature on the given side."""
+    c = Convention(divergence=divergence, T=T, temp_on=temp_on, beta=beta, a=1.0, per_row=True, has_labels=False)
+    teacher, kw = c.parts(p.s, p.t, None)[0]
+    return np.asarray(kd_forward(p.s, teacher, None, **kw)[0], dtype=np.float64).reshape(-1)
+
+
+def hard_rows(p: Probe) -> tuple[np.ndarray, np.ndarray]:
+    """(CE_i, U_i) of every row, 0 where the label is -100."""
+    kw = dict(T=1.0, alpha=0.0, reduction="none")
+    ce = np.asarray(kd_forward(p.s, p.s, p.y, **kw)[0]).reshape(-1)
+    half = np.asarray(kd_forward(p.s, p.s, p.y, label_smoothing=0.5, **kw)[0]).reshape(-1)
+    return ce, 2.0 * half - ce
+
+
+# ---------------------------------------------------------------- the linear fit
+
+class Fit(NamedTuple):
+    residual: float
+    convention: Convention
+
+
+def _simplest(A, L):
+    """The fit with the fewest hard-term columns (none; CE; CE and U) that explains L as well as all
+    of them (within 1.5x the residual): noise in an approximate fit does not invent a hard term or
+    label smoothing. A negative hard weight is no fit."""
+    fits = []
+    for k in range(1, A.shape[1] + 1):
+        x, res = _solve(A[:, :k], L)
+        x = np.concatenate([x, np.zeros(A.shape[1] - k)])
+        if np.any(x[1:] < -1e-9 * max(np.max(np.abs(x)), 1e-300)):   # weights and label smoothing >= 0
+            res = math.inf
+        fits.append((x, res))
+    top = min(r for _, r in fits)
+    for x, r in fits:
+        if r <= max(1.5 * top, 1e-14):
+            return x, r
+    return fits[-1]
+
+
+def _solve(A, L):
+    """Least squares A x = L; (x, relative residual)."""
+    x, *_ = np.linalg.lstsq(A, L, rcond=None)
+    r = A @ x - L
+    scale = max(float(np.linalg.norm(L)), 1e-300)
+    return x, float(np.linalg.norm(r)) / scale
+
+
+def stack(probes) -> Probe:
+    """2-D probes as one batch: rows padded to the widest C with -inf classes on both sides (which
+    change no divergence: minikd gives them probability 0 exactly), labels kept."""
+    C = max(p.s.shape[-1] for p in probes)
+
+    def pad(x):
+        x = x.reshape(-1, x.shape[-1])
+        return np.concatenate([x, np.full((x.shape[0], C - x.shape[1]), -np.inf)], axis=1)
+    ys = [p.y.reshape(-1) for p in probes] if probes[0].y is not None else None
+    return Probe(np.concatenate([pad(p.s) for p in probes]), np.concatenate([pad(p.t) for p in probes]),
+                 None if ys is None else np.concatenate(ys))
+
+
+class Problem:
+    """The user's values on the core probes, and the per-row hard terms (fixed across hypotheses)."""
+
+    def __init__(self, probes, values, has_labels: bool):
+        self.probes = probes
+        self.values = [np.asarray(v, dtype=np.float64) for v in values]
+        self.has_labels = has_labels
+        self.per_row = all(v.shape == p.s.shape[:-1] and v.ndim > 0 for v, p in zip(self.values, probes))
+        self.hard = [hard_rows(p) for p in probes] if has_labels else None
+        self.all = stack(probes)
+        self.starts = np.cumsum([0] + [int(np.prod(p.s.shape[:-1])) for p in probes])[:-1]
+        self.den = {d: np.array([count(d, p.s, p.y) for p in probes]) for d in ("sum", "rows", "elements")}
+        if has_labels:
+            self.H = np.array([[h[0].sum(), h[1].sum()] for h in self.hard])
+        self.L = np.array([float(v.reshape(-1)[0]) if v.size == 1 else np.nan for v in self.values])
+
+    def fit(self, divergence, temp_on, T, beta=None) -> Fit:
+        """The best coefficients and denominators for one (divergence, temp_on, T, beta)."""
+        try:
+            rows = soft_rows(self.all, divergence, temp_on, T, beta)
+        except (ValueError, FloatingPointError):
+            return Fit(math.inf, None)
+        if not np.all(np.isfinite(rows)):
+            return Fit(math.inf, None)
+        D = np.split(rows, self.starts[1:]) if self.per_row else None
+        base = Convention(divergence=divergence, T=float(T), temp_on=temp_on, beta=beta, per_row=self.per_row,
+                          has_labels=self.has_labels)
+        if self.per_row:
+            cols = [np.concatenate(D)]
+            if self.has_labels:
+                cols += [np.concatenate([h[0] for h in self.hard]), np.concatenate([h[1] for h in self.hard])]
+            x, res = _solve(np.stack(cols, 1), np.concatenate([v.reshape(-1) for v in self.values]))
+            return Fit(res, _clean(replace(base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
+                                           b2=float(x[2]) if self.has_labels else 0.0, soft_den="none",
+                                           hard_den="none")))
+        L = self.L
+        Dsum = np.add.reduceat(rows, self.starts)
+        best = Fit(math.inf, None)
+        dens = ("sum", "rows", "elements")
+        for ds, dh in itertools.product(dens, dens if self.has_labels else ("rows",)):
+            A = (Dsum / self.den[ds])[:, None]
+            if self.has_labels:
+                A = np.concatenate([A, self.H / self.den[dh][:, None]], axis=1)
+            x, res = _simplest(A, L)
+            if res < best.residual:
+                # every core row is labeled: "rows" and "labeled_rows" agree; rows labeled -100 are
+                # probed later (minikd.diagnose), the labeled count is the first guess
+                best = Fit(res, replace(base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
+                                        b2=float(x[2]) if self.has_labels else 0.0, soft_den=LABELED.get(ds, ds),
+                                        hard_den=LABELED.get(dh, dh)))
+        return Fit(best.residual, _clean(best.convention)) if best.convention is not None else best
+
+    def search(self, progress=None) -> list[Fit]:
+        """Every (divergence, temp_on) at its best T (and beta), best first."""
+        out = []
+        for divergence, temp_on in itertools.product(DIVERGENCES, TEMP_ON):
+            if divergence == "jsd":
+                fit = self._search_jsd(temp_on)
+            else:
+                fit = self._search_T(divergence, temp_on, None)
+            if progress is not None:
+                progress()
+            if fit.convention is not None:
+                out.append(fit)
+        out.sort(key=lambda f: f.residual)
+        return out
+
+    def _search_T(self, divergence, temp_on, beta, grid=T_GRID) -> Fit:
+        from scipy.optimize import minimize_scalar  # noqa: PLC0415
+        fits = [(self.fit(divergence, temp_on, T, beta), T) for T in grid]
+        i = int(np.argmin([f.residual for f, _ in fits]))
+        best, T0 = fits[i]
+        if not math.isfinite(best.residual):
+            return best
+        lo, hi = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
+        r = minimize_scalar(lambda u: self.fit(divergence, temp_on, math.exp(u), beta).residual,
+                            bounds=(lo, hi), method="bounded", options={"xatol": 1e-13})
+        cand = [best, self.fit(divergence, temp_on, math.exp(r.x), beta)]
+        for T in NICE_T:   # a round T where it fits as well (the optimizer stops within its tolerance)
+            if math.exp(lo) <= T <= math.exp(hi):
+                cand.append(self.fit(divergence, temp_on, T, beta))
+        top = min(cand, key=lambda f: f.residual)
+        nice = [f for f in cand[2:] if f.residual <= max(2 * top.residual, 1e-13)]
+        return nice[0] if nice else top
+
+    def _search_jsd(self, temp_on) -> Fit:
+        from scipy.optimize import minimize  # noqa: PLC0415
+        coarse = T_GRID[::4]
+        best = Fit(math.inf, None)
+        for beta in BETA_GRID:
+            for T in coarse:
+                f = self.fit("jsd", temp_on, T, float(beta))
+                if f.residual < best.residual:
+                    best = f
+        if best.convention is None:
+            return best
+        c = best.convention
+
+        def obj(v):   # beta kept in [0.001, 0.999]: nearer an endpoint JSD / beta is a scaled KL, not a JSD
+            T, beta = math.exp(v[0]), min(max(1.0 / (1.0 + math.exp(-v[1])), 1e-3), 1 - 1e-3)
+            return self.fit("jsd", temp_on, T, beta).residual
+        beta0 = min(max(c.beta, 1e-6), 1 - 1e-6)
+        r = minimize(obj, [math.log(c.T), math.log(beta0 / (1 - beta0))], method="Nelder-Mead",
+                     options={"xatol": 1e-12, "fatol": 1e-16, "maxiter": 300})
+        T, beta = math.exp(r.x[0]), min(max(1.0 / (1.0 + math.exp(-r.x[1])), 1e-3), 1 - 1e-3)
+        refined = self._search_T("jsd", temp_on, beta, grid=tuple(T * np.geomspace(0.9, 1.1, 5)))
+        cand = [best, self.fit("jsd", temp_on, T, beta), refined]
+        for b in sorted({round(beta, 2), round(beta, 3)}):   # round numbers where they fit as well
+            if 0 < b < 1:
+                cand.append(self._search_T("jsd", temp_on, b, grid=tuple(T * np.geomspace(0.9, 1.1, 5))))
+        top = min(cand, key=lambda f: f.residual)
+        nice = [f for f in cand[3:] if f.residual <= max(2 * top.residual, 1e-13)]
+        return nice[0] if nice else top
+
+
+LABELED = {"rows": "labeled_rows", "elements": "labeled_elements"}
+
+
+def _snap(x: float) -> float:
+    """x rounded to 10 significant digits (a fitted 14.400000000000015 is 14.4), 0 below 1e-12."""
+    if abs(x) < 1e-12:
+        return 0.0
+    return float(f"{x:.10g}")
+
+
+def _clean(c: Convention) -> Convention:
+    a, b1, b2 = _snap(c.a), max(_snap(c.b1), 0.0), max(_snap(c.b2), 0.0)
+    if abs(b2) < 1e-10 * max(abs(b1), 1e-300) or abs(b2) < 1e-12:
+        b2 = 0.0
+    return replace(c, a=a, b1=b1, b2=b2)
