@@ -24,6 +24,8 @@ def test_gallery(entry):
              if not (got.get(k) == v or (isinstance(v, float) and got.get(k) is not None
                                          and abs(got[k] - v) <= 1e-6 * max(abs(v), 1)))}
     assert not wrong, (entry["why"], wrong, d["findings"])
+    # weights that sum to one (alpha, 1 - alpha) are read as such: no separate hard weight
+    assert ("hard_weight" in got) == ("hard_weight" in entry["expect"]), got
     if entry["exact"]:
         assert d["equivalent_call"] is not None, d["findings"]
         assert d["max_rel_err"]["loss"] <= 1e-10, d["max_rel_err"]
@@ -37,3 +39,144 @@ def test_gallery_is_complete():
     assert len(GALLERY) >= 15 and {"torch", None} <= frameworks
     pytest.importorskip("jax")
     assert "jax" in frameworks and not SKIPPED
+
+
+# ---------------------------------------------------------------- the command line, expectations, precision
+
+LOSS_FILE = '''
+import torch
+import torch.nn.functional as F
+
+
+def kd(student_logits, teacher_logits, labels, T=4.0, alpha=0.9):
+    soft = F.kl_div(F.log_softmax(student_logits / T, -1), F.softmax(teacher_logits / T, -1), reduction="batchmean")
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)   # T**2 forgotten
+
+
+def per_class(student_logits, teacher_logits, labels):
+    return F.kl_div(F.log_softmax(student_logits, -1), F.softmax(teacher_logits, -1), reduction="none")
+
+
+def broken(student_logits, teacher_logits, labels):
+    raise RuntimeError("boom")
+'''
+
+KEYS = {"divergence", "beta", "temperature", "temperature_on", "t_squared", "alpha", "hard_term", "reduction",
+        "ignore_index_honored", "neg_inf_safe", "eps_smoothing", "gradient_exact"}
+
+
+@pytest.fixture
+def loss_file(tmp_path):
+    pytest.importorskip("torch")
+    path = tmp_path / "my_kd.py"
+    path.write_text(LOSS_FILE)
+    return path
+
+
+def test_cli_json_and_exit_codes(loss_file, capsys):
+    from minikd.cli import main
+    assert main(["diagnose", f"{loss_file}:kd", "--arg", "T=2", "--json"]) == 0   # a known convention, exactly
+    d = json.loads(capsys.readouterr().out)                                       # exactly one JSON object
+    assert d["framework"] == "torch" and KEYS <= set(d["conventions"])
+    c = d["conventions"]
+    assert (c["divergence"], c["temperature"], c["t_squared"], c["alpha"]) == ("forward_kl", 2.0, False, 0.9)
+    assert set(d["max_rel_err"]) == {"loss", "grad"} and d["max_rel_err"]["loss"] <= 1e-10
+    assert d["equivalent_call"].startswith("mk.kd_loss(") and isinstance(d["findings"], list)
+    # what the user meant: T^2 included; the difference is an error finding with an input that shows it
+    assert main(["diagnose", f"{loss_file}:kd", "--arg", "T=2", "--expect", "T=2,alpha=0.9,kind=kl,t_squared=true",
+                 "--json"]) == 1
+    d = json.loads(capsys.readouterr().out)
+    (f,) = [f for f in d["findings"] if f["severity"] == "error"]
+    assert f["property"] == "t_squared" and f["example"]["loss"] != f["example"]["expected_loss"]
+    assert main(["diagnose", f"{loss_file}:kd", "--arg", "T=2", "--expect", "T=2,alpha=0.9,kind=kl,t_squared=false"]) == 0
+    assert "matches what you expected" in capsys.readouterr().out
+    # usage errors: exit 2, one line
+    for argv in (["diagnose", f"{loss_file}:nope"], ["diagnose", "no_such_file.py:kd"],
+                 ["diagnose", f"{loss_file}:kd", "--expect", "temp=4"], ["diagnose", f"{loss_file}:per_class"],
+                 ["diagnose", f"{loss_file}:broken"], ["diagnose", f"{loss_file}:kd", "--order", "student,labels"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("minikd diagnose: error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_smallest_input_shows_the_difference(loss_file):
+    """The example of an --expect finding reproduces: the user's loss gives its "loss", the expected
+    convention (minikd) its "expected_loss"."""
+    import torch
+
+    import minikd as mk
+    d = diagnose(f"{loss_file}:kd", fixed={"T": 2.0}, expect={"T": 2.0, "alpha": 0.9, "kind": "kl", "t_squared": True})
+    (f,) = [f for f in d["findings"] if f["property"] == "t_squared"]
+    ex = f["example"]
+    s, t, y = (np.array(ex[k], dtype=float if k != "labels" else np.int64) for k in ("student", "teacher", "labels"))
+    from minikd.diagnose import load
+    fn = load(f"{loss_file}:kd")
+    assert fn(torch.tensor(s), torch.tensor(t), torch.tensor(y), T=2.0).item() == pytest.approx(ex["loss"], rel=1e-12)
+    assert mk.kd_loss(s, t, y, T=2.0, alpha=0.9) == pytest.approx(ex["expected_loss"], rel=1e-12)
+    assert s.size <= 6     # a small input
+
+
+def test_package_module_target_and_numpy(tmp_path, monkeypatch):
+    """package.module:NAME; a NumPy loss is diagnosed without any framework (and returning its own
+    gradient has it checked)."""
+    (tmp_path / "npkd.py").write_text('''
+import numpy as np
+
+def log_softmax(x):
+    z = x - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+def kd(s, t, y, T=3.0):
+    lq, lp = log_softmax(t / T), log_softmax(s / T)
+    return T * T * (np.exp(lq) * (lq - lp)).sum(-1).mean()
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = diagnose("npkd:kd").to_dict()
+    assert d["framework"] == "numpy" and d["conventions"]["temperature"] == 3.0
+    assert d["conventions"]["t_squared"] is True and d["conventions"]["hard_term"] == "none"
+    assert d["conventions"]["gradient_exact"] is None and d["equivalent_call"] is not None
+
+
+def test_precision_audit(loss_file):
+    d = diagnose(f"{loss_file}:kd", fixed={"T": 2.0}, dtypes=("float32", "bfloat16")).to_dict()
+    p = d["precision"]
+    assert 0 < p["float32"]["loss_rel_err"] < 1e-5 and 0 < p["float32"]["grad_rel_err"] < 1e-5
+    assert p["bfloat16"]["loss_rel_err"] > 10 * p["float32"]["loss_rel_err"]
+    with pytest.raises(UserError, match="dtypes"):
+        diagnose(f"{loss_file}:kd", dtypes=("float8",))
+
+
+@pytest.mark.parametrize("text, want", [
+    ("T=4,alpha=0.9,kind=kl", {"temperature": 4.0, "alpha": 0.9, "divergence": "forward_kl"}),
+    ("kind=ce,reduction=mean,t_squared=no", {"divergence": "soft_ce", "reduction": "elementwise_mean",
+                                             "t_squared": False}),
+    ("beta=0.5,kind=jsd,ignore_index=true", {"beta": 0.5, "divergence": "jsd", "ignore_index_honored": True}),
+])
+def test_parse_expect(text, want):
+    assert parse_expect(text) == want
+
+
+@pytest.mark.parametrize("text, msg", [("T=x", "needs a number"), ("kind=kld", "kind must be one of"),
+                                       ("foo=1", "unknown key"), ("t_squared=maybe", "true or false")])
+def test_parse_expect_errors(text, msg):
+    with pytest.raises(UserError, match=msg):
+        parse_expect(text)
+
+
+@pytest.mark.parametrize("eps, side", [(1e-8, "both"), (1e-6, "student"), (1e-10, "both")])
+def test_eps_is_measured(eps, side):
+    """log(p + eps): the eps and the side it is on are recovered, and there is no exact equivalent."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+
+    def kd(s, t, y, T=2.0):
+        q = F.softmax(t / T, -1)
+        log_q = torch.log(q + eps) if side == "both" else F.log_softmax(t / T, -1)
+        return T * T * (q * (log_q - torch.log(F.softmax(s / T, -1) + eps))).sum(-1).mean()
+    d = diagnose(kd).to_dict()
+    c = d["conventions"]
+    assert c["eps_smoothing"] is True and c["eps"] == pytest.approx(eps, rel=1e-3), c
+    assert (c["temperature"], c["t_squared"], c["alpha"]) == (2.0, True, 1.0)
+    assert d["equivalent_call"] is None and d["nearest_call"].startswith("mk.kd_loss(")
+    assert any(f["property"] == "eps_smoothing" and ("student and teacher" in f["message"]) == (side == "both")
+               for f in d["findings"])

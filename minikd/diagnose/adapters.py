@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,15 +92,25 @@ def detect_framework(fn) -> str:
     glob = getattr(target, "__globals__", {}) or {}
     code = getattr(target, "__code__", None)
     used = _globals_loaded(code) if code is not None else set(glob)
-    for key, val in glob.items():
+    seen = [val for key, val in glob.items() if key in used]
+    cells = getattr(target, "__closure__", None) or ()
+    seen += [c.cell_contents for c in cells if _has_contents(c)]      # modules a closure captured
+    for val in seen:
         mod = getattr(val, "__name__", "") if inspect.ismodule(val) else getattr(val, "__module__", "") or ""
-        if key in used:
-            names.add(mod.split(".")[0])
+        names.add(str(mod).split(".")[0])
     if "torch" in names:
         return "torch"
     if "jax" in names or "jaxlib" in names or "optax" in names or "flax" in names:
         return "jax"
     return "numpy"
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def _globals_loaded(code) -> set:
@@ -188,17 +199,22 @@ class Caller:
         """The loss and its gradients at (s, t, y): float64 numpy in and out, run in ``dtype``."""
         t = self._teacher(t)
         try:
-            if self.framework == "torch":
-                return self._torch(s, t, y, dtype)
-            if self.framework == "jax":
-                return self._jax(s, t, y, dtype)
-            return self._numpy(s, t, y, dtype)
+            with warnings.catch_warnings():   # the user's code's own warnings (deprecations, NaN) are not ours
+                warnings.simplefilter("ignore")
+                return self._dispatch(s, t, y, dtype)
         except CallFailed:
             raise
         except (MissingDependency, UserError):
             raise
         except Exception as e:  # noqa: BLE001  (the user's code: any failure is a finding)
             raise CallFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+    def _dispatch(self, s, t, y, dtype):
+        if self.framework == "torch":
+            return self._torch(s, t, y, dtype)
+        if self.framework == "jax":
+            return self._jax(s, t, y, dtype)
+        return self._numpy(s, t, y, dtype)
 
     def _torch(self, s, t, y, dtype):
         torch = self.lib
