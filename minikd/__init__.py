@@ -24,7 +24,7 @@ __all__ = ["get_namespace", "logsumexp", "logsumexp_forward", "logsumexp_backwar
            "rkd_distance_forward", "rkd_distance_backward", "rkd_distance", "rkd_angle_forward",
            "rkd_angle_backward", "rkd_angle", "mutual_forward", "mutual_backward", "mutual_loss",
            "dkd_forward", "dkd_backward", "dkd_loss", "dkd_loss_and_grad", "topk_forward", "topk_backward",
-           "topk_loss", "topk_loss_and_grad", "topk_from_dense", "TopK"]
+           "topk_loss", "topk_loss_and_grad", "topk_from_dense", "TopK", "diagnose"]
 
 
 # The fast paths live in the checkout's top-level kernels/ folder (DESIGN.md, floor 3). A wheel or
@@ -49,7 +49,7 @@ if (_spec is None or not _spec.has_location) and (_CHECKOUT_KERNELS / "__init__.
     _sys.meta_path.insert(0, _CheckoutKernelsFinder())
 
 
-# where each public name lives (``softmax``, also a submodule's name, is _Package's property)
+# where each public name lives (``softmax`` and ``diagnose``, also submodules' names, are _Package's properties)
 _LAZY = {"get_namespace": "backend",
          **dict.fromkeys(["logsumexp", "logsumexp_forward", "logsumexp_backward", "log_softmax", "log_softmax_forward",
                           "log_softmax_backward", "softmax_forward", "softmax_backward"], "softmax"),
@@ -89,6 +89,14 @@ class _Package(_types.ModuleType):
 
     @softmax.setter
     def softmax(self, value):
+        pass
+
+    @property
+    def diagnose(self):   # the function; the package is minikd.diagnose (imported by its full name)
+        return _importlib.import_module(__name__ + ".diagnose").diagnose
+
+    @diagnose.setter
+    def diagnose(self, value):
         pass
 
 

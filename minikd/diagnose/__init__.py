@@ -862,7 +862,7 @@ def _smallest_difference(S: _Session, c, conv, key, want):
     for shape in ((1, 2), (1, 3), (2, 2), (2, 3), (3, 3), (2, 2, 2), (2, 3, 3)):
         n = int(np.prod(shape[:-1]))
         s = np.arange(n * shape[-1], dtype=np.float64).reshape(shape) % 3 - 1.0
-        t = -np.roll(s, 1, axis=-1) * 2.0
+        t = -np.roll(s, 1, axis=-1) * 2.0 + 0.0    # (+ 0.0: no -0.0 in the example)
         y = np.zeros(shape[:-1], dtype=np.int64) if has else None
         cands.append(Probe(s, t, y))
         if has and n > 1:
