@@ -222,21 +222,26 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
             raise UserError(f"the loss is not finite ({out.value.reshape(-1)[:3]}) on a plain {p.s.shape} batch")
         outs.append(out)
     problem = Problem(probes, [o.value for o in outs], has_labels)
-    fits = problem.search()
+    values = np.concatenate([o.value.reshape(-1) for o in outs])
+    constant = bool(np.all(values == values[0]))
+    fits = [] if constant else problem.search()
     best = fits[0] if fits else None
     model = best.convention if best is not None and best.residual <= APPROX else None
     fit_exact = best is not None and best.residual <= EXACT
 
     conventions = _blank(has_labels)
     eps_found = None
+    if constant:
+        S.note("error", "divergence", f"the loss is {values[0]:g} on every probe: it does not depend on the "
+               f"logits (a JSD at beta = 0 or 1 without the endpoint rule is identically 0)")
     if model is None:
-        S.note("error", "divergence", f"no known convention reproduces this loss (closest: "
-               f"{_describe(best.convention) if best else 'none'}, relative residual "
-               f"{best.residual if best else math.inf:.2g})")
-        grad_ok = _gradient_by_differences(S, probes[0], outs[0])
-        conventions["gradient_exact"] = grad_ok
+        if not constant:
+            S.note("error", "divergence", f"no known convention reproduces this loss (closest: "
+                   f"{_describe(best.convention) if best else 'none'}, relative residual "
+                   f"{best.residual if best else math.inf:.2g})")
+            conventions.update(_model_free(S, probes[1]))
+        conventions["gradient_exact"] = _gradient_by_differences(S, probes[0], outs[0])
         conventions["neg_inf_safe"] = _neg_inf_finite(S)
-        conventions.update(_model_free(S, probes[1]))
     else:
         S.checked.extend(zip(probes, outs))
         if has_labels:
@@ -245,15 +250,16 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
         if not fit_exact:
             model, eps_found = _stage_eps(S, model, problem, outs)
         else:
-            eps_found = _stage_peaked(S, model)
-        conventions.update(_describe_model(model, S))
+            eps_found = _stage_peaked(S, model, zip(probes, outs))
+        conventions.update(_describe_model(model, S, tol=max(1e-9, 1e3 * best.residual)))
         if S.sequence_reduction is not None and not sequence:
             conventions["sequence_reduction"] = S.sequence_reduction
-        conventions["eps_smoothing"] = eps_found is not None
-        if eps_found is not None:
-            conventions["eps"] = eps_found[0]
+        conventions["eps_smoothing"] = eps_found is not None and eps_found[3] == "eps"
+        if eps_found is not None:   # the eps of log(p + eps), or the floor of log(max(p, floor))
+            conventions["eps" if eps_found[3] == "eps" else "log_" + eps_found[3]] = eps_found[0]
         conventions["neg_inf_safe"] = _stage_neg_inf(S, model, eps_found)
-        conventions["gradient_exact"] = _stage_gradient(S, model, probes, outs, eps_found)
+        conventions["gradient_exact"] = _stage_gradient(S, model, probes, outs, eps_found, fit_exact,
+                                                          best.residual)
         conventions["teacher_gradient"] = S.teacher_gradient
         if has_labels and model.soft_den != "sum":
             _stage_micro_batches(S, model)
@@ -264,8 +270,8 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
         "function": name,
         "framework": caller.framework,
         "conventions": conventions,
-        "equivalent_call": model.code() if exact and model is not None else None,
-        "nearest_call": model.code() if model is not None else None,
+        "equivalent_call": model.code(caller.teacher_as) if exact and model is not None else None,
+        "nearest_call": model.code(caller.teacher_as) if model is not None else None,
         "max_rel_err": {"loss": _finite(loss_err), "grad": _finite(grad_err)},
         "fit": {"residual": _finite(best.residual) if best else None,
                 "runner_up": ({"convention": _describe(fits[1].convention), "residual": _finite(fits[1].residual)}
@@ -315,10 +321,11 @@ def _t_squared_reading(a: float, T2: float) -> bool:
     return _nice(a / T2) <= _nice(a)
 
 
-def _describe_model(c: Convention, S: _Session) -> dict:
-    """The conventions dict of a fitted model (the JSON's "conventions")."""
+def _describe_model(c: Convention, S: _Session, tol: float = 1e-9) -> dict:
+    """The conventions dict of a fitted model (the JSON's "conventions"); ``tol``: how far the fitted
+    weights may be from a reading (an approximate fit's weights carry its error)."""
     out = {"divergence": c.divergence, "beta": c.beta}
-    T_is_1 = abs(c.T - 1.0) <= 1e-9
+    T_is_1 = abs(c.T - 1.0) <= tol
     out["temperature"] = 1.0 if T_is_1 else c.T
     out["temperature_on"] = "none" if T_is_1 else c.temp_on
     b = c.hard_weight if c.has_labels else 0.0
@@ -326,12 +333,12 @@ def _describe_model(c: Convention, S: _Session) -> dict:
     t_sq, alpha, hard_weight = None, c.a, None
     if T_is_1:
         alpha = c.a
-        if b != 0 and abs(c.a + b - 1) > 1e-9:
+        if b != 0 and abs(c.a + b - 1) > tol:
             hard_weight = b
     elif b != 0:
-        if abs(c.a / T2 + b - 1) <= 1e-9:
+        if abs(c.a / T2 + b - 1) <= tol:
             t_sq, alpha = True, c.a / T2
-        elif abs(c.a + b - 1) <= 1e-9:
+        elif abs(c.a + b - 1) <= tol:
             t_sq, alpha = False, c.a
         else:   # weights that do not sum to one
             hard_weight = b
@@ -340,9 +347,9 @@ def _describe_model(c: Convention, S: _Session) -> dict:
             S.note("info", "alpha", f"the soft and hard weights do not sum to one (soft {c.a:.6g} per row, hard "
                    f"{b:.6g}); read as alpha={alpha:.6g}{' with' if t_sq else ' without'} T^2 and hard_weight={b:.6g}")
     else:
-        if abs(c.a - T2) <= 1e-9 * T2:
+        if abs(c.a - T2) <= tol * T2:
             t_sq, alpha = True, 1.0
-        elif abs(c.a - 1.0) <= 1e-9:
+        elif abs(c.a - 1.0) <= tol:
             t_sq, alpha = False, 1.0
         else:
             t_sq = _t_squared_reading(c.a, T2)
@@ -465,8 +472,8 @@ def _stage_sequence(S: _Session, c: Convention, sequence: bool) -> Convention:
     return v
 
 
-def _stage_peaked(S: _Session, c: Convention):
-    """Nearly one-hot rows: an exact fit should stay exact there; log(p + eps) does not."""
+def _stage_peaked(S: _Session, c: Convention, core):
+    """Nearly one-hot rows: an exact fit should stay exact there; log(p + eps) or a clamp does not."""
     probes = peaked_probes(S.rng, c.T, S.caller.has_labels)
     try:
         outs = [(p, S.call(p)) for p in probes]
@@ -476,46 +483,55 @@ def _stage_peaked(S: _Session, c: Convention):
     err = max(_rel(o.value, c.value(p.s, p.t, p.y)) for p, o in outs)
     if err <= 1e-7:   # (not in max_rel_err: a saturated student's gradient is tiny, and autograd's inexact)
         return None
-    found = _fit_eps(c, outs)
+    found = _fit_eps(c, list(core) + outs)   # (the core probes pin the hard term: ~0 on peaked rows)
     if found is not None:
-        S.note("warning", "eps_smoothing", f"logs are taken as log(p + {found[0]:.3g}) ({_where(found[1])}): exact log-softmax differs by up to {err:.2g} relative on "
-               f"nearly one-hot rows")
+        _note_smoothing(S, found, err)
         return found
     S.note("warning", "eps_smoothing", f"on nearly one-hot rows the loss departs from the exact value by "
-           f"{err:.2g} relative (not explained by log(p + eps))")
+           f"{err:.2g} relative (not explained by log(p + eps) or a clamp)")
     return None
 
 
+def _note_smoothing(S: _Session, found, err):
+    e, where, _, mode = found
+    what = {"eps": f"log(p + {e:.3g})", "clamp": f"log(max(p, {e:.3g})) (a clamp)",
+            "clip": f"p and q clipped to [{e:.3g}, 1] (Keras' KLDivergence)"}[mode]
+    S.note("warning", "eps_smoothing", f"logs are taken as {what} ({_where(where)}) instead of log-softmax: off "
+           f"by up to {err:.2g} relative on nearly one-hot rows")
+
+
 def _fit_eps(c: Convention, outs):
-    """(eps, where, the convention with its coefficients refitted) of log(p + eps) that reproduces the
-    values, or None. Each candidate eps refits (a, b1, b2): the coefficients of an approximate fit
-    carry the eps's error."""
+    """(eps, where, the convention with its coefficients refitted, mode) of log(p + eps) (mode "eps")
+    or log(max(p, eps)) ("clamp") that reproduces the values, or None. Each candidate refits
+    (a, b1, b2): the coefficients of an approximate fit carry the smoothing's error."""
     if c.divergence not in eps_model.DIVERGENCES:
         return None
     hard = _hard_columns(c, outs)
     L = np.array([o.value.sum() for _, o in outs])
 
-    def err_of(e, where):
-        m = _refit_eps(c, outs, (e, where), hard, L)
-        return max(_rel(o.value, _eps_value(m, p, e, where)) for p, o in outs), m
+    def err_of(e, where, mode):
+        m = _refit_eps(c, outs, (e, where, None, mode), hard, L)
+        return max(_rel(o.value, _eps_value(m, p, e, where, mode)) for p, o in outs), m
     best = (math.inf, None)
-    for where in eps_model.PLACES:
-        for e in 10.0 ** np.arange(-16, -1.9, 0.5):
-            err, _ = err_of(float(e), where)
-            if err < best[0]:
-                best = (err, (float(e), where))
+    for mode in eps_model.MODES:
+        for where in eps_model.PLACES:
+            for e in 10.0 ** np.arange(-16, -1.9, 0.5):
+                err, _ = err_of(float(e), where, mode)
+                if err < best[0]:
+                    best = (err, (float(e), where, mode))
     if best[1] is None:
         return None
     from scipy.optimize import minimize_scalar  # noqa: PLC0415
-    e0, where = best[1]
-    r = minimize_scalar(lambda u: err_of(10 ** u, where)[0], bounds=(math.log10(e0) - 0.5, math.log10(e0) + 0.5),
-                        method="bounded", options={"xatol": 1e-10})
+    e0, where, mode = best[1]
+    r = minimize_scalar(lambda u: err_of(10 ** u, where, mode)[0],
+                        bounds=(math.log10(e0) - 0.5, math.log10(e0) + 0.5), method="bounded",
+                        options={"xatol": 1e-10})
     e = float(f"{10 ** r.x:.3g}")          # a round eps (1e-08) where it fits as well
-    err, m = err_of(e, where)
+    err, m = err_of(e, where, mode)
     if err > max(r.fun * 2, 1e-9):
         e = 10 ** r.x
-        err, m = err_of(e, where)
-    return (e, where, m) if err <= 1e-6 else None
+        err, m = err_of(e, where, mode)
+    return (e, where, m, mode) if err <= 1e-7 else None
 
 
 def _hard_columns(c: Convention, outs):
@@ -531,9 +547,9 @@ def _hard_columns(c: Convention, outs):
 def _refit_eps(c: Convention, outs, found, hard=None, L=None) -> Convention:
     """The coefficients (a, b1, b2) again, with the smoothed logs (linear, as in the fit)."""
     from .fit import _clean, _simplest  # noqa: PLC0415
-    e, where = found[:2]
+    e, where, _, mode = found
     soft = replace(c, a=1.0, b1=0.0, b2=0.0)
-    A = np.array([[np.asarray(_eps_value(soft, p, e, where)).sum()] for p, _ in outs])
+    A = np.array([[np.asarray(_eps_value(soft, p, e, where, mode)).sum()] for p, _ in outs])
     if hard is None and c.has_labels and c.hard_weight:
         hard = _hard_columns(c, outs)
     if hard is not None:
@@ -548,9 +564,9 @@ def _where(where):
     return "student and teacher" if where == "both" else "the student's side"
 
 
-def _eps_value(c: Convention, p, e, where):
+def _eps_value(c: Convention, p, e, where, mode="eps"):
     """The convention's value with smoothed logs in the soft term (minikd's hard term)."""
-    D = eps_model.rows(p.s, p.t, c.divergence, c.temp_on, c.T, e, where)
+    D = eps_model.rows(p.s, p.t, c.divergence, c.temp_on, c.T, e, where, mode)
     hard = replace(c, a=0.0) if c.has_labels and c.hard_weight else None
     y = None if p.y is None else p.y.reshape(-1)
     keep = np.ones(D.shape, bool) if (y is None or c.soft_on_unlabeled) else (y != IGNORE)
@@ -567,7 +583,7 @@ def _eps_value(c: Convention, p, e, where):
 
 
 def _stage_eps(S: _Session, c: Convention, problem: Problem, outs):
-    """An approximate fit: log(p + eps)? Refit the coefficients with smoothed logs."""
+    """An approximate fit: log(p + eps), or a clamp? Refit the coefficients with smoothed logs."""
     probes = peaked_probes(S.rng, c.T, S.caller.has_labels)
     try:
         peaked = [(p, S.call(p)) for p in probes]
@@ -580,10 +596,8 @@ def _stage_eps(S: _Session, c: Convention, problem: Problem, outs):
                f"(float32 arithmetic inside, a clamp, or an eps)")
         return c, None
     err = max(_rel(o.value, c.value(p.s, p.t, p.y)) for p, o in peaked) if peaked else math.nan
-    c = found[2]
-    S.note("warning", "eps_smoothing", f"logs are taken as log(p + {found[0]:.3g}) ({_where(found[1])}) instead of log-softmax: off by up to {err:.2g} relative on "
-           f"nearly one-hot rows")
-    return c, found
+    _note_smoothing(S, found, err)
+    return found[2], found
 
 
 def _stage_neg_inf(S: _Session, c: Convention, eps_found) -> bool:
@@ -688,7 +702,7 @@ def _example(p) -> dict:
     return ex
 
 
-def _stage_gradient(S: _Session, c: Convention, probes, outs, eps_found):
+def _stage_gradient(S: _Session, c: Convention, probes, outs, eps_found, exact_fit=True, fit_residual=0.0):
     """The user's autograd gradient against minikd's hand-derived one (or, with an eps, finite
     differences of the user's own value)."""
     if all(o.grad is None for o in outs):
@@ -700,8 +714,12 @@ def _stage_gradient(S: _Session, c: Convention, probes, outs, eps_found):
                "outside autograd)")
         return False
     S.teacher_gradient = any(o.teacher_grad is not None and np.any(o.teacher_grad != 0) for o in outs)
-    if eps_found is not None:
-        return _gradient_by_differences(S, probes[0], outs[0])
+    if eps_found is not None or not exact_fit:
+        # the model is the loss only approximately: its gradient within the fit's own accuracy, else the
+        # loss's own finite differences decide
+        tol = max(1e-5, 1e3 * fit_residual)
+        worst = max(_rel(o.grad, c.value_and_grad(p.s, p.t, p.y)[1]) for p, o in zip(probes, outs))
+        return True if worst <= tol else _gradient_by_differences(S, probes[0], outs[0])
     worst = 0.0
     for p, o in zip(probes, outs):
         _, g = c.value_and_grad(p.s, p.t, p.y)
@@ -739,17 +757,16 @@ def _gradient_by_differences(S: _Session, p, out):
     """The user's gradient against central differences of the user's own value (float64)."""
     if out.grad is None:
         return None if S.caller.framework == "numpy" else False
-    h = 1e-6
+    h = 1e-3   # O(h^4) stencil: truncation ~1e-12; float32 rounding inside the loss ~1e-7 / h = 1e-4
     g = np.zeros_like(p.s)
     from .fit import Probe  # noqa: PLC0415
     for idx in np.ndindex(p.s.shape):
         e = np.zeros_like(p.s)
         e[idx] = h
-        up = S.call(Probe(p.s + e, p.t, p.y)).value.sum()
-        dn = S.call(Probe(p.s - e, p.t, p.y)).value.sum()
-        g[idx] = (up - dn) / (2 * h)
+        f = [S.call(Probe(p.s + k * e, p.t, p.y)).value.sum() for k in (-2, -1, 1, 2)]
+        g[idx] = (f[0] - 8 * f[1] + 8 * f[2] - f[3]) / (12 * h)
     err = _rel(out.grad, g)
-    if err > 1e-5:
+    if err > 1e-3:
         S.note("error", "gradient_exact", f"the student gradient differs from finite differences of the loss's "
                f"own value by {err:.2g} relative")
         return False
@@ -887,7 +904,7 @@ def _stage_precision(S: _Session, c: Convention | None, probes, dtypes) -> dict:
     """The loss in lower precision against the float64 oracle on the same (rounded) inputs."""
     out = {}
     for dt in dtypes:
-        le = ge = 0.0
+        le, ge = 0.0, None
         negative = False
         try:
             for p in probes[:4]:
@@ -897,7 +914,7 @@ def _stage_precision(S: _Session, c: Convention | None, probes, dtypes) -> dict:
                                 (S.call(pr).value, S.call(pr).grad))
                 le = max(le, _rel(o.value, ref_v))
                 if o.grad is not None and ref_g is not None:
-                    ge = max(ge, _rel(o.grad, ref_g))
+                    ge = max(ge or 0.0, _rel(o.grad, ref_g))
             # student == teacher on rows of a peaked distribution: the divergence is 0; low precision
             # can make it negative (only checkable without a hard term)
             if c is not None and (not c.has_labels or c.hard_weight == 0):

@@ -1,4 +1,4 @@
-"""The one convention minikd does not compute on purpose: logs taken as log(p + eps).
+"""The conventions minikd does not compute on purpose: logs taken as log(p + eps), or clamped.
 
 Code that writes ``torch.log(F.softmax(s / T) + 1e-8)`` instead of ``F.log_softmax`` computes the
 divergence with smoothed logs. ``minikd diagnose`` needs its value to recognise it (and to report the
@@ -18,16 +18,25 @@ import numpy as np
 from ..softmax import _log_softmax
 
 PLACES = ("student", "both")
+MODES = ("eps", "clamp", "clip")
 DIVERGENCES = ("forward_kl", "soft_ce", "reverse_kl")
 
 
-def rows(s, t, divergence, temp_on, T, eps, where):
-    """Per-row divergence with smoothed logs (module doc), rows flattened."""
+def rows(s, t, divergence, temp_on, T, eps, where, mode="eps"):
+    """Per-row divergence with smoothed logs (module doc), rows flattened; ``mode="clamp"``: the logs
+    are log(max(p, eps)) instead (``torch.log(p.clamp(min=eps))``); ``"clip"``: p and q themselves
+    clipped to [eps, 1], weights included (Keras' ``KLDivergence``)."""
     Ts, Tt = {"both": (T, T), "teacher_only": (1.0, T), "student_only": (T, 1.0)}[temp_on]
     s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     p, q = np.exp(_log_softmax(s, Ts)), np.exp(_log_softmax(t, Tt))
-    lp = np.log(p + eps)
-    lq = np.log(q + (eps if where == "both" else 0.0)) if where == "both" else _log_softmax(t, Tt)
+
+    def smooth(x):
+        return np.log(x + eps) if mode == "eps" else np.log(np.maximum(x, eps))
+    lp = smooth(p)
+    lq = smooth(q) if where == "both" else _log_softmax(t, Tt)
+    if mode == "clip":   # Keras: both distributions clipped to [eps, 1], weights included
+        p, q = np.clip(p, eps, 1.0), np.clip(q, eps, 1.0)
+        lp, lq = np.log(p), np.log(q)
     with np.errstate(invalid="ignore"):
         if divergence == "forward_kl":
             terms = np.where(q > 0, q * (lq - lp), 0.0)

@@ -27,7 +27,6 @@ from .model import DIVERGENCES, IGNORE, TEMP_ON, Convention, count
 CORE_SHAPES = ((4, 5), (7, 5), (4, 9), (6, 3), (9, 9), (5, 7), (3, 4), (8, 6))
 BETA_GRID = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2)) + (0.01, 0.99)
 T_GRID = tuple(np.geomspace(0.05, 200.0, 49))
-NICE_T = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 16.0, 20.0)
 
 
 class Probe(NamedTuple):
@@ -84,15 +83,19 @@ def neg_inf_probes(rng, has_labels: bool) -> list[Probe]:
 
 
 def peaked_probes(rng, T: float, has_labels: bool) -> list[Probe]:
-    """Nearly one-hot rows at the fitted temperature: the smallest probabilities ~1e-12 and below,
-    where log(p + eps) departs from log p."""
+    """Nearly one-hot rows at the fitted temperature, the smallest probabilities from ~1e-4 to ~1e-13
+    (logit gaps of 9 T to 30 T): where log(p + eps) and log(max(p, eps)) depart from log p, and from
+    each other."""
     out = []
-    for N, C in ((4, 5), (6, 4)):
+    for N, C in ((4, 5), (8, 4)):
         s = rng.standard_normal((N, C)) * 0.5
         t = rng.standard_normal((N, C)) * 0.5
-        s[np.arange(N), rng.integers(0, C, N)] += 30.0 * T
-        t[np.arange(N), rng.integers(0, C, N)] += 30.0 * T
-        out.append(Probe(s, t, rng.integers(0, C, N) if has_labels else None))
+        gaps = np.resize([9.0, 16.0, 23.0, 30.0], N) * T
+        top = rng.integers(0, C, N)
+        s[np.arange(N), top] += gaps
+        t[np.arange(N), rng.integers(0, C, N)] += rng.permutation(gaps)
+        # labels at the student's peak: the hard term ~0, so the soft term's logs show in the value
+        out.append(Probe(s, t, top if has_labels else None))
     return out
 
 
@@ -128,7 +131,8 @@ def _simplest(A, L):
     for k in range(1, A.shape[1] + 1):
         x, res = _solve(A[:, :k], L)
         x = np.concatenate([x, np.zeros(A.shape[1] - k)])
-        if np.any(x[1:] < -1e-9 * max(np.max(np.abs(x)), 1e-300)):   # weights and label smoothing >= 0
+        tiny = 1e-9 * max(np.max(np.abs(x)), 1e-300)
+        if np.any(x[1:] < -tiny) or (len(x) > 2 and x[2] > tiny and x[1] <= tiny):   # weights >= 0, smoothing < 1
             res = math.inf
         fits.append((x, res))
     top = min(r for _, r in fits)
@@ -198,80 +202,133 @@ class Problem:
         Dsum = np.add.reduceat(rows, self.starts)
         best = Fit(math.inf, None)
         dens = ("sum", "rows", "elements")
+        full = []
         for ds, dh in itertools.product(dens, dens if self.has_labels else ("rows",)):
             A = (Dsum / self.den[ds])[:, None]
             if self.has_labels:
                 A = np.concatenate([A, self.H / self.den[dh][:, None]], axis=1)
+            full.append((_solve(A, L)[1], ds, dh, A))
+        full.sort(key=lambda e: e[0])
+        for _, ds, dh, A in full[:2]:   # the two best pairs of denominators, then their simplest fit
             x, res = _simplest(A, L)
             if res < best.residual:
                 # every core row is labeled: "rows" and "labeled_rows" agree; rows labeled -100 are
                 # probed later (minikd.diagnose), the labeled count is the first guess
                 best = Fit(res, replace(base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
-                                        b2=float(x[2]) if self.has_labels else 0.0, soft_den=LABELED.get(ds, ds),
-                                        hard_den=LABELED.get(dh, dh)))
+                                        b2=float(x[2]) if self.has_labels else 0.0,
+                                        soft_den=LABELED.get(ds, ds) if self.has_labels else ds,
+                                        hard_den=LABELED.get(dh, dh) if self.has_labels else dh))
         return Fit(best.residual, _clean(best.convention)) if best.convention is not None else best
 
-    def search(self, progress=None) -> list[Fit]:
-        """Every (divergence, temp_on) at its best T (and beta), best first."""
-        out = []
+    def search(self, refine: int = 4) -> list[Fit]:
+        """Every (divergence, temp_on) at its best T (and beta) on a grid; the ``refine`` best of them
+        (and any within 10x of the best) refined to machine precision; best first."""
+        coarse = []
         for divergence, temp_on in itertools.product(DIVERGENCES, TEMP_ON):
             if divergence == "jsd":
-                fit = self._search_jsd(temp_on)
+                fit = self._grid_jsd(temp_on)
             else:
-                fit = self._search_T(divergence, temp_on, None)
-            if progress is not None:
-                progress()
+                fit = min((self.fit(divergence, temp_on, T) for T in T_GRID), key=lambda f: f.residual)
             if fit.convention is not None:
-                out.append(fit)
+                coarse.append(fit)
+        coarse.sort(key=lambda f: f.residual)
+        out = []
+        for i, f in enumerate(coarse):
+            c = f.convention
+            if i < refine or f.residual <= 10 * coarse[0].residual:
+                if c.divergence == "jsd":
+                    f = self._refine_jsd(c.temp_on, f)
+                else:
+                    j = T_GRID.index(c.T)
+                    f = self._search_T(c.divergence, c.temp_on, None, grid=T_GRID[max(j - 1, 0):j + 2])
+            out.append(f)
         out.sort(key=lambda f: f.residual)
         return out
 
     def _search_T(self, divergence, temp_on, beta, grid=T_GRID) -> Fit:
-        from scipy.optimize import minimize_scalar  # noqa: PLC0415
+        """The best T on a grid, then to machine precision (``_ternary``), then the roundest T that fits
+        as well (7 and not 7.00000005)."""
         fits = [(self.fit(divergence, temp_on, T, beta), T) for T in grid]
         i = int(np.argmin([f.residual for f, _ in fits]))
         best, T0 = fits[i]
         if not math.isfinite(best.residual):
             return best
         lo, hi = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
-        r = minimize_scalar(lambda u: self.fit(divergence, temp_on, math.exp(u), beta).residual,
-                            bounds=(lo, hi), method="bounded", options={"xatol": 1e-13})
-        cand = [best, self.fit(divergence, temp_on, math.exp(r.x), beta)]
-        for T in NICE_T:   # a round T where it fits as well (the optimizer stops within its tolerance)
-            if math.exp(lo) <= T <= math.exp(hi):
-                cand.append(self.fit(divergence, temp_on, T, beta))
-        top = min(cand, key=lambda f: f.residual)
-        nice = [f for f in cand[2:] if f.residual <= max(2 * top.residual, 1e-13)]
-        return nice[0] if nice else top
+        u = _ternary(lambda u: self.fit(divergence, temp_on, math.exp(u), beta).residual, lo, hi)
+        top = min([best, self.fit(divergence, temp_on, math.exp(u), beta)], key=lambda f: f.residual)
+        return self._roundest_T(divergence, temp_on, beta, top)
 
-    def _search_jsd(self, temp_on) -> Fit:
-        from scipy.optimize import minimize  # noqa: PLC0415
-        coarse = T_GRID[::4]
+    def _roundest_T(self, divergence, temp_on, beta, top: Fit) -> Fit:
+        for T in _roundings(top.convention.T):
+            f = self.fit(divergence, temp_on, T, beta)
+            if f.residual <= max(2 * top.residual, 1e-13):
+                return f
+        return top
+
+    def _grid_jsd(self, temp_on) -> Fit:
         best = Fit(math.inf, None)
         for beta in BETA_GRID:
-            for T in coarse:
+            for T in T_GRID[::4]:
                 f = self.fit("jsd", temp_on, T, float(beta))
                 if f.residual < best.residual:
                     best = f
-        if best.convention is None:
-            return best
+        return best
+
+    def _refine_jsd(self, temp_on, best: Fit) -> Fit:
+        from scipy.optimize import minimize  # noqa: PLC0415
         c = best.convention
 
-        def obj(v):   # beta kept in [0.001, 0.999]: nearer an endpoint JSD / beta is a scaled KL, not a JSD
-            T, beta = math.exp(v[0]), min(max(1.0 / (1.0 + math.exp(-v[1])), 1e-3), 1 - 1e-3)
-            return self.fit("jsd", temp_on, T, beta).residual
+        def clip(b):   # beta kept in [0.001, 0.999]: nearer an endpoint JSD / beta is a scaled KL, not a JSD
+            return min(max(b, 1e-3), 1 - 1e-3)
+
+        def obj(v):
+            return self.fit("jsd", temp_on, math.exp(v[0]), clip(1.0 / (1.0 + math.exp(-v[1])))).residual
         beta0 = min(max(c.beta, 1e-6), 1 - 1e-6)
         r = minimize(obj, [math.log(c.T), math.log(beta0 / (1 - beta0))], method="Nelder-Mead",
                      options={"xatol": 1e-12, "fatol": 1e-16, "maxiter": 300})
-        T, beta = math.exp(r.x[0]), min(max(1.0 / (1.0 + math.exp(-r.x[1])), 1e-3), 1 - 1e-3)
-        refined = self._search_T("jsd", temp_on, beta, grid=tuple(T * np.geomspace(0.9, 1.1, 5)))
-        cand = [best, self.fit("jsd", temp_on, T, beta), refined]
-        for b in sorted({round(beta, 2), round(beta, 3)}):   # round numbers where they fit as well
+        u, beta = r.x[0], clip(1.0 / (1.0 + math.exp(-r.x[1])))
+        for _ in range(3):   # to machine precision, one coordinate at a time
+            u = _ternary(lambda x: self.fit("jsd", temp_on, math.exp(x), beta).residual, u - 1e-4, u + 1e-4)
+            beta = clip(_ternary(lambda b: self.fit("jsd", temp_on, math.exp(u), clip(b)).residual,
+                                 beta - 1e-4, beta + 1e-4))
+        top = min([best, self.fit("jsd", temp_on, math.exp(u), beta)], key=lambda f: f.residual)
+        for b in _roundings(top.convention.beta):   # the roundest beta (then T) that fits as well
             if 0 < b < 1:
-                cand.append(self._search_T("jsd", temp_on, b, grid=tuple(T * np.geomspace(0.9, 1.1, 5))))
-        top = min(cand, key=lambda f: f.residual)
-        nice = [f for f in cand[3:] if f.residual <= max(2 * top.residual, 1e-13)]
-        return nice[0] if nice else top
+                g = self._search_T("jsd", temp_on, b, grid=tuple(top.convention.T * np.geomspace(0.98, 1.02, 5)))
+                if g.residual <= max(2 * top.residual, 1e-13):
+                    return g
+        return self._roundest_T("jsd", temp_on, top.convention.beta, top)
+
+
+def _ternary(f, lo, hi, iterations=80):
+    """The minimum of a unimodal f on [lo, hi] by golden-section search, to the last bits (scipy's
+    bounded search stops at a relative 1.5e-8, too coarse to call T = 7.00000005 seven)."""
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iterations):
+        if b - a <= 1e-16 * max(abs(a), abs(b), 1e-300):
+            break
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return c if fc <= fd else d
+
+
+def _roundings(x: float):
+    """x at 1, 2, ... 10 significant digits (the roundest first)."""
+    seen = []
+    for k in range(1, 11):
+        r = float(f"{x:.{k}g}")
+        if r not in seen:
+            seen.append(r)
+    return seen
 
 
 LABELED = {"rows": "labeled_rows", "elements": "labeled_elements"}
@@ -285,7 +342,11 @@ def _snap(x: float) -> float:
 
 
 def _clean(c: Convention) -> Convention:
+    if abs(c.T - 1.0) <= 1e-12:   # at T = 1 the temperature is on no side: one name for it
+        c = replace(c, T=1.0, temp_on="both")
     a, b1, b2 = _snap(c.a), max(_snap(c.b1), 0.0), max(_snap(c.b2), 0.0)
+    if b1 == 0.0:   # label smoothing b2 / (b1 + b2) < 1: no U term without a CE term
+        b2 = 0.0
     if abs(b2) < 1e-10 * max(abs(b1), 1e-300) or abs(b2) < 1e-12:
         b2 = 0.0
     return replace(c, a=a, b1=b1, b2=b2)

@@ -122,9 +122,11 @@ class Convention:
         return self.value_and_grad(s, t, y)[0]
 
     # ------------------------------------------------------------ as code
-    def code(self, teacher_arg: str = "teacher") -> str:
+    def code(self, teacher_as: str = "logits") -> str:
         """The convention as minikd calls on ``student, teacher, labels`` (a sum of two calls when the
-        terms are reduced differently)."""
+        terms are reduced differently); ``teacher_as``: what the user's ``teacher`` holds (probabilities
+        or log-probabilities at T = 1 are logits once logged: log_softmax(log q / T) = softmax(t / T))."""
+        teacher_arg = "np.log(teacher)" if teacher_as == "probs" else "teacher"
         calls = []
         T = _num(self.T)
         if self.temp_on == "teacher_only":
