@@ -402,11 +402,11 @@ def _stage_ignore(S: _Session, c: Convention) -> Convention:
             outs.append((p, S.call(p)))
         except CallFailed as e:
             S.ignore_honored = False
-            S.note("error", "ignore_index_honored", f"the loss fails on a batch with rows labeled -100: {e}")
+            S.note("warning", "ignore_index_honored", f"the loss fails on a batch with rows labeled -100: {e}")
             return c
     if not all(np.all(np.isfinite(o.value)) for _, o in outs):
         S.ignore_honored = False
-        S.note("error", "ignore_index_honored", "the loss is NaN or inf on a batch with rows labeled -100")
+        S.note("warning", "ignore_index_honored", "the loss is NaN or inf on a batch with rows labeled -100")
         return c
     scored = []
     for v in dict.fromkeys(_variants(c, None)):
@@ -416,7 +416,7 @@ def _stage_ignore(S: _Session, c: Convention) -> Convention:
     err, v = scored[0]
     if err > APPROX:
         S.ignore_honored = False
-        S.note("error", "ignore_index_honored", f"rows labeled -100 change the loss in a way no convention "
+        S.note("warning", "ignore_index_honored", f"rows labeled -100 change the loss in a way no convention "
                f"explains (relative residual {err:.2g})")
         return c
     honored = not v.soft_on_unlabeled and v.soft_den not in ("rows", "elements") and \
@@ -458,8 +458,9 @@ def _stage_sequence(S: _Session, c: Convention, sequence: bool) -> Convention:
                      for i, v in enumerate(cands)), key=lambda e: (e[0], e[1]))
     err, _, v = scored[0]
     if err > APPROX:
-        S.note("warning", "reduction", f"on (B, S, C) logits the loss gives values no convention explains "
-               f"(relative residual {err:.2g}); is the class axis last?")
+        if sequence:
+            S.note("error", "reduction", f"on (B, S, C) logits the loss gives values no convention explains "
+                   f"(relative residual {err:.2g}); is the class axis last?")
         return c
     if v.soft_den == "leading_axis":
         S.note("warning", "reduction", "on (B, S, C) logits the soft term is divided by B, the leading axis, "
@@ -607,7 +608,7 @@ def _stage_neg_inf(S: _Session, c: Convention, eps_found) -> bool:
         try:
             o = S.call(p)
         except CallFailed as e:
-            S.note("error", "neg_inf_safe", f"the loss fails when classes are -inf (vocabulary padding): {e}",
+            S.note("warning", "neg_inf_safe", f"the loss fails when classes are -inf (vocabulary padding): {e}",
                    example=_example(p))
             return False
         bad_value = not np.all(np.isfinite(o.value))
@@ -621,7 +622,7 @@ def _stage_neg_inf(S: _Session, c: Convention, eps_found) -> bool:
         if eps_found is None:
             want, g = c.value_and_grad(p.s, p.t, p.y)
             if _rel(o.value, want) > 1e-7:
-                S.note("error", "neg_inf_safe", f"with -inf classes the value is off by {_rel(o.value, want):.2g} "
+                S.note("warning", "neg_inf_safe", f"with -inf classes the value is off by {_rel(o.value, want):.2g} "
                        f"relative")
                 ok = False
             else:
