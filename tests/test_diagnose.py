@@ -206,3 +206,23 @@ def test_eps_is_measured(eps, side):
     assert d["equivalent_call"] is None and d["nearest_call"].startswith("mk.kd_loss(")
     assert any(f["property"] == "eps_smoothing" and ("student and teacher" in f["message"]) == (side == "both")
                for f in d["findings"])
+
+
+def test_sequence_losses_are_named_on_sequences():
+    """TRL's way of averaging a JSD without labels, jsd.sum() / (size(0) * size(1)): on (N, C) logits a
+    mean over elements, on (B, S, C) a mean over the B * S tokens. --sequence names the second."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+
+    def jsd(student_logits, teacher_logits, beta=0.7):
+        lp, lq = F.log_softmax(student_logits, -1), F.log_softmax(teacher_logits, -1)
+        b = torch.tensor(beta, dtype=lp.dtype)
+        lm = torch.logsumexp(torch.stack([lp + torch.log(1 - b), lq + torch.log(b)]), dim=0)
+        out = b * F.kl_div(lm, lq, reduction="none", log_target=True) + \
+            (1 - b) * F.kl_div(lm, lp, reduction="none", log_target=True)
+        return out.sum() / (out.size(0) * out.size(1))
+    flat = diagnose(jsd, order=("student", "teacher")).to_dict()
+    seq = diagnose(jsd, order=("student", "teacher"), sequence=True).to_dict()
+    assert flat["conventions"]["reduction"] == "elementwise_mean"
+    assert seq["conventions"]["reduction"] == "batchmean" and seq["conventions"]["beta"] == 0.7
+    assert seq["equivalent_call"] == "mk.kd_loss(student, teacher, T=1.0, alpha=1.0, kind='jsd', beta=0.7)"

@@ -23,7 +23,8 @@ import numpy as np
 from ..checks import UserError
 from . import eps as eps_model
 from .adapters import DTYPES, CallFailed, Caller, load
-from .fit import (Problem, core_probes, ignore_probes, neg_inf_probes, peaked_probes, sequence_probes)
+from .fit import (Problem, as_sequences, core_probes, ignore_probes, neg_inf_probes, peaked_probes,
+                  sequence_probes)
 from .model import IGNORE, REDUCTION_NAME, Convention
 
 __all__ = ["diagnose", "Diagnosis", "load", "parse_expect", "EXPECT_KEYS"]
@@ -166,14 +167,19 @@ def _jsonable(o):
 class _Session:
     """One diagnosis: the caller, the probes' values, the findings."""
 
-    def __init__(self, caller: Caller, seed: int):
+    def __init__(self, caller: Caller, seed: int, sequence: bool = False):
         self.caller = caller
+        self.sequence = sequence
         self.rng = np.random.default_rng(seed)
         self.findings: list[dict] = []
         self.checked = []      # (probe, the user's Output) over every probe the model explains: max_rel_err
         self.ignore_honored = None
         self.sequence_reduction = None   # on (B, S, C) logits, where it differs from the (N, C) one
         self.teacher_gradient = None   # the teacher logits receive a gradient (not detached)
+
+    def shaped(self, probes):
+        """The probes as the loss takes them: (B, S, C) sequences with ``sequence``, else (N, C)."""
+        return as_sequences(probes) if self.sequence else probes
 
     def note(self, severity, prop, message, **extra):
         self.findings.append(dict(severity=severity, property=prop, message=message, **extra))
@@ -204,10 +210,10 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
             raise UserError(f"dtypes: expected some of {DTYPES[1:]}, got {dt!r}")
     caller = Caller(fn, framework=framework, order=order, names=names, teacher_as=teacher_as, fixed=fixed,
                     module_init=module_init)
-    S = _Session(caller, seed)
+    S = _Session(caller, seed, sequence)
     has_labels = caller.has_labels
 
-    probes = core_probes(S.rng, has_labels)
+    probes = S.shaped(core_probes(S.rng, has_labels))
     outs = []
     for p in probes:
         try:
@@ -246,7 +252,8 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
         S.checked.extend(zip(probes, outs))
         if has_labels:
             model = _stage_ignore(S, model)
-        model = _stage_sequence(S, model, sequence)
+        if not sequence:   # (with sequence every probe is (B, S, C) already)
+            model = _stage_sequence(S, model, sequence)
         if not fit_exact:
             model, eps_found = _stage_eps(S, model, problem, outs)
         else:
@@ -397,7 +404,7 @@ def _variants(c: Convention, dens_rows):
 def _stage_ignore(S: _Session, c: Convention) -> Convention:
     """Rows labeled -100: left out of both terms and of the counts (honored), or not."""
     outs = []
-    for p in ignore_probes(S.rng):
+    for p in S.shaped(ignore_probes(S.rng)):
         try:
             outs.append((p, S.call(p)))
         except CallFailed as e:
@@ -475,7 +482,7 @@ def _stage_sequence(S: _Session, c: Convention, sequence: bool) -> Convention:
 
 def _stage_peaked(S: _Session, c: Convention, core):
     """Nearly one-hot rows: an exact fit should stay exact there; log(p + eps) or a clamp does not."""
-    probes = peaked_probes(S.rng, c.T, S.caller.has_labels)
+    probes = S.shaped(peaked_probes(S.rng, c.T, S.caller.has_labels))
     try:
         outs = [(p, S.call(p)) for p in probes]
     except CallFailed as e:
@@ -585,7 +592,7 @@ def _eps_value(c: Convention, p, e, where, mode="eps"):
 
 def _stage_eps(S: _Session, c: Convention, problem: Problem, outs):
     """An approximate fit: log(p + eps), or a clamp? Refit the coefficients with smoothed logs."""
-    probes = peaked_probes(S.rng, c.T, S.caller.has_labels)
+    probes = S.shaped(peaked_probes(S.rng, c.T, S.caller.has_labels))
     try:
         peaked = [(p, S.call(p)) for p in probes]
     except CallFailed:
@@ -604,7 +611,7 @@ def _stage_eps(S: _Session, c: Convention, problem: Problem, outs):
 def _stage_neg_inf(S: _Session, c: Convention, eps_found) -> bool:
     """Student and teacher -inf at the same classes: the value and gradient stay finite and right."""
     ok = True
-    for p in neg_inf_probes(S.rng, S.caller.has_labels):
+    for p in S.shaped(neg_inf_probes(S.rng, S.caller.has_labels)):
         try:
             o = S.call(p)
         except CallFailed as e:
@@ -668,7 +675,7 @@ def _model_free(S: _Session, p) -> dict:
 
 
 def _neg_inf_finite(S: _Session) -> bool:
-    for p in neg_inf_probes(S.rng, S.caller.has_labels):
+    for p in S.shaped(neg_inf_probes(S.rng, S.caller.has_labels)):
         try:
             o = S.call(p)
         except CallFailed:
@@ -782,9 +789,12 @@ def _stage_micro_batches(S: _Session, c: Convention):
     s, t = rng.standard_normal((N, C)) * 2, rng.standard_normal((N, C)) * 2
     y = rng.integers(0, C, N)
     y[[0, 1, 2, 5]] = IGNORE             # first half: 1 labeled row of 4, second half: 3 of 4
+    if S.sequence:   # two sequences of 4 tokens; the micro-batches are one sequence each
+        s, t, y = s.reshape(2, 4, C), t.reshape(2, 4, C), y.reshape(2, 4)
+    step = 1 if S.sequence else 4
     try:
         full = S.call(Probe(s, t, y)).value.sum()
-        halves = [S.call(Probe(s[i:i + 4], t[i:i + 4], y[i:i + 4])).value.sum() for i in (0, 4)]
+        halves = [S.call(Probe(s[i:i + step], t[i:i + step], y[i:i + step])).value.sum() for i in (0, step)]
     except CallFailed:
         return
     avg = float(np.mean(halves))

@@ -35,6 +35,19 @@ class Probe(NamedTuple):
     y: np.ndarray | None
 
 
+def as_sequences(probes) -> list[Probe]:
+    """(N, C) probes as (B, N / B, C) sequences, B the smallest divisor >= 2 of N (1 for a prime N): the
+    ratio of rows to the leading axis varies from probe to probe, which tells a mean over B * S from a
+    mean over B."""
+    out = []
+    for p in probes:
+        N, C = p.s.shape
+        B = next((b for b in range(2, N) if N % b == 0), 1)
+        out.append(Probe(p.s.reshape(B, N // B, C), p.t.reshape(B, N // B, C),
+                         None if p.y is None else p.y.reshape(B, N // B)))
+    return out
+
+
 def core_probes(rng, has_labels: bool) -> list[Probe]:
     """Batches of several (N, C), rows of logit scales 0.3 to 6, every row labeled."""
     out = []
@@ -174,7 +187,8 @@ class Problem:
         self.hard = [hard_rows(p) for p in probes] if has_labels else None
         self.all = stack(probes)
         self.starts = np.cumsum([0] + [int(np.prod(p.s.shape[:-1])) for p in probes])[:-1]
-        self.den = {d: np.array([count(d, p.s, p.y) for p in probes]) for d in ("sum", "rows", "elements")}
+        self.den = {d: np.array([count(d, p.s, p.y) for p in probes])
+                    for d in ("sum", "rows", "elements", "leading_axis")}
         if has_labels:
             self.H = np.array([[h[0].sum(), h[1].sum()] for h in self.hard])
         self.L = np.array([float(v.reshape(-1)[0]) if v.size == 1 else np.nan for v in self.values])
@@ -201,7 +215,7 @@ class Problem:
         L = self.L
         Dsum = np.add.reduceat(rows, self.starts)
         best = Fit(math.inf, None)
-        dens = ("sum", "rows", "elements")
+        dens = ("sum", "rows", "elements") + (("leading_axis",) if self.probes[0].s.ndim > 2 else ())
         full = []
         for ds, dh in itertools.product(dens, dens if self.has_labels else ("rows",)):
             A = (Dsum / self.den[ds])[:, None]
