@@ -136,7 +136,7 @@ class Fit(NamedTuple):
     convention: Convention
 
 
-def _simplest(A, L):
+def simplest(A, L):
     """The fit with the fewest hard-term columns (none; CE; CE and U) that explains L as well as all
     of them (within 1.5x the residual): noise in an approximate fit does not invent a hard term or
     label smoothing. A negative hard weight is no fit."""
@@ -209,7 +209,7 @@ class Problem:
             if self.has_labels:
                 cols += [np.concatenate([h[0] for h in self.hard]), np.concatenate([h[1] for h in self.hard])]
             x, res = _solve(np.stack(cols, 1), np.concatenate([v.reshape(-1) for v in self.values]))
-            return Fit(res, _clean(replace(base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
+            return Fit(res, clean(replace(base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
                                            b2=float(x[2]) if self.has_labels else 0.0, soft_den="none",
                                            hard_den="none")))
         L = self.L
@@ -224,7 +224,7 @@ class Problem:
             full.append((_solve(A, L)[1], ds, dh, A))
         full.sort(key=lambda e: e[0])
         for _, ds, dh, A in full[:2]:   # the two best pairs of denominators, then their simplest fit
-            x, res = _simplest(A, L)
+            x, res = simplest(A, L)
             if res < best.residual:
                 # every core row is labeled: "rows" and "labeled_rows" agree; rows labeled -100 are
                 # probed later (minikd.diagnose), the labeled count is the first guess
@@ -232,7 +232,7 @@ class Problem:
                                         b2=float(x[2]) if self.has_labels else 0.0,
                                         soft_den=LABELED.get(ds, ds) if self.has_labels else ds,
                                         hard_den=LABELED.get(dh, dh) if self.has_labels else dh))
-        return Fit(best.residual, _clean(best.convention)) if best.convention is not None else best
+        return Fit(best.residual, clean(best.convention)) if best.convention is not None else best
 
     def search(self, refine: int = 4) -> list[Fit]:
         """Every (divergence, temp_on) at its best T (and beta) on a grid; the ``refine`` best of them
@@ -355,7 +355,7 @@ def _snap(x: float) -> float:
     return float(f"{x:.10g}")
 
 
-def _clean(c: Convention) -> Convention:
+def clean(c: Convention) -> Convention:
     if abs(c.T - 1.0) <= 1e-12:   # at T = 1 the temperature is on no side: one name for it
         c = replace(c, T=1.0, temp_on="both")
     a, b1, b2 = _snap(c.a), max(_snap(c.b1), 0.0), max(_snap(c.b2), 0.0)
