@@ -16,7 +16,7 @@ import numpy as np
 
 # the issue's shapes; on the CPU the rows are scaled down so that one call stays below ~1 s
 SHAPES = [(65536, 10), (65536, 100), (16384, 1000), (4096, 32000), (2048, 128256)]
-CPU_ROWS = {10: 65536, 100: 65536, 1000: 4096, 32000: 256, 128256: 64}
+CPU_ROWS = {10: 65536, 100: 65536, 1000: 8192, 32000: 512, 128256: 128}   # issue 16's CPU shapes
 DEFAULT_OUT = "bench-out"
 T, ALPHA = 4.0, 0.9
 
@@ -47,6 +47,23 @@ def copy_bandwidth(repeats=7, nbytes=512 << 20):
     b = np.empty_like(a)
     t = median_time(lambda: np.copyto(b, a), repeats)
     return 2 * a.nbytes / t
+
+
+def parallel_copy_bandwidth(repeats=7, nbytes=512 << 20):
+    """(bytes per second, threads): a copy (read + write) by Numba's prange on as many threads as the
+    fused kernel runs (``numba.get_num_threads()``), on a buffer far larger than the caches: the floor a
+    multi-threaded kernel is measured against (the single-thread ``copy_bandwidth`` beside it)."""
+    import numba  # noqa: PLC0415
+
+    @numba.njit(parallel=True, cache=False)
+    def pcopy(a, b):
+        for i in numba.prange(a.size):
+            b[i] = a[i]
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    t = median_time(lambda: pcopy(a, b), repeats)
+    assert np.array_equal(a, b)
+    return 2 * a.nbytes / t, numba.get_num_threads()
 
 
 def torch_kd_loss(torch, T, alpha):

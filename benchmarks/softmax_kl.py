@@ -1,6 +1,7 @@
 """Benchmark the fused softmax-KL (loss + student gradient) against the NumPy reference, PyTorch
-eager and the memory-bandwidth floor: 12 bytes per float32 element (read s, read t, write grad)
-over the measured copy bandwidth of this machine.
+eager, torch.compile and the memory-bandwidth floor: 12 bytes per float32 element (read s, read t,
+write grad) over the copy bandwidth measured with as many threads as the kernel runs (Numba's prange
+copy; NumPy's single-thread copy reported beside it). Every implementation is given as % of that floor.
 
     python benchmarks/softmax_kl.py                    # CPU: the Numba kernel (results in bench-out/)
     python benchmarks/softmax_kl.py --gpu              # GPU: the CuPy kernel (softmax_kl_gpu.py)
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import ALPHA, CPU_ROWS, SHAPES, T, add_out_argument, copy_bandwidth, cpu_machine, median_time, \
-    torch_kd_loss
+    parallel_copy_bandwidth, torch_kd_loss
 from minikd import kd_loss_and_grad
 from minikd.kernels import softmax_kl
 
@@ -42,9 +43,28 @@ def torch_eager(s, t, y):
     return run
 
 
+def torch_compiled(s, t, y):
+    """(run, compile seconds): torch.compile of the same loss, forward + backward, its first call (the
+    compilation) timed apart."""
+    import torch  # noqa: PLC0415
+    loss_fn = torch.compile(torch_kd_loss(torch, T, ALPHA))
+    S = torch.from_numpy(s).requires_grad_(True)
+    Tt, Y = torch.from_numpy(t), torch.from_numpy(y)
+
+    def run():
+        S.grad = None
+        loss = loss_fn(S, Tt, Y)
+        loss.backward()
+        return loss
+    t0 = time.perf_counter()
+    run()
+    return run, time.perf_counter() - t0
+
+
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU 3 instead of 7, GPU 5 instead of 20)")
+    ap.add_argument("--no-compile", action="store_true", help="CPU: skip torch.compile (minutes of compilation)")
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark: CuPy kernel, PyTorch eager and "
                     "torch.compile, float32 and bfloat16, full-size shapes (needs CuPy and a CUDA GPU)")
     add_out_argument(ap)
@@ -89,12 +109,11 @@ def run_cpu(args):
         torch_threads = torch.get_num_threads()
     except ImportError:
         torch = None
-    bw = copy_bandwidth()
+    bw1 = copy_bandwidth()
+    bw, threads = parallel_copy_bandwidth()
     machine = cpu_machine()
-    print(f"machine {machine}; copy bandwidth {bw / 1e9:.2f} GB/s" +
-          (f"; torch threads {torch_threads}" if torch else ""))
-    print(f"{'shape':>16} {'floor ms':>9} {'numpy ms':>9} {'numba ms':>9} {'torch ms':>9} "
-          f"{'numba %floor':>12} {'vs numpy':>9} {'vs torch':>9}")
+    print(f"machine {machine}; copy bandwidth {bw / 1e9:.2f} GB/s on {threads} threads (the floor), "
+          f"{bw1 / 1e9:.2f} GB/s on one" + (f"; torch threads {torch_threads}" if torch else ""))
     cases = []
     for _, C in SHAPES:
         N = CPU_ROWS[C]
@@ -108,7 +127,8 @@ def run_cpu(args):
         ref_l, ref_g = kd_loss_and_grad(s[:k].astype(np.float64), t[:k].astype(np.float64), y[:k], T=T, alpha=ALPHA)
         kl, kg = softmax_kl(s[:k], t[:k], y[:k], T=T, alpha=ALPHA, backend="numba")
         assert abs(kl - ref_l) <= 1e-5 * abs(ref_l) and np.abs(kg - ref_g).max() <= 1e-5 * np.abs(ref_g).max()
-        cases.append((s, t, y, {"N": N, "C": C, "dtype": "float32", "floor_ms": 1e3 * 12 * s.size / bw}))
+        cases.append((s, t, y, {"N": N, "C": C, "dtype": "float32", "floor_ms": 1e3 * 12 * s.size / bw,
+                                "floor_1thread_ms": 1e3 * 12 * s.size / bw1}))
     # one implementation at a time over all shapes: PyTorch's OpenMP workers spin after each call
     # and would steal the cores from whatever is timed right after them
     for s, t, y, r in cases:
@@ -120,16 +140,29 @@ def run_cpu(args):
     if torch is not None:
         for s, t, y, r in cases:
             r["torch_eager_ms"] = 1e3 * median_time(torch_eager(s, t, y), repeats)
+        if not args.no_compile:
+            for s, t, y, r in cases:
+                try:
+                    run, r["torch_compile_s"] = torch_compiled(s, t, y)
+                    r["torch_compile_ms"] = 1e3 * median_time(run, repeats)
+                except Exception as e:  # noqa: BLE001  (no C++ compiler, an inductor failure: say so)
+                    r["torch_compile_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
     rows = [r for *_, r in cases]
+    impls = [("numba_ms", "numba"), ("numpy_ms", "numpy"), ("torch_eager_ms", "eager"), ("torch_compile_ms", "compile")]
+    print(f"{'shape':>16} {'floor ms':>9} {'1-thr ms':>9} " + "".join(f"{n + ' ms':>11}" for _, n in impls) +
+          "".join(f"{n + ' %':>10}" for _, n in impls) + f"{'compile s':>10}")
     for r in rows:
-        N, C = r["N"], r["C"]
-        r["numba_pct_floor"] = 100 * r["floor_ms"] / r["numba_ms"]
-        print(f"{f'({N}, {C})':>16} {r['floor_ms']:>9.2f} {r['numpy_ms']:>9.2f} {r['numba_ms']:>9.2f} "
-              f"{r.get('torch_eager_ms', float('nan')):>9.2f} {r['numba_pct_floor']:>11.1f}% "
-              f"{r['numpy_ms'] / r['numba_ms']:>8.1f}x {r.get('torch_eager_ms', float('nan')) / r['numba_ms']:>8.1f}x")
+        for key, name in impls:
+            if key in r:
+                r[f"{name}_pct_floor"] = 100 * r["floor_ms"] / r[key]
+        print(f"{f'({r[chr(78)]}, {r[chr(67)]})':>16} {r['floor_ms']:>9.2f} {r['floor_1thread_ms']:>9.2f} "
+              + "".join(f"{r.get(k, float('nan')):>11.2f}" for k, _ in impls)
+              + "".join(f"{r.get(n + '_pct_floor', float('nan')):>9.1f}%" for _, n in impls)
+              + f"{r.get('torch_compile_s', float('nan')):>10.1f}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine, "processor": platform.processor(), "copy_bandwidth_GBps": bw / 1e9,
+              "copy_threads": threads, "copy_bandwidth_1thread_GBps": bw1 / 1e9,
               "T": T, "alpha": ALPHA, "rows": rows, "date": time.strftime("%Y-%m-%d")}
     json_path = out_dir / f"softmax_kl-{machine}.json"
     json_path.write_text(json.dumps(result, indent=1))
