@@ -226,3 +226,19 @@ def test_sequence_losses_are_named_on_sequences():
     assert flat["conventions"]["reduction"] == "elementwise_mean"
     assert seq["conventions"]["reduction"] == "batchmean" and seq["conventions"]["beta"] == 0.7
     assert seq["equivalent_call"] == "mk.kd_loss(student, teacher, T=1.0, alpha=1.0, kind='jsd', beta=0.7)"
+
+
+def test_the_plain_call_on_labeled_batches():
+    """Hinton's loss as PyTorch code writes it keeps the soft term on rows labeled -100, so its exact
+    equivalent is two minikd calls; on batches where every row is labeled it is the plain call."""
+    import minikd as mk
+    from minikd.diagnose.adapters import Caller
+    (entry,) = [e for e in GALLERY if e["name"] == "hinton_torch"]
+    d = run(entry).to_dict()
+    assert " + " in d["equivalent_call"]
+    assert d["equivalent_call_labeled"] == "mk.kd_loss(student, teacher, labels, T=4.0, alpha=0.9)"
+    rng = np.random.default_rng(7)
+    s, t, y = rng.standard_normal((6, 5)), rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
+    want = Caller(entry["fn"], order=entry["order"], fixed=entry["fixed"])(s, t, y).value
+    assert eval(d["equivalent_call_labeled"], {"mk": mk, "student": s, "teacher": t, "labels": y}) == \
+        pytest.approx(float(want), rel=1e-12)

@@ -17,6 +17,8 @@ import json
 import math
 import time
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..checks import UserError
@@ -112,6 +114,8 @@ class Diagnosis:
         lines.append("")
         if d["equivalent_call"]:
             lines.append(f"equivalent minikd call (value and gradient):\n  {d['equivalent_call']}")
+            if d.get("equivalent_call_labeled"):
+                lines.append(f"  on batches where every row is labeled, simply:\n  {d['equivalent_call_labeled']}")
         elif d.get("nearest_call"):
             lines.append(f"no exact minikd equivalent; nearest:\n  {d['nearest_call']}")
         err = d["max_rel_err"]
@@ -238,6 +242,7 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
         "conventions": conventions,
         "equivalent_call": model.code(caller.teacher_as) if exact and model is not None else None,
         "nearest_call": model.code(caller.teacher_as) if model is not None else None,
+        "equivalent_call_labeled": _labeled_call(model, caller) if exact and model is not None else None,
         "max_rel_err": {"loss": _finite(loss_err), "grad": _finite(grad_err)},
         "fit": {"residual": _finite(best.residual) if best else None,
                 "runner_up": ({"convention": describe(fits[1].convention), "residual": _finite(fits[1].residual)}
@@ -251,6 +256,18 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
         data["precision"] = stage_precision(S, model, probes, dtypes)
     data["seconds"] = time.perf_counter() - start
     return Diagnosis(data, model)
+
+
+def _labeled_call(c: Convention, caller) -> str | None:
+    """The same loss on batches without -100 labels, where the count of labeled rows is every row's:
+    one plain call where the equivalent call is two (different handling of -100 rows), else None."""
+    if not c.has_labels:
+        return None
+    lab = {"rows": "labeled_rows", "elements": "labeled_elements"}
+    simple = replace(c, soft_on_unlabeled=False, soft_den=lab.get(c.soft_den, c.soft_den),
+                     hard_den=lab.get(c.hard_den, c.hard_den))
+    code = simple.code(caller.teacher_as)
+    return None if code == c.code(caller.teacher_as) else code
 
 
 def _finite(x):
