@@ -267,7 +267,7 @@ def _labeled_call(c: Convention, caller) -> str | None:
     simple = replace(c, soft_on_unlabeled=False, soft_den=lab.get(c.soft_den, c.soft_den),
                      hard_den=lab.get(c.hard_den, c.hard_den))
     code = simple.code(caller.teacher_as)
-    return None if code == c.code(caller.teacher_as) else code
+    return None if code == c.code(caller.teacher_as) or " + " in code else code
 
 
 def _finite(x):
