@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the roles in the loss's positional order (default student,teacher,labels; "
                          "student,teacher for a loss without labels)")
     dg.add_argument("--names", type=_names, default=None,
-                    help="pass roles by keyword instead: student=NAME,teacher=NAME,labels=NAME")
+                    help="pass roles by keyword instead: student=NAME,teacher=NAME[,labels=NAME] (only the roles named "
+                         "are passed)")
     dg.add_argument("--teacher-as", choices=("logits", "probs", "log_probs"), default="logits",
                     help="what the loss takes as the teacher (probabilities / log-probabilities at T = 1)")
     dg.add_argument("--arg", type=_key_values, action="append", metavar="NAME=VALUE",

@@ -242,3 +242,26 @@ def test_the_plain_call_on_labeled_batches():
     want = Caller(entry["fn"], order=entry["order"], fixed=entry["fixed"])(s, t, y).value
     assert eval(d["equivalent_call_labeled"], {"mk": mk, "student": s, "teacher": t, "labels": y}) == \
         pytest.approx(float(want), rel=1e-12)
+
+
+def test_keyword_roles_module_instances_and_framework():
+    """--names passes roles by keyword; an nn.Module instance is called as it is; --framework wins over
+    detection (a torch loss named numpy fails to run, a usage error)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+
+    def kd(*, logits, targets, T=2.0):
+        return F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(targets / T, -1), log_target=True,
+                        reduction="batchmean") * T * T
+    d = diagnose(kd, names={"student": "logits", "teacher": "targets"}).to_dict()
+    assert d["conventions"]["temperature"] == 2.0 and d["equivalent_call"] == "mk.kd_loss(student, teacher, T=2.0, alpha=1.0)"
+
+    class Loss(torch.nn.Module):
+        def forward(self, teacher, student):
+            return F.kl_div(F.log_softmax(student, -1), F.softmax(teacher, -1), reduction="sum")
+    d = diagnose(Loss(), order=("teacher", "student")).to_dict()
+    assert d["framework"] == "torch" and d["conventions"]["reduction"] == "sum"
+    with pytest.raises(UserError, match="fails on a plain"):
+        diagnose(kd, names={"student": "logits", "teacher": "targets"}, framework="numpy")
+    with pytest.raises(UserError, match="names: unknown roles"):
+        diagnose(kd, names={"pupil": "logits"})

@@ -3,9 +3,9 @@ the argument order and form it expects, and reading back its value and its autog
 
 A loss is called as ``fn(student_logits, teacher_logits, labels)`` by default. ``order`` names the
 roles in positional order (("teacher", "student", "labels"), or ("student", "teacher") for a loss
-without labels); ``names`` maps roles to keyword names instead; ``fixed`` adds keyword arguments the
-user fixes (``T=4``); ``teacher_as`` passes the teacher as "logits", "probs" (softmax at T = 1) or
-"log_probs"; a ``torch.nn.Module`` class is instantiated with ``module_init``. PyTorch and JAX are
+without labels); ``names`` maps roles to keyword names instead (only the named roles are passed);
+``fixed`` adds keyword arguments the user fixes (``T=4``); ``teacher_as`` passes the teacher as
+"logits", "probs" (softmax at T = 1) or "log_probs"; a ``torch.nn.Module`` class is instantiated with ``module_init``. PyTorch and JAX are
 imported only when the loss needs them.
 """
 from __future__ import annotations
@@ -170,11 +170,14 @@ class Caller:
                 raise UserError(f"could not construct {getattr(fn, '__name__', fn)!r}({module_init or ''}): "
                                 f"{type(e).__name__}: {e}") from None
         self.fn = fn
-        self.order = order
         self.names = dict(names or {})
+        if self.names and not {"student", "teacher"} <= set(self.names):
+            raise UserError(f"names: name the student and the teacher (and the labels, if the loss takes "
+                            f"them), got {sorted(self.names)}")
+        self.order = () if self.names else order    # with names, exactly the named roles, by keyword
         self.teacher_as = teacher_as
         self.fixed = dict(fixed or {})
-        self.has_labels = "labels" in order or "labels" in self.names
+        self.has_labels = "labels" in (self.names or self.order)
         self._jax_grad, self._jitted, self._jax_jit = {}, {}, True
 
     def describe(self) -> str:

@@ -92,11 +92,17 @@ class Convention:
             return "none", None
         if den == "sum":
             return "sum", None
-        own = "rows" if (soft and self.soft_on_unlabeled) or (not soft and den in ("rows", "elements")) \
-            else "labeled_rows"
-        if den == own or (y is None and den in ("rows", "labeled_rows")):
+        if self._own_count(den, soft):
             return "batchmean", None
         return "batchmean", count(den, s, y)
+
+    def _own_count(self, den, soft) -> bool:
+        """Whether kd_forward's "batchmean" divides by ``den`` itself (no normalizer): by every row
+        with unlabeled="soft" (the soft term on -100 rows, or a hard term counted over all rows), by
+        the labeled rows with "ignore"; without labels every row counts."""
+        own = "rows" if (soft and self.soft_on_unlabeled) or (not soft and den in ("rows", "elements")) \
+            else "labeled_rows"
+        return den == own or (not self.has_labels and den in ("rows", "labeled_rows"))
 
     def parts(self, s, t, y):
         """The minikd calls whose sum is this convention: [(teacher input, kd_forward kwargs)]."""
@@ -150,11 +156,7 @@ class Convention:
             return ["reduction='none'"]
         if den == "sum":
             return ["reduction='sum'"]
-        own = "rows" if (soft and self.soft_on_unlabeled) or (not soft and den in ("rows", "elements")) \
-            else "labeled_rows"
-        if den == own or (not self.has_labels and den in ("rows", "labeled_rows")):
-            return []
-        return [f"normalizer={_den_code(den)}"]
+        return [] if self._own_count(den, soft) else [f"normalizer={_den_code(den)}"]
 
     def _call_args(self, soft: bool) -> str:
         if soft:
