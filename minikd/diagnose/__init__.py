@@ -216,7 +216,7 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
         if has_labels:
             model = stage_ignore(S, model)
         if not sequence:   # (with sequence every probe is (B, S, C) already)
-            model = stage_sequence(S, model, sequence)
+            stage_sequence(S, model)
         if not fit_exact:
             model, eps_found = stage_eps(S, model, problem, outs)
         else:

@@ -126,40 +126,30 @@ def stage_ignore(S: Session, c: Convention) -> Convention:
     return v
 
 
-def stage_sequence(S: Session, c: Convention, sequence: bool) -> Convention:
-    """(B, S, C) logits: is a mean over rows B * S (batchmean) or over the leading axis B? With
-    ``sequence`` the answer is the loss's reduction; without, a warning where it differs."""
+def stage_sequence(S: Session, c: Convention) -> None:
+    """A loss probed as (N, C) given (B, S, C) logits: where it divides by B, the leading axis, and not by
+    the B * S rows (PyTorch's kl_div 'batchmean' on unflattened sequences), a warning and
+    ``sequence_reduction``. (With ``sequence`` every probe is (B, S, C) and this is not needed; a loss
+    that does not take (B, S, C) logits, or gives values no convention explains there, says nothing.)"""
     outs = []
     for p in sequence_probes(S.rng, S.caller.has_labels):
         try:
             outs.append((p, S.call(p)))
-        except CallFailed as e:
-            if sequence:
-                S.note("error", "reduction", f"the loss does not take (B, S, C) logits ({e})")
-            return c
-    cands = [c]
+        except CallFailed:
+            return
+    if c.per_row:
+        return
     lead = {"rows": "leading_axis", "labeled_rows": "leading_axis"}
-    if not c.per_row:
-        cands.append(replace(c, soft_den=lead.get(c.soft_den, c.soft_den)))
-        cands.append(replace(c, soft_den=lead.get(c.soft_den, c.soft_den), hard_den=lead.get(c.hard_den, c.hard_den)))
-    cands = list(dict.fromkeys(cands))
+    cands = [c, replace(c, soft_den=lead.get(c.soft_den, c.soft_den)),
+             replace(c, soft_den=lead.get(c.soft_den, c.soft_den), hard_den=lead.get(c.hard_den, c.hard_den))]
     scored = sorted(((max(rel(o.value, v.value(p.s, p.t, p.y)) for p, o in outs), i, v)
-                     for i, v in enumerate(cands)), key=lambda e: (e[0], e[1]))
+                     for i, v in enumerate(dict.fromkeys(cands))), key=lambda e: (e[0], e[1]))
     err, _, v = scored[0]
-    if err > APPROX:
-        if sequence:
-            S.note("error", "reduction", f"on (B, S, C) logits the loss gives values no convention explains "
-                   f"(relative residual {err:.2g}); is the class axis last?")
-        return c
-    if v.soft_den == "leading_axis":
+    if err <= APPROX and v.soft_den == "leading_axis":
         S.note("warning", "reduction", "on (B, S, C) logits the soft term is divided by B, the leading axis, "
-               "not by the B * S rows (PyTorch's kl_div 'batchmean' on unflattened sequences)"
-               + ("" if sequence else "; flatten sequences to (N, C) before calling it"))
+               "not by the B * S rows (PyTorch's kl_div 'batchmean' on unflattened sequences); flatten "
+               "sequences to (N, C) before calling it, or diagnose it with --sequence")
         S.sequence_reduction = "batch_axis_mean"
-        if not sequence:
-            return c
-    S.checked.extend(outs)
-    return v
 
 
 def stage_peaked(S: Session, c: Convention, core):
@@ -302,9 +292,17 @@ def stage_neg_inf(S: Session, c: Convention, eps_found) -> bool:
         bad_grad = o.grad is not None and not np.all(np.isfinite(o.grad))
         if bad_value or bad_grad:
             what = "value" if bad_value else "gradient"
+            small = _small_neg_inf(S.caller.has_labels)
+            if S.sequence:
+                small = as_sequences([small])[0]
+            try:   # the small example where it shows the same, else the probe itself
+                o2 = S.call(small)
+                shows = not np.all(np.isfinite(o2.value)) or (o2.grad is not None and not np.all(np.isfinite(o2.grad)))
+            except CallFailed:
+                shows = False
             S.note("warning", "neg_inf_safe", f"the {what} is NaN or inf when student and teacher are -inf at the "
-                   f"same classes (vocabulary padding); mask with torch.where or use log_target=True / "
-                   f"log_softmax", example=_example(_small_neg_inf(S.caller.has_labels)))
+                   f"same classes (vocabulary padding): 0 * log 0 computed as 0 * -inf; mask the terms where the "
+                   f"teacher has no mass (e.g. torch.where(q > 0, ...))", example=_example(small if shows else p))
             return False
         if eps_found is None:
             want, g = c.value_and_grad(p.s, p.t, p.y)
