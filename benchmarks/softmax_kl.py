@@ -29,9 +29,11 @@ from minikd import kd_loss_and_grad
 from minikd.kernels import softmax_kl
 
 
-def torch_eager(s, t, y):
+def torch_eager(s, t, y, compile=False):
+    """PyTorch's forward + backward of the same loss, as a callable; ``compile``: through torch.compile."""
     import torch  # noqa: PLC0415
     loss_fn = torch_kd_loss(torch, T, ALPHA)
+    loss_fn = torch.compile(loss_fn) if compile else loss_fn
     S = torch.from_numpy(s).requires_grad_(True)
     Tt, Y = torch.from_numpy(t), torch.from_numpy(y)
 
@@ -44,18 +46,8 @@ def torch_eager(s, t, y):
 
 
 def torch_compiled(s, t, y):
-    """(run, compile seconds): torch.compile of the same loss, forward + backward, its first call (the
-    compilation) timed apart."""
-    import torch  # noqa: PLC0415
-    loss_fn = torch.compile(torch_kd_loss(torch, T, ALPHA))
-    S = torch.from_numpy(s).requires_grad_(True)
-    Tt, Y = torch.from_numpy(t), torch.from_numpy(y)
-
-    def run():
-        S.grad = None
-        loss = loss_fn(S, Tt, Y)
-        loss.backward()
-        return loss
+    """(run, compile seconds): torch.compile of the same loss, its first call (the compilation) timed apart."""
+    run = torch_eager(s, t, y, compile=True)
     t0 = time.perf_counter()
     run()
     return run, time.perf_counter() - t0

@@ -37,25 +37,14 @@ except ImportError:
 
 __all__ = ["HELDOUT", "SKIPPED", "ALL_NAMES"]
 
-IGNORE = -100
+from diagnose_gallery import HINTON, IGNORE, _entry, _hinton  # noqa: E402  (one entry format)
 
 
-def _entry(name, needs, fn, expect, why, *, order=("student", "teacher", "labels"), teacher_as="logits",
-           fixed=None, module_init=None, sequence=False, exact=True, returns="loss"):
-    return dict(name=name, needs=needs, fn=fn, order=list(order), teacher_as=teacher_as, fixed=dict(fixed or {}),
-                module_init=module_init, sequence=sequence, exact=exact, returns=returns, expect=dict(expect), why=why)
-
-
-BASE = {"divergence": "forward_kl", "temperature": 4.0, "temperature_on": "both", "t_squared": True,
-        "alpha": 0.9, "hard_term": "ce", "reduction": "batchmean", "ignore_index_honored": False,
-        "neg_inf_safe": False, "eps_smoothing": False, "gradient_exact": True}
+BASE = HINTON     # the textbook Hinton diagnosis; entries override keys (_e)
 PURE = {"alpha": 1.0, "hard_term": "none"}
 
 
-def _e(**changes):
-    out = dict(BASE)
-    out.update(changes)
-    return out
+_e = _hinton
 
 
 _TORCH, _JAX, _NUMPY = [], [], []

@@ -233,9 +233,9 @@ def diagnose(fn, *, order=("student", "teacher", "labels"), names=None, teacher_
         conventions["teacher_gradient"] = S.teacher_gradient
         if has_labels and model.soft_den != "sum":
             stage_micro_batches(S, model)
-    exact = model is not None and eps_found is None and conventions["gradient_exact"] is not False and \
-        max_errs(S, model)[0] <= EXACT * 10
     loss_err, grad_err = max_errs(S, model) if model is not None else (math.inf, math.inf)
+    exact = model is not None and eps_found is None and conventions["gradient_exact"] is not False and \
+        loss_err <= EXACT * 10
     data = {
         "function": name,
         "framework": caller.framework,

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..checks import MissingDependency, UserError
+from ..softmax import _log_softmax
 
 FRAMEWORKS = ("torch", "jax", "numpy")
 ROLES = ("student", "teacher", "labels")
@@ -138,12 +139,6 @@ def _import(framework):
                                 f"(pip install '.[{extra}]')") from None
 
 
-def _softmax(t):
-    z = t - np.max(np.where(np.isneginf(t), -np.inf, t), axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(-1, keepdims=True)
-
-
 class Caller:
     """Calls the user's loss with float64 (or lower-precision) probes; see the module doc."""
 
@@ -186,10 +181,9 @@ class Caller:
 
     def _teacher(self, t):
         if self.teacher_as == "probs":
-            return _softmax(t)
+            return np.exp(_log_softmax(t))
         if self.teacher_as == "log_probs":
-            with np.errstate(divide="ignore"):
-                return np.log(_softmax(t))
+            return _log_softmax(t)
         return t
 
     def _args(self, s, t, y):

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..gradcheck import relative_error
 from . import eps as eps_model
 from .adapters import CallFailed, Caller
 from .fit import (Probe, Problem, clean, simplest, as_sequences, ignore_probes, neg_inf_probes,
@@ -23,12 +24,13 @@ GRAD_EXACT = 1e-8
 
 
 def rel(a, b, floor=1e-300) -> float:
+    """``gradcheck.relative_error``, and inf where shapes differ or only one side is not finite."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         return math.inf
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return 0.0 if np.array_equal(a, b) else math.inf
-    return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), floor))
+    return relative_error(a, b, floor)
 
 
 def show(v):
@@ -594,8 +596,11 @@ def stage_precision(S: Session, c: Convention | None, probes, dtypes) -> dict:
             for p in probes[:4]:
                 pr = _round(p, dt)
                 o = S.call(pr, dt)
-                ref_v, ref_g = (c.value_and_grad(pr.s, pr.t, pr.y) if c is not None else
-                                (S.call(pr).value, S.call(pr).grad))
+                if c is not None:
+                    ref_v, ref_g = c.value_and_grad(pr.s, pr.t, pr.y)
+                else:   # no model: the loss itself in float64 on the same inputs
+                    ref = S.call(pr)
+                    ref_v, ref_g = ref.value, ref.grad
                 le = max(le, rel(o.value, ref_v))
                 if o.grad is not None and ref_g is not None:
                     ge = max(ge or 0.0, rel(o.grad, ref_g))
