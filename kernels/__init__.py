@@ -13,8 +13,12 @@ input, except that it may be the student array itself (in place); ``check_out`` 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
 ``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
 "auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
-The fused kernels compute kind "kl" and "ce" without label smoothing (``FUSED_KINDS``); for
-"reverse_kl", "jsd", "tvd", "dkd" or ``label_smoothing``, "auto" runs the reference (and warns once per kind) and an explicit fused backend is refused.
+The kinds each fused kernel computes are ``FUSED_KINDS[backend]`` (the Numba kernel: every
+divergence of the reference, "kl", "ce", "reverse_kl", "jsd", "tvd"), without label smoothing; for
+another kind ("dkd"), ``label_smoothing`` or a vocabulary map, "auto" runs the reference (and warns
+once per kind of thing) and an explicit fused backend is refused. The Numba kernel also takes
+bfloat16 logits (``ml_dtypes.bfloat16``) and writes the gradient as bfloat16, or as float32 into an
+``out=`` of float32.
 """
 from __future__ import annotations
 
@@ -52,14 +56,14 @@ def resolve_backend(backend: str, x) -> str:
     return backend
 
 
-# the divergences the fused kernels compute; the others (reverse_kl, jsd, tvd) run on the reference
-FUSED_KINDS = ("kl", "ce")
+# the divergences each fused kernel computes; other kinds run on the reference
+FUSED_KINDS = {"numba": ("kl", "ce", "reverse_kl", "jsd", "tvd"), "cupy": ("kl", "ce")}
 _said_fallback = set()
 
 
-def _unfused(kind, label_smoothing, vocab, student, teacher):
-    """What the fused kernels cannot compute in this call (None: they can)."""
-    if kind in KINDS and kind not in FUSED_KINDS:
+def _unfused(kind, label_smoothing, vocab, student, teacher, backend="numba"):
+    """What the fused kernel of ``backend`` cannot compute in this call (None: it can)."""
+    if kind in KINDS and kind not in FUSED_KINDS.get(backend, ()):
         return f"kind={kind!r}"
     if label_smoothing:
         return "label_smoothing"
@@ -74,12 +78,13 @@ def _fallback(what, backend, resolved) -> str:
     if resolved == "numpy":
         return resolved
     if backend != "auto":
-        raise UserError(f"{what}: the fused kernels compute kind {' and '.join(FUSED_KINDS)} without label "
-                        f"smoothing, on equal class counts; use backend='numpy' (the reference) or 'auto' (falls "
-                        f"back to it)")
-    if what not in _said_fallback:
-        _said_fallback.add(what)
-        warnings.warn(f"{what} has no fused kernel yet: backend='auto' runs the NumPy reference", stacklevel=3)
+        raise UserError(f"{what}: the {resolved} kernel computes kind {', '.join(FUSED_KINDS[resolved])} without "
+                        f"label smoothing, on equal class counts; use backend='numpy' (the reference) or 'auto' "
+                        f"(falls back to it)")
+    if (what, resolved) not in _said_fallback:
+        _said_fallback.add((what, resolved))
+        warnings.warn(f"{what} has no fused {resolved} kernel yet: backend='auto' runs the NumPy reference",
+                      stacklevel=3)
     return "numpy"
 
 
@@ -92,7 +97,7 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     if dkd_weights is not None and kind != "dkd":
         raise UserError(f"dkd_weights: only kind='dkd' takes them (kind={kind!r})")
     resolved = resolve_backend(backend, student)
-    what = _unfused(kind, label_smoothing, vocab, student, teacher)
+    what = _unfused(kind, label_smoothing, vocab, student, teacher, resolved)
     backend = resolved if what is None else _fallback(what, backend, resolved)
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
               unlabeled=unlabeled, normalizer=normalizer, hard_weight=hard_weight)
@@ -107,14 +112,14 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     if backend == "cupy":
         from .cupy_gpu import softmax_kl_cupy  # noqa: PLC0415
         return softmax_kl_cupy(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
-    return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
+    return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, beta=beta, **kw)
 
 
 def _data_ptr(a) -> int:
     return a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
 
 
-def check_out(out, student, teacher, labels=None, mask=None):
+def check_out(out, student, teacher, labels=None, mask=None, float32_for_bf16=False):
     """Refuse, before any work, an ``out=`` no backend can write safely. Each backend calls this
     first (after the reference's own first checks on student and teacher, so that a bad student
     is reported as the reference reports it). ``out`` must be an array of the student's kind
@@ -134,8 +139,10 @@ def check_out(out, student, teacher, labels=None, mask=None):
     if is_cupy_array(out) != is_cupy_array(student):
         raise TypeError(f"out: expected a {'CuPy' if is_cupy_array(student) else 'NumPy'} array like the "
                         f"student, got {type(out).__module__}.{type(out).__name__}")
-    if tuple(out.shape) != tuple(student.shape) or out.dtype != student.dtype:
-        raise ValueError(f"out: expected shape {tuple(student.shape)} and dtype {student.dtype}, "
+    f32_ok = float32_for_bf16 and student.dtype.name == "bfloat16" and out.dtype == np.float32
+    if tuple(out.shape) != tuple(student.shape) or (out.dtype != student.dtype and not f32_ok):
+        also = " (or float32)" if float32_for_bf16 and student.dtype.name == "bfloat16" else ""
+        raise ValueError(f"out: expected shape {tuple(student.shape)} and dtype {student.dtype}{also}, "
                          f"got {tuple(out.shape)} {out.dtype}")
     if not getattr(out.flags, "writeable", True):   # CuPy arrays are always writable
         raise ValueError("out: the array is read-only (flags.writeable is False); pass a writable array")
@@ -166,7 +173,7 @@ class Rows(NamedTuple):
 
 
 def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                 weight_dtype, unlabeled="ignore", on_device=False, normalizer=None, hard_weight=None):
+                 weight_dtype, unlabeled="ignore", on_device=False, normalizer=None, hard_weight=None, beta=None):
     """Validate (with the reference's checks, student values excepted: the kernels check those
     in their first pass) and lay out the rows for a kernel. ``on_device=True`` (CuPy) syncs with
     the host nowhere: the label range becomes ``bad_labels`` for the kernel's flags, and the count
@@ -174,7 +181,7 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
     xp, T, alpha, roles, _, normalizer, _ = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
         ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, check_student=False,
-        check_label_range=not on_device, normalizer=normalizer, hard_weight=hard_weight)
+        check_label_range=not on_device, normalizer=normalizer, hard_weight=hard_weight, beta=beta)
     C = student.shape[-1]
     s = xp.ascontiguousarray(student.reshape(-1, C))
     t = xp.ascontiguousarray(teacher.reshape(-1, C))
@@ -207,12 +214,12 @@ def deliver_gradient(buf, is_out, out, shape):
 
 
 def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask, unlabeled,
-                    hard_weight=None):
+                    hard_weight=None, beta=None):
     """A kernel flagged rows (bad values, or on the GPU a label out of range): run the reference's
     checks in the reference's order, so that the error raised is the reference's, word for word."""
     check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
                        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
-                       check_student=False, hard_weight=hard_weight)
+                       check_student=False, hard_weight=hard_weight, beta=beta)
     check_logits(student, "student", valid)
     check_logits(teacher, "teacher", valid)
     raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
@@ -236,49 +243,62 @@ SERIAL_BELOW = 1 << 12
 
 
 def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index,
-                      mask, unlabeled, out, normalizer=None, hard_weight=None):
-    from .numba_cpu import SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, RowStats, get_kernel  # noqa: PLC0415
+                      mask, unlabeled, out, normalizer=None, hard_weight=None, beta=None):
+    from .numba_cpu import KIND_CODES, SHORT_BLOCK_ROWS, SHORT_ROWS_UP_TO, RowStats, get_kernel, \
+        hard_power  # noqa: PLC0415
     check_float_array(student, "student", ndim_min=2)   # the reference's first check, its message
     if is_cupy_array(student):
         raise TypeError("student: the Numba kernel takes NumPy arrays, got a CuPy array (use backend='cupy')")
-    if student.dtype not in (np.float32, np.float64):
-        raise TypeError(f"student: the Numba kernel takes float32 or float64, got {student.dtype}")
-    check_out(out, student, teacher, labels, mask)
+    bf16 = student.dtype.name == "bfloat16"
+    if student.dtype not in (np.float32, np.float64) and not bf16:
+        raise TypeError(f"student: the Numba kernel takes float32, float64 or bfloat16, got {student.dtype}")
+    check_out(out, student, teacher, labels, mask, float32_for_bf16=True)
+    if bf16 and teacher.dtype != student.dtype:
+        raise TypeError(f"teacher: bfloat16 student logits need bfloat16 teacher logits, got {teacher.dtype}")
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
-                        weight_dtype=np.float64, normalizer=normalizer, hard_weight=hard_weight)
-    s, t = rows.s, rows.t
+                        weight_dtype=np.float64, normalizer=normalizer, hard_weight=hard_weight, beta=beta)
+    s, t = (rows.s.view(np.uint16), rows.t.view(np.uint16)) if bf16 else (rows.s, rows.t)
     N, C = s.shape
-    # in place is safe: a row's student entries are read (passes A, B) before any is written (C)
-    buf, is_out = gradient_buffer(out, s, np)
+    # in place is safe: a row's student entries are all read before any of its gradient is written
+    if bf16 and out is not None and out.dtype == np.float32:   # a float32 gradient of bfloat16 logits
+        buf, is_out = (out.reshape(N, C), True) if out.flags.c_contiguous else (np.empty((N, C), np.float32), False)
+    else:   # the gradient in the logits' dtype (bfloat16 through its uint16 bits)
+        buf, is_out = gradient_buffer(out.view(np.uint16) if bf16 and out is not None else out, s, np)
     stats = RowStats.empty(N)
     flags = np.zeros(N, np.int8)
+    fused = "kl" if kind == "jsd" and beta == 0.0 else "reverse_kl" if kind == "jsd" and beta == 1.0 else kind
     parallel = s.size >= SERIAL_BELOW
     n_threads = __import__("numba").get_num_threads() if parallel else 1
-    short = C <= SHORT_ROWS_UP_TO
+    short = C <= SHORT_ROWS_UP_TO and fused in ("kl", "ce")
     if short:   # blocks of rows transposed so that SIMD lanes run across rows
         rows_per_chunk = SHORT_BLOCK_ROWS
     else:       # several chunks of rows per thread balance the load
         rows_per_chunk = max(1, -(-N // (8 * n_threads))) if parallel else max(N, 1)
+    proto = np.empty(0, np.float64 if s.dtype == np.float64 else np.float32)   # the compute dtype
     get_kernel(s.dtype, parallel, short)(s, t, rows.labels, rows.weights, 1.0 / rows.T, rows.soft_weight,
-                                         rows.hard_weight, kind == "ce", conventions.shares_exponential(rows.T),
-                                         buf, *stats, flags, rows_per_chunk)
+                                         rows.hard_weight, KIND_CODES[fused], float(beta or 0.0), hard_power(rows.T),
+                                         buf, *stats, flags, rows_per_chunk, proto)
     if flags.any():  # rare
         raise_for_flags(student, teacher, labels, rows.valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
-                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, hard_weight=hard_weight)
+                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, hard_weight=hard_weight, beta=beta)
+    if buf.dtype == np.uint16:
+        buf = buf.view(student.dtype)
     grad = deliver_gradient(buf, is_out, out, student.shape)
-    # row loss = soft (A/Zt + log(Zs/Zt or Zs)) + hard (log Z1 - (s_y - ms)); rows without a term
+    loss_type = np.float32 if bf16 else student.dtype.type
+    # row loss = soft (soft_a + log soft_z) + hard (log Z1 - (s_y - ms)); rows without a term
     # hold its neutral statistics (0, 1), so give 0; the logs run over all rows at once in NumPy
+    ratio = fused in ("kl", "ce")   # the other kinds leave soft_z = 1 (their D is in soft_a)
     if reduction == "none":
         row_loss = np.zeros(N, np.float64)
         if rows.soft_weight > 0:
-            row_loss += rows.soft_weight * (stats.soft_a + np.log(stats.soft_z))
+            row_loss += rows.soft_weight * (stats.soft_a + np.log(stats.soft_z) if ratio else stats.soft_a)
         if rows.hard_weight > 0:
             row_loss += rows.hard_weight * (np.log(stats.hard_z) - stats.hard_sy)
-        return row_loss.astype(student.dtype).reshape(rows.lead), grad
+        return row_loss.astype(loss_type).reshape(rows.lead), grad
     total = 0.0
     if rows.soft_weight > 0:
-        total += rows.soft_weight * (stats.soft_a.sum() + sum_of_logs(stats.soft_z, C))
+        total += rows.soft_weight * (stats.soft_a.sum() + (sum_of_logs(stats.soft_z, C) if ratio else 0.0))
     if rows.hard_weight > 0:
         total += rows.hard_weight * (sum_of_logs(stats.hard_z, C) - stats.hard_sy.sum())
-    return student.dtype.type(conventions.reduce_total(total, reduction, rows.n_valid)), grad
+    return loss_type(conventions.reduce_total(total, reduction, rows.n_valid)), grad

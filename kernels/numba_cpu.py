@@ -1,55 +1,110 @@
-"""Fused softmax-KL on the CPU (Numba): loss and student gradient in one call, rows in parallel.
+"""Fused softmax-divergence on the CPU (Numba): loss statistics and student gradient in one call,
+rows in parallel, for every divergence of the reference (kl, ce, reverse_kl, jsd, tvd).
 
-Per row (s, t the student and teacher logits, T the temperature, y the label):
-    pass A  ms = max s,  mt = max t; also counts NaN/+inf entries (the input checks, in-kernel)
-    pass B  es = e^((s - ms)/T),  et = e^((t - mt)/T),  e1 = e^(s - ms)  (kept in a row buffer)
-            Zs = sum es,  Zt = sum et,  Z1 = sum e1,  A = sum_{et > 0} et (zt - zs)
-            KL(q||p)  = A / Zt + log(Zs / Zt)              (zs, zt the scaled shifted logits)
-            H(q, p)   = -sum_{et > 0} et zs / Zt + log Zs  (kind="ce")
-            CE        = log Z1 - (s_y - ms)
-            (the kernel stores per row, in ``RowStats``: soft_a = A / Zt, soft_z = Zs / Zt or Zs,
-            hard_z = Z1, hard_sy = s_y - ms; the caller takes the logs over all rows with NumPy's
-            SIMD log)
-    pass C  grad = w (soft / T (es / Zs - et / Zt) + hard_i (e1 / Z1 - onehot(y)))
-            soft = alpha tau, hard = 1 - alpha (conventions.term_weights); hard_i = hard on rows
-            with a label (y >= 0), 0 on rows that get the soft term alone (y = -1).
-It reads s and t from memory once in pass A; pass B re-reads the row, which is then in cache
-(C = 32k float32 rows are 128 KB), and pass C reads the row buffers, not the inputs: the
-memory traffic is the 12 bytes per element of the floor plus cache traffic. When T = 1 the hard
-softmax reuses es. The derivation is that of ``minikd.losses.kd``, which this is tested against.
+One row: s, t the student and teacher logits, T the temperature, y the label (-1: the soft term
+alone), w the row weight, soft = alpha tau and hard = 1 - alpha (``conventions.term_weights``);
+zs = (s - ms)/T, zt = (t - mt)/T measured from the row maxima; es = e^zs, et = e^zt, e1 = e^(s - ms);
+Zs, Zt, Z1 their sums; p = es/Zs, q = et/Zt, p1 = e1/Z1.
 
-Numerics. float32 inputs: exponentials by the vectorizable ``fastexp.exp_neg_f32`` (relative error
-<= 8e-8, flush to zero below e^-87.3), all sums and the loss terms (zt - zs) in float64, the
-gradient formed in float32 from per-row float64 coefficients (a few units in the last place).
-float64 inputs: libm exp and float64 throughout (agrees with the reference to ~1e-15).
-Per-row losses are formed and summed by NumPy after the parallel loop: deterministic, no atomics.
+kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
+    One pass over the row in blocks of BLOCK values (the block in L1):
+      (a) the block maxima bs, bt (maxnum: vectorized) and a finiteness check: the sum of 0 x is 0
+          unless some x is NaN or +-inf (then the row leaves for the general path below; not x - x,
+          which reassociation may cancel to 0);
+      (b) online softmax (Milakov & Gimelshein 2018): where a block raises the running maxima
+          (ms, mt) -> (ns, nt), the sums so far are brought to the new maxima,
+              Zs *= e^((ms - ns)/T),  Zt *= f = e^((mt - nt)/T),  Z1 *= e^(ms - ns),
+              A  <- f (A + Zt delta),  delta = ((ns - ms) - [kl] (nt - mt)) / T
+          (A = sum et (zt - zs) for kl, sum et (-zs) for ce: d = zt - zs shifts by delta);
+      (c) es = 2^((s - ms) k), et = 2^((t - mt) k), k = log2(e)/T (``fastexp.exp2_fast``) into row
+          buffers, with the block's sums in float32, added to float64 row sums;
+      (d) the hard term: e1 = es^T by multiplications where T is an integer 2..8 (no third
+          exponential), es itself at T = 1, else e1 = 2^((s - ms) log2 e) into a third buffer.
+    The maxima each block was measured from are kept, and the gradient pass scales each block
+    by its own factor:  grad = cs_j es - ct_j et + ch_j e1 - [c = y] w hard,
+        cs_j = w soft e^((ms_j - ms)/T) / (T Zs),  ct_j = w soft e^((mt_j - mt)/T) / (T Zt),
+        ch_j = w hard e^(ms_j - ms) / Z1.
+    Memory: s and t are read once from memory (the block's second read hits L1), the gradient is
+    written once; the row buffers stay in L2 for C up to ~64k.
+    Statistics per row (``RowStats``): soft_a = A / Zt, soft_z = Zs / Zt (kl) or Zs (ce),
+    hard_z = Z1, hard_sy = s_y - ms, so that
+        KL(q || p) = soft_a + log soft_z,  H(q, p) = soft_a + log soft_z,  CE = log hard_z - hard_sy;
+    the caller takes the logs for all rows at once (NumPy's SIMD log).
+
+kl / ce, the general rows (float64 rows, and rows with -inf classes, NaN or +inf)
+    Three passes, as the reference: maxima and the input checks (NaN / +inf / all -inf rows are
+    flagged: BAD_STUDENT, BAD_TEACHER, and the caller raises the reference's error); es, et, e1
+    and the sums in float64 (``d = zt - zs`` only where et > 0: 0 e^-inf never makes a NaN);
+    the gradient from the buffers.
+
+reverse_kl, jsd(beta), tvd (every row: general maxima, checks and sums, then per kind)
+    r = log p - log q = (zs - zt) + log Zt - log Zs (from the logits: exact where e^z underflows)
+    reverse_kl  D = sum_{p>0} p r;  dD/ds_k = p_k (r_k - D) / T
+                (a teacher class with no mass where the student has some: D = +inf, and the
+                gradient of the row is not finite, as the reference's)
+    jsd         m = beta q + (1 - beta) p;  with d = r,
+                lp = log p - log m = -log1p(beta expm1(-d)),  lq = log q - log m = -log1p((1 - beta) expm1(d))
+                (for |d| > 30, where expm1 overflows, the logsumexp forms d - log beta -
+                log1p((1 - beta) e^d / beta) and -d - log(1 - beta) - log1p(beta e^-d / (1 - beta)));
+                where one side has no mass lp = -log(1 - beta), lq = -log(beta);
+                D = beta sum_{q>0} q lq + (1 - beta) sum_{p>0} p lp;
+                dD/ds_k = p_k (a_k - sum_c p_c a_c) / T,  a = (1 - beta) lp
+                (beta = 0 and 1 are forward and reverse KL: the caller maps them, as the reference)
+    tvd         D = (1/2) sum |p - q|;  a = sign(p - q) / 2 (sign(0) = 0), and with P+, P-, P0 the
+                student mass where p > q, p < q, p = q:
+                dD/ds_k = p_k (P- + P0/2 | -(P+ + P0/2) | (P- - P+)/2) / T for p_k >, <, = q_k
+                (sums of masses, no cancellation: the reference's ``_project_sign``)
+    The row's D is written to soft_a (soft_z = 1); per-element logs in float64 (libm).
+
+Numerics. float32 rows: exponentials by ``fastexp.exp2_fast`` (relative error <= 2.5e-7; the
+general rows by ``exp_neg_f32``, 8e-8); the block sums in float32 and the row sums in float64. A
+float32 block sum of n <= BLOCK positive terms has a relative error below (n - 1) u = 3.0e-5
+(u = 2^-24) in any order; as compiled (LLVM sums each block in 4 x 16 lanes, then across the
+lanes) below (BLOCK/64 + 6) u = 8.3e-7; measured on the tests' rows, the float32 loss is within
+1e-8 and the gradient within 3e-7 of max |grad| of the float64 reference (tests assert 1e-5).
+float64 rows: libm exp and float64 throughout (~1e-15 of the reference). bfloat16 rows are read
+through their uint16 bits (bfloat16 -> float32 is exact), computed as float32, and the gradient
+is written as bfloat16 (rounded to nearest even) or float32. The per-row statistics are summed by
+NumPy after the parallel loop: deterministic, no atomics (for a given thread count, the same bits).
 
 Fastmath policy (one for the package, ``FASTMATH``): contraction, reassociation (vectorized
 sums) and reciprocal approximations are allowed; "nnan" and "ninf" are not, because -inf
-logits are legal, e^-inf = 0 must hold, and the NaN/+inf checks must see NaN and +inf.
+logits are legal, e^-inf = 0 must hold, and the NaN/+inf checks must see NaN and +inf. The one
+exception is the block maximum (``fastexp.maxnum_nnan``), whose NaN case the finiteness check
+of the same block catches.
+
+Compilation is cached on disk (``cache=True``): the kernels are module-level functions, one per
+variant (parallel or serial driver), so no two share a cache entry; the dtype variants are
+Numba's own specializations of the same functions.
 """
 from __future__ import annotations
 
 import math
-
-import numpy as np
-from numba import njit, prange
-
 from typing import NamedTuple
 
-from .fastexp import exp_neg_f32
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
 
-__all__ = ["FASTMATH", "get_kernel", "RowStats", "BAD_STUDENT", "BAD_TEACHER"]
+from .fastexp import bf16_to_f32, exp2_fast, exp_neg_f32, f32_to_bf16, maxnum_nnan
+
+__all__ = ["FASTMATH", "get_kernel", "RowStats", "BAD_STUDENT", "BAD_TEACHER", "KIND_CODES", "BLOCK",
+           "SHORT_ROWS_UP_TO", "SHORT_BLOCK_ROWS", "hard_power"]
 
 FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
 BAD_STUDENT, BAD_TEACHER = 1, 2
+KIND_CODES = {"kl": 0, "ce": 1, "reverse_kl": 2, "jsd": 3, "tvd": 4}
+BLOCK = 512                # values per block of the fast rows (4 KB of s and t: in L1)
+LOG2E = 1.4426950408889634
+SHORT_ROWS_UP_TO = 16      # C at or below this takes the row-transposed kernel (kl / ce)
+SHORT_BLOCK_ROWS = 128     # rows per transposed block (64..128 measured best)
 
 
 class RowStats(NamedTuple):
     """What the kernel leaves per row for the loss (float64 (N,) each; the neutral values 0 and 1
     on rows without the term): row loss = soft (soft_a + log soft_z) + hard (log hard_z - hard_sy)."""
-    soft_a: object    # A / Zt
-    soft_z: object    # Zs / Zt (kind "kl") or Zs (kind "ce")
+    soft_a: object    # A / Zt (kl, ce), or D itself (reverse_kl, jsd, tvd)
+    soft_z: object    # Zs / Zt (kl), Zs (ce), 1 (the others)
     hard_z: object    # Z1
     hard_sy: object   # s_y - ms
 
@@ -58,247 +113,716 @@ class RowStats(NamedTuple):
         return cls(*np.empty((4, n), np.float64))
 
 
-@njit(inline="always")
-def _exp64(x):
+def hard_power(T: float) -> int:
+    """How the fast rows get e^(s - ms) for the hard term from es = e^((s - ms)/T): 1 at T = 1 (es
+    itself: ``conventions.shares_exponential``), T for an integer T in 2..8 (es^T by at most four
+    multiplications: relative error <= T 2.5e-7 + 3 u), 0 otherwise (a third exponential)."""
+    if T == 1.0:
+        return 1
+    if float(T).is_integer() and 2 <= T <= 8:
+        return int(T)
+    return 0
+
+
+# ---------------------------------------------------------------- loads, stores and exp by dtype
+
+def _ld(a, c):
+    """a[c] as the compute dtype: float64 stays, float32 stays, bfloat16 bits (uint16) -> float32."""
+    x = a[c]
+    return np.array(np.uint32(x) << np.uint32(16), np.uint32).view(np.float32)[()] if a.dtype == np.uint16 else x
+
+
+@overload(_ld, inline="always")
+def _ld_jit(a, c):
+    if a.dtype == types.uint16:
+        return lambda a, c: bf16_to_f32(a[c])
+    return lambda a, c: a[c]
+
+
+def _st(o, c, v):
+    """o[c] = v, rounded to o's dtype (bfloat16 bits: to nearest even)."""
+    o[c] = v
+
+
+@overload(_st, inline="always")
+def _st_jit(o, c, v):
+    if o.dtype == types.uint16:
+        def st(o, c, v):
+            o[c] = f32_to_bf16(np.float32(v))
+        return st
+
+    def st(o, c, v):
+        o[c] = v
+    return st
+
+
+def _exp(x):
+    """e^x for x <= 0: float32 by ``exp_neg_f32`` (vectorizable), float64 by libm."""
     return math.exp(x)
 
 
-def _make(exp, parallel):
-    # no cache=True: closures made by this factory share one name and source line, and Numba's
-    # on-disk cache would hand the serial variant to a parallel call (seen: a 2x slowdown)
-    @njit(parallel=parallel, fastmath=FASTMATH)
-    def kernel(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard,
-               out, soft_a, soft_z, hard_z, hard_sy, flags, rows_per_chunk):
-        N, C = s.shape
-        dt = s.dtype.type
-        inv_T_x = dt(inv_T)
-        n_chunks = (N + rows_per_chunk - 1) // rows_per_chunk
-        for k in prange(n_chunks):
-            es = np.empty(C, s.dtype)
-            et = np.empty(C, s.dtype)
-            e1 = es if share_hard else np.empty(C, s.dtype)
-            for i in range(k * rows_per_chunk, min(N, (k + 1) * rows_per_chunk)):
-                w = weights[i]
-                soft_a[i] = 0.0    # the neutral statistics: a row that counts nowhere gives 0
-                soft_z[i] = 1.0
-                hard_z[i] = 1.0
-                hard_sy[i] = 0.0
-                y = labels[i]
-                hard_i = hard_coef if y >= 0 else 0.0   # -1: the soft term alone
-                if w == 0.0:  # a row that counts nowhere: zero gradient, not inspected
-                    for c in range(C):
-                        out[i, c] = 0
-                    continue
-                # pass A: maxima and the input checks (NaN and +inf fail "x < inf")
-                ms = -np.inf
-                mt = -np.inf
-                bad_s = 0
-                bad_t = 0
-                for c in range(C):
-                    sc = s[i, c]
-                    tc = t[i, c]
-                    ms = max(ms, sc)
-                    mt = max(mt, tc)
-                    bad_s += 0 if sc < np.inf else 1
-                    bad_t += 0 if tc < np.inf else 1
-                if bad_s or ms == -np.inf or bad_t or mt == -np.inf:
-                    flags[i] = (BAD_STUDENT if (bad_s or ms == -np.inf) else 0) + \
-                        (BAD_TEACHER if (bad_t or mt == -np.inf) else 0)
-                    for c in range(C):
-                        out[i, c] = 0
-                    continue
-                msx = dt(ms)
-                mtx = dt(mt)
-                # pass B: exponentials into the row buffers, float64 sums
-                Zs = 0.0
-                Zt = 0.0
-                Z1 = 0.0
-                A = 0.0
-                for c in range(C):
-                    zs = (s[i, c] - msx) * inv_T_x
-                    zt = (t[i, c] - mtx) * inv_T_x
-                    a = exp(zs)
-                    b = exp(zt)
-                    es[c] = a
-                    et[c] = b
-                    Zs += np.float64(a)
-                    Zt += np.float64(b)
-                    d = -zs if kind_ce else zt - zs
-                    A += np.float64(b * d) if b > 0 else 0.0
-                if hard_i != 0.0 and not share_hard:
-                    for c in range(C):
-                        e = exp(s[i, c] - msx)
-                        e1[c] = e
-                        Z1 += np.float64(e)
-                elif hard_i != 0.0:
-                    Z1 = Zs
-                # the logs are taken by NumPy over all rows at once (a SIMD log), not here: for
-                # C = 10 three scalar libm logs per row cost more than the row itself
-                soft_a[i] = A / Zt
-                soft_z[i] = Zs if kind_ce else Zs / Zt
-                if hard_i != 0.0:
-                    hard_z[i] = Z1
-                    hard_sy[i] = np.float64(s[i, y]) - ms
-                # pass C: the gradient from the buffers, per-row coefficients
-                gs = w * soft_coef * inv_T
-                a_s = dt(gs / Zs)
-                a_t = dt(gs / Zt)
-                if hard_i != 0.0:
-                    a_1 = dt(w * hard_i / Z1)
-                    for c in range(C):
-                        out[i, c] = a_s * es[c] - a_t * et[c] + a_1 * e1[c]
-                    out[i, y] -= dt(w * hard_i)
+@overload(_exp)
+def _exp_jit(x):
+    if x == types.float32:
+        return lambda x: exp_neg_f32(x)
+    return lambda x: math.exp(x)
+
+
+# ---------------------------------------------------------------- kl / ce: the fast rows
+
+@njit(fastmath=FASTMATH, cache=True)
+def _pow_sum(es, p):
+    """sum es^p (p in 2..8, by multiplications)."""
+    z = np.float32(0)
+    if p == 2:
+        for c in range(es.size):
+            e = es[c]
+            z += e * e
+    elif p == 3:
+        for c in range(es.size):
+            e = es[c]
+            z += e * e * e
+    elif p == 4:
+        for c in range(es.size):
+            e = es[c] * es[c]
+            z += e * e
+    elif p == 5:
+        for c in range(es.size):
+            e = es[c]
+            e2 = e * e
+            z += e2 * e2 * e
+    elif p == 6:
+        for c in range(es.size):
+            e = es[c]
+            e2 = e * e
+            z += e2 * e2 * e2
+    elif p == 7:
+        for c in range(es.size):
+            e = es[c]
+            e2 = e * e
+            z += e2 * e2 * e2 * e
+    else:   # 8
+        for c in range(es.size):
+            e = es[c] * es[c]
+            e = e * e
+            z += e * e
+    return z
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _grad_block(oi, es, et, e1, cs, ct, ch, p, has_hard):
+    """oi = cs es - ct et + ch e1, e1 = es^p (p >= 2), es (p = 1), the buffer (p = 0): slices of one
+    block (indices from 0: Numba knows them non-negative, and the loops vectorize without gathers)."""
+    if not has_hard:
+        for c in range(es.size):
+            _st(oi, c, cs * es[c] - ct * et[c])
+    elif p == 1:
+        cs1 = cs + ch
+        for c in range(es.size):
+            _st(oi, c, cs1 * es[c] - ct * et[c])
+    elif p == 0:
+        for c in range(es.size):
+            _st(oi, c, cs * es[c] - ct * et[c] + ch * e1[c])
+    elif p == 2:
+        for c in range(es.size):
+            e = es[c]
+            _st(oi, c, (cs + ch * e) * e - ct * et[c])
+    elif p == 4:
+        for c in range(es.size):
+            e = es[c]
+            e2 = e * e
+            _st(oi, c, cs * e + ch * (e2 * e2) - ct * et[c])
+    else:
+        for c in range(es.size):
+            e = es[c]
+            _st(oi, c, cs * e + ch * _ipow(e, p) - ct * et[c])
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _ipow(e, p):
+    """e^p for p in 2..8."""
+    e2 = e * e
+    if p == 2:
+        return e2
+    if p == 3:
+        return e2 * e
+    if p == 5:
+        return e2 * e2 * e
+    if p == 6:
+        return e2 * e2 * e2
+    if p == 7:
+        return e2 * e2 * e2 * e
+    e4 = e2 * e2
+    return e4 * e4 if p == 8 else e4
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce):
+    """The sums measured from the maxima (ms, mt) brought to (ns, nt) >= them (online softmax):
+    Z *= e^((m - n)/T) (Z1: e^(ms - ns)), and A <- f (A + Zt delta), f = e^((mt - nt)/T),
+    delta = ((ns - ms) - [kl] (nt - mt)) / T (d = zt - zs, or -zs, shifts by delta)."""
+    ft = math.exp((mt - nt) * inv_T)
+    A = (A + Zt * ((ns - ms) - (0.0 if kind_ce else (nt - mt))) * inv_T) * ft
+    return A, Zs * math.exp((ms - ns) * inv_T), Zt * ft, Z1 * math.exp(ms - ns)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _block_exps(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
+    """es = 2^((s - msx) k), et = 2^((t - mtx) k) into the block's buffers; returns the block's
+    float32 sums (Zs, Zt, A / inv_T), d = ut - us (kl) or -us (ce) in logit units."""
+    zs_b = np.float32(0)
+    zt_b = np.float32(0)
+    a_b = np.float32(0)
+    for c in range(sb.size):
+        us = _ld(sb, c) - msx
+        ut = _ld(tb, c) - mtx
+        a = exp2_fast(us * kx)
+        b = exp2_fast(ut * kx)
+        esb[c] = a
+        etb[c] = b
+        zs_b += a
+        zt_b += b
+        a_b += b * (-us if kind_ce else ut - us)
+    return zs_b, zt_b, a_b
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _block_exps_max(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
+    """``_block_exps`` that also returns the block's maxima and finiteness check (the sum of 0 x:
+    NaN where some x is NaN or +-inf; not x - x, which reassociation may cancel to 0) in the same
+    loop; the exponents may be > 0 where the block exceeds (msx, mtx) (the caller bounds that)."""
+    zs_b = np.float32(0)
+    zt_b = np.float32(0)
+    a_b = np.float32(0)
+    bs = np.float32(-np.inf)
+    bt = np.float32(-np.inf)
+    chk = np.float32(0)
+    zero = np.float32(0)
+    for c in range(sb.size):
+        x = _ld(sb, c)
+        z = _ld(tb, c)
+        bs = maxnum_nnan(bs, x)
+        bt = maxnum_nnan(bt, z)
+        chk += x * zero + z * zero
+        us = x - msx
+        ut = z - mtx
+        a = exp2_fast(us * kx)
+        b = exp2_fast(ut * kx)
+        esb[c] = a
+        etb[c] = b
+        zs_b += a
+        zt_b += b
+        a_b += b * (-us if kind_ce else ut - us)
+    return zs_b, zt_b, a_b, bs, bt, chk
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _block_max(sb, tb):
+    """The block's maxima and finiteness check, alone (the first block: no reference yet)."""
+    bs = np.float32(-np.inf)
+    bt = np.float32(-np.inf)
+    chk = np.float32(0)
+    zero = np.float32(0)
+    for c in range(sb.size):
+        x = _ld(sb, c)
+        z = _ld(tb, c)
+        bs = maxnum_nnan(bs, x)
+        bt = maxnum_nnan(bt, z)
+        chk += x * zero + z * zero
+    return bs, bt, chk
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p):
+    """One kl / ce row of finite float32 (or bfloat16) values (see the module doc). Returns
+    (ok, soft_a, soft_z, hard_z, hard_sy); ok = False (nothing written) where some value is NaN or
+    +-inf: the caller takes the general path."""
+    C = si.size
+    f32 = np.float32
+    k = inv_T * LOG2E
+    kx = f32(k)
+    l2e = f32(LOG2E)
+    # how far (in logits) a block may exceed the reference maxima it is measured from: every
+    # exponential, es^T and e1 included, stays below 2^60 (its block's sum below 2^69)
+    reach = 41.0 * min(1.0 / inv_T, 1.0)
+    nb = (C + BLOCK - 1) // BLOCK
+    ms = -np.inf        # the running maxima, and the sums measured from them
+    mt = -np.inf
+    Zs = 0.0
+    Zt = 0.0
+    Z1 = 0.0
+    A = 0.0
+    for j in range(nb):
+        c0 = j * BLOCK
+        c1 = min(C, c0 + BLOCK)
+        sb = si[c0:c1]     # the block (indices from 0: see _grad_block)
+        tb = ti[c0:c1]
+        esb = es[c0:c1]
+        etb = et[c0:c1]
+        if j > 0:          # one loop: exponentials from the running maxima, and the block's own
+            zs_b, zt_b, a_b, bs, bt, chk = _block_exps_max(sb, tb, esb, etb, f32(ms), f32(mt), kx, kind_ce)
+            if chk != 0:
+                return False, 0.0, 1.0, 1.0, 0.0
+            redo = bs > ms + reach or bt > mt + reach
+        else:              # the first block: its maxima first
+            bs, bt, chk = _block_max(sb, tb)
+            if chk != 0:   # NaN: some value is NaN or +-inf (0 inf = NaN)
+                return False, 0.0, 1.0, 1.0, 0.0
+            redo = True
+        ns = max(ms, np.float64(bs))
+        nt = max(mt, np.float64(bt))
+        if redo:           # measure this block from the new maxima (the sums so far brought there)
+            if j > 0:
+                A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
+            ms = ns
+            mt = nt
+            zs_b, zt_b, a_b = _block_exps(sb, tb, esb, etb, f32(ms), f32(mt), kx, kind_ce)
+        bms[j] = ms        # the maxima this block's exponentials are measured from
+        bmt[j] = mt
+        Zs += np.float64(zs_b)
+        Zt += np.float64(zt_b)
+        A += np.float64(a_b) * inv_T
+        if hard != 0.0:    # (d) the hard term's exponentials
+            if p == 1:
+                Z1 += np.float64(zs_b)
+            elif p >= 2:
+                Z1 += np.float64(_pow_sum(esb, p))
+            else:
+                e1b = e1[c0:c1]
+                msx = f32(ms)
+                z1_b = f32(0)
+                for c in range(sb.size):
+                    e = exp2_fast((_ld(sb, c) - msx) * l2e)
+                    e1b[c] = e
+                    z1_b += e
+                Z1 += np.float64(z1_b)
+        if ns > ms or nt > mt:   # the block raised the maxima: bring every sum there
+            A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
+            ms = ns
+            mt = nt
+    soft_a = A / Zt
+    soft_z = Zs if kind_ce else Zs / Zt
+    hard_z = Z1 if hard != 0.0 else 1.0
+    hard_sy = np.float64(_ld(si, y)) - ms if hard != 0.0 else 0.0   # read before any write (in place)
+    gs = w * soft * inv_T
+    a_s = gs / Zs
+    a_t = gs / Zt
+    a_1 = w * hard / Z1 if hard != 0.0 else 0.0
+    cs = ct = ch = f32(0)
+    for j in range(nb):             # the gradient, each block scaled from its own maxima
+        c0 = j * BLOCK
+        c1 = min(C, c0 + BLOCK)
+        if j == 0 or bms[j] != bms[j - 1] or bmt[j] != bmt[j - 1]:   # (the maxima change rarely)
+            fs = 1.0 if bms[j] == ms else math.exp((bms[j] - ms) * inv_T)   # (no libm call for 1)
+            cs = f32(a_s * fs)
+            ct = f32(a_t * (1.0 if bmt[j] == mt else math.exp((bmt[j] - mt) * inv_T)))
+            ch = f32(a_1 * (1.0 if bms[j] == ms else math.exp(bms[j] - ms)))
+        _grad_block(oi[c0:c1], es[c0:c1], et[c0:c1], e1[c0:c1], cs, ct, ch, p, hard != 0.0)
+        if hard != 0.0 and c0 <= y < c1:   # the label's entry, rounded once to the output dtype
+            e = es[y]
+            e_1 = e1[y] if p == 0 else e if p == 1 else _ipow(e, p)
+            _st(oi, y, cs * e - ct * et[y] + ch * e_1 - f32(w * hard))
+    return True, soft_a, soft_z, hard_z, hard_sy
+
+
+# ---------------------------------------------------------------- every kind: the general rows
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_checks(si, ti):
+    """(ms, mt, flag): the row maxima (float64) and the input checks (NaN and +inf fail x < inf;
+    an all -inf row has no maximum)."""
+    C = si.size
+    ms = -np.inf
+    mt = -np.inf
+    bad_s = 0
+    bad_t = 0
+    for c in range(C):
+        sc = np.float64(_ld(si, c))
+        tc = np.float64(_ld(ti, c))
+        ms = max(ms, sc)
+        mt = max(mt, tc)
+        bad_s += 0 if sc < np.inf else 1
+        bad_t += 0 if tc < np.inf else 1
+    flag = (BAD_STUDENT if (bad_s or ms == -np.inf) else 0) + (BAD_TEACHER if (bad_t or mt == -np.inf) else 0)
+    return ms, mt, flag
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_exps(si, ti, es, et, e1, ms, mt, inv_T, share_hard, need_hard):
+    """es, et (and e1 unless shared) into the buffers; returns (Zs, Zt, Z1) in float64."""
+    C = si.size
+    dt = es.dtype.type
+    msx = dt(ms)
+    mtx = dt(mt)
+    inv_T_x = dt(inv_T)
+    Zs = 0.0
+    Zt = 0.0
+    Z1 = 0.0
+    for c in range(C):
+        a = _exp((dt(_ld(si, c)) - msx) * inv_T_x)
+        b = _exp((dt(_ld(ti, c)) - mtx) * inv_T_x)
+        es[c] = a
+        et[c] = b
+        Zs += np.float64(a)
+        Zt += np.float64(b)
+    if need_hard and not share_hard:
+        for c in range(C):
+            e = _exp(dt(_ld(si, c)) - msx)
+            e1[c] = e
+            Z1 += np.float64(e)
+    elif need_hard:
+        Z1 = Zs
+    return Zs, Zt, Z1
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _row_general(si, ti, oi, es, et, e1, y, w, soft, hard, inv_T, kind, beta, share_hard):
+    """One row of any kind with the three-pass algorithm (see the module doc). Returns
+    (flag, soft_a, soft_z, hard_z, hard_sy); a flagged row's gradient is zeros."""
+    C = si.size
+    dt = es.dtype.type
+    ms, mt, flag = _row_checks(si, ti)
+    if flag:
+        for c in range(C):
+            _st(oi, c, 0)
+        return flag, 0.0, 1.0, 1.0, 0.0
+    need_hard = hard != 0.0
+    Zs, Zt, Z1 = _row_exps(si, ti, es, et, e1, ms, mt, inv_T, share_hard, need_hard)
+    hard_z = Z1 if need_hard else 1.0
+    hard_sy = np.float64(_ld(si, y)) - ms if need_hard else 0.0   # read before any write (in place)
+    msx = dt(ms)
+    mtx = dt(mt)
+    inv_T_x = dt(inv_T)
+    ws = w * soft * inv_T   # d(w soft D)/ds = ws * (the bracket below)
+    if kind <= 1:           # kl, ce: A = sum_{et > 0} et d
+        A = 0.0
+        for c in range(C):
+            zs = (dt(_ld(si, c)) - msx) * inv_T_x
+            zt = (dt(_ld(ti, c)) - mtx) * inv_T_x
+            b = et[c]
+            d = -zs if kind == 1 else zt - zs
+            A += np.float64(b * d) if b > 0 else 0.0
+        soft_a = A / Zt
+        soft_z = Zs if kind == 1 else Zs / Zt
+        a_s = dt(ws / Zs)
+        a_t = dt(ws / Zt)
+        a_1 = dt(w * hard / Z1) if need_hard else dt(0)
+        if need_hard:
+            for c in range(C):
+                _st(oi, c, a_s * es[c] - a_t * et[c] + a_1 * (es[c] if share_hard else e1[c]))
+            _st(oi, y, a_s * es[y] - a_t * et[y] + a_1 * (es[y] if share_hard else e1[y]) - dt(w * hard))
+        else:
+            for c in range(C):
+                _st(oi, c, a_s * es[c] - a_t * et[c])
+        return 0, soft_a, soft_z, hard_z, hard_sy
+    # reverse_kl, jsd, tvd: float64 per element, from the logits
+    L = math.log(Zt) - math.log(Zs)   # r = log p - log q = (zs - zt) + L
+    inv_Zs = 1.0 / Zs
+    inv_Zt = 1.0 / Zt
+    D = 0.0
+    S = 0.0     # reverse_kl, jsd: sum_c p_c a_c
+    Pp = 0.0    # tvd: the masses P+, P-, P0
+    Pm = 0.0
+    P0 = 0.0
+    for c in range(C):
+        pc = np.float64(es[c]) * inv_Zs
+        qc = np.float64(et[c]) * inv_Zt
+        if kind == 4:
+            D += abs(pc - qc)
+            if pc > qc:
+                Pp += pc
+            elif pc < qc:
+                Pm += pc
+            else:
+                P0 += pc
+            continue
+        if pc <= 0.0 and (kind == 2 or qc <= 0.0):
+            continue    # no mass on either side that counts here
+        zs = (np.float64(_ld(si, c)) - ms) * inv_T
+        zt = (np.float64(_ld(ti, c)) - mt) * inv_T
+        if kind == 2:
+            r = (zs - zt) + L    # +inf where the teacher has no mass (zt = -inf)
+            D += pc * r
+            S += pc * r
+        else:
+            lp, lq = _jsd_log_ratios(pc, qc, zs, zt, L, beta)
+            D += beta * qc * lq + (1.0 - beta) * pc * lp
+            S += pc * (1.0 - beta) * lp
+    if kind == 4:
+        D *= 0.5
+    S = D if kind == 2 else S
+    for c in range(C):
+        pc = np.float64(es[c]) * inv_Zs
+        g = 0.0
+        if pc > 0.0:
+            if kind == 4:
+                qc = np.float64(et[c]) * inv_Zt
+                br = Pm + 0.5 * P0 if pc > qc else -(Pp + 0.5 * P0) if pc < qc else 0.5 * (Pm - Pp)
+            else:
+                zs = (np.float64(_ld(si, c)) - ms) * inv_T
+                zt = (np.float64(_ld(ti, c)) - mt) * inv_T
+                if kind == 2:
+                    a = (zs - zt) + L
                 else:
-                    for c in range(C):
-                        out[i, c] = a_s * es[c] - a_t * et[c]
-    return kernel
+                    qc = np.float64(et[c]) * inv_Zt
+                    a = (1.0 - beta) * _jsd_log_ratios(pc, qc, zs, zt, L, beta)[0]
+                br = a - S
+            g = ws * pc * br
+        if need_hard:
+            g += w * hard * (np.float64(es[c] if share_hard else e1[c]) / Z1)
+            if c == y:
+                g -= w * hard
+        _st(oi, c, g)
+    return 0, D, 1.0, hard_z, hard_sy
 
 
-def _make_short(exp, parallel):
-    """The same computation for short rows (C up to SHORT_ROWS_UP_TO), with SIMD lanes across rows.
+@njit(fastmath=FASTMATH, cache=True)
+def _jsd_log_ratios(pc, qc, zs, zt, L, beta):
+    """(log p - log m, log q - log m) of one class (see the module doc); 0 where that side has no
+    mass. zs, zt the scaled shifted logits, L = log Zt - log Zs."""
+    if pc > 0.0 and qc > 0.0:
+        d = (zs - zt) + L
+        if abs(d) < 30.0:
+            return -math.log1p(beta * math.expm1(-d)), -math.log1p((1.0 - beta) * math.expm1(d))
+        if d > 0.0:   # p >> q
+            return -math.log(1.0 - beta) - math.log1p(beta * math.exp(-d) / (1.0 - beta)), \
+                -d - math.log(1.0 - beta) - math.log1p(beta * math.exp(-d) / (1.0 - beta))
+        return d - math.log(beta) - math.log1p((1.0 - beta) * math.exp(d) / beta), \
+            -math.log(beta) - math.log1p((1.0 - beta) * math.exp(d) / beta)
+    if pc > 0.0:
+        return -math.log(1.0 - beta), 0.0
+    if qc > 0.0:
+        return 0.0, -math.log(beta)
+    return 0.0, 0.0
 
-    A loop over 10 classes leaves most of a vector idle and runs scalar remainders, so a block of
-    R rows is first transposed into (C, R) buffers; every later loop runs along the R rows of one
-    class, contiguous and full width: the maxima, the exponentials, the sums and the gradient.
-    The gradient is transposed back at the end. Rows that count nowhere are copied as zeros
-    (their statistics stay finite and their coefficients are 0, so their gradient is exactly 0).
-    Rows with the soft term alone (label -1) get a hard coefficient of 0 (their Z1 is computed with
-    the block's and not used).
-    """
-    @njit(fastmath=FASTMATH)
-    def _short_block(s, t, labels, weights, inv_T, inv_T_x, soft_coef, hard_coef, kind_ce, share_hard, out,
-                     soft_a, soft_z, hard_z, hard_sy,
-                     flags, r0, nr, sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1):
-        """One block of R rows of the short-row kernel (the buffers belong to the caller's group)."""
-        C = s.shape[1]
-        R = sT.shape[1]
-        dt = s.dtype.type
+
+def _try_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p):
+    """``_row_fast`` for float32 buffers (float32 and bfloat16 rows); float64 rows never take it."""
+    if es.dtype != np.float32:
+        return False, 0.0, 1.0, 1.0, 0.0
+    return _row_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p)
+
+
+@overload(_try_fast)
+def _try_fast_jit(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p):
+    if es.dtype != types.float32:
+        return lambda si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p: (False, 0.0, 1.0, 1.0, 0.0)
+    return lambda si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p: \
+        _row_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p)
+
+
+# ---------------------------------------------------------------- the drivers (rows in chunks)
+
+@njit(fastmath=FASTMATH, cache=True)
+def _chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy, flags,
+           r0, r1, proto):
+    """Rows [r0, r1) with buffers of the compute dtype (proto's: float32 for float32 and bfloat16
+    rows, float64 for float64 rows)."""
+    C = s.shape[1]
+    es = np.empty(C, proto.dtype)
+    et = np.empty(C, proto.dtype)
+    e1 = np.empty(C, proto.dtype)
+    nb = (C + BLOCK - 1) // BLOCK
+    bms = np.empty(nb)
+    bmt = np.empty(nb)
+    fast_ok = kind <= 1
+    for i in range(r0, r1):
+        w = weights[i]
+        y = labels[i]
+        hard_i = hard if y >= 0 else 0.0   # -1: the soft term alone
+        oi = out[i]
+        if w == 0.0:   # a row that counts nowhere: zero gradient, neutral statistics, not inspected
+            for c in range(C):
+                _st(oi, c, 0)
+            soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = 0.0, 1.0, 1.0, 0.0
+            continue
+        si = s[i]
+        ti = t[i]
+        done = False
+        if fast_ok:
+            done, a_, z_, h_, sy_ = _try_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard_i, inv_T, kind == 1, p)
+        if not done:
+            flag, a_, z_, h_, sy_ = _row_general(si, ti, oi, es, et, e1, y, w, soft, hard_i, inv_T, kind, beta, p == 1)
+            flags[i] = flag
+        soft_a[i] = a_
+        soft_z[i] = z_
+        hard_z[i] = h_
+        hard_sy[i] = sy_
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _rows_parallel(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                   flags, rows_per_chunk, proto):
+    N = s.shape[0]
+    n_chunks = (N + rows_per_chunk - 1) // rows_per_chunk
+    for k in prange(n_chunks):
+        _chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy, flags,
+               k * rows_per_chunk, min(N, (k + 1) * rows_per_chunk), proto)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _rows_serial(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                 flags, rows_per_chunk, proto):
+    _chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy, flags,
+           0, s.shape[0], proto)
+
+
+# ---------------------------------------------------------------- kl / ce: short rows
+
+@njit(fastmath=FASTMATH, cache=True)
+def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard, out,
+                 soft_a, soft_z, hard_z, hard_sy, flags, r0, nr, sT, tT, es, et, e1, ms, mt, bad_s, bad_t,
+                 Zs, Zt, Z1, A, a_s, a_t, a_1):
+    """One block of R rows of the short-row kernel: a block of rows is transposed into (C, R)
+    buffers so that every loop runs along the R rows of one class, contiguous and full width (a
+    loop over 10 classes would leave most of a vector idle): the maxima, the exponentials, the sums
+    and the gradient; the gradient is transposed back at the end. Rows that count nowhere are
+    copied as zeros (their statistics stay finite and their coefficients are 0, so their gradient
+    is exactly 0). Rows with the soft term alone (label -1) get a hard coefficient of 0."""
+    C = s.shape[1]
+    R = sT.shape[1]
+    dt = sT.dtype.type
+    inv_T_x = dt(inv_T)
+    for r in range(R):
+        ms[r] = -np.inf
+        mt[r] = -np.inf
+        bad_s[r] = 0
+        bad_t[r] = 0
+        Zs[r] = 0.0
+        Zt[r] = 0.0
+        Z1[r] = 0.0
+        A[r] = 0.0
+    for r in range(R):   # transpose in; rows past the end and rows of weight 0 become zeros
+        live = r < nr and weights[r0 + r] != 0.0
+        for c in range(C):
+            sT[c, r] = _ld(s[r0 + r], c) if live else dt(0)
+            tT[c, r] = _ld(t[r0 + r], c) if live else dt(0)
+    for c in range(C):   # pass A along the rows
         for r in range(R):
-            ms[r] = -np.inf
-            mt[r] = -np.inf
-            bad_s[r] = 0
-            bad_t[r] = 0
-            Zs[r] = 0.0
-            Zt[r] = 0.0
-            Z1[r] = 0.0
-            A[r] = 0.0
-        for r in range(R):   # transpose in; rows past the end and rows of weight 0 become zeros
-            live = r < nr and weights[r0 + r] != 0.0
+            sc = sT[c, r]
+            tc = tT[c, r]
+            ms[r] = max(ms[r], sc)
+            mt[r] = max(mt[r], tc)
+            bad_s[r] += 0 if sc < np.inf else 1
+            bad_t[r] += 0 if tc < np.inf else 1
+    for r in range(nr):
+        flag = (BAD_STUDENT if (bad_s[r] or ms[r] == -np.inf) else 0) + \
+            (BAD_TEACHER if (bad_t[r] or mt[r] == -np.inf) else 0)
+        if flag:  # the caller raises; keep the arithmetic below finite
+            flags[r0 + r] = flag
+            ms[r] = 0
+            mt[r] = 0
             for c in range(C):
-                sT[c, r] = s[r0 + r, c] if live else dt(0)
-                tT[c, r] = t[r0 + r, c] if live else dt(0)
-        for c in range(C):   # pass A along the rows
-            for r in range(R):
-                sc = sT[c, r]
-                tc = tT[c, r]
-                ms[r] = max(ms[r], sc)
-                mt[r] = max(mt[r], tc)
-                bad_s[r] += 0 if sc < np.inf else 1
-                bad_t[r] += 0 if tc < np.inf else 1
-        for r in range(nr):
-            flag = (BAD_STUDENT if (bad_s[r] or ms[r] == -np.inf) else 0) + \
-                (BAD_TEACHER if (bad_t[r] or mt[r] == -np.inf) else 0)
-            if flag:  # the caller raises; keep the arithmetic below finite
-                flags[r0 + r] = flag
-                ms[r] = 0
-                mt[r] = 0
-                for c in range(C):
-                    sT[c, r] = 0
-                    tT[c, r] = 0
-        for c in range(C):   # pass B along the rows
-            for r in range(R):
-                zs = (sT[c, r] - ms[r]) * inv_T_x
-                zt = (tT[c, r] - mt[r]) * inv_T_x
-                a = exp(zs)
-                e = exp(zt)
-                es[c, r] = a
-                et[c, r] = e
-                Zs[r] += np.float64(a)
-                Zt[r] += np.float64(e)
-                d = -zs if kind_ce else zt - zs
-                A[r] += np.float64(e * d) if e > 0 else 0.0
-        if hard_coef != 0.0 and not share_hard:
-            for c in range(C):
-                for r in range(R):
-                    e = exp(sT[c, r] - ms[r])
-                    e1[c, r] = e
-                    Z1[r] += np.float64(e)
-        elif hard_coef != 0.0:
-            for r in range(R):
-                Z1[r] = Zs[r]
+                sT[c, r] = 0
+                tT[c, r] = 0
+    for c in range(C):   # pass B along the rows
         for r in range(R):
-            i = r0 + r
-            w = weights[i] if (r < nr and flags[i] == 0) else 0.0
-            y = labels[i] if r < nr else -1
-            hard_r = hard_coef if y >= 0 else 0.0   # -1: the soft term alone
-            gs = w * soft_coef * inv_T
-            a_s[r] = dt(gs / Zs[r])
-            a_t[r] = dt(gs / Zt[r])
-            a_1[r] = dt(w * hard_r / Z1[r]) if hard_r != 0.0 else dt(0)
-            if r < nr:
-                soft_a[i] = A[r] / Zt[r] if w != 0.0 else 0.0
-                soft_z[i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
-                hard_z[i] = Z1[r] if (hard_r != 0.0 and w != 0.0) else 1.0
-                hard_sy[i] = np.float64(sT[y, r]) - ms[r] if (hard_r != 0.0 and w != 0.0) else 0.0
-        if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
-            for c in range(C):
-                for r in range(R):
-                    es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r] + a_1[r] * e1[c, r]
-        else:                  # (e1 was never filled: 0 * garbage could be NaN)
-            for c in range(C):
-                for r in range(R):
-                    es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r]
-        for r in range(nr):  # transpose out, minus the one-hot of the label
-            i = r0 + r
-            for c in range(C):
-                out[i, c] = es[c, r]
-            if a_1[r] != 0:   # only rows with a label and weight have a hard coefficient
-                out[i, labels[i]] -= dt(weights[i] * hard_coef)
-
-    @njit(parallel=parallel, fastmath=FASTMATH)
-    def kernel(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard,
-               out, soft_a, soft_z, hard_z, hard_sy, flags, rows_per_block):
-        N, C = s.shape
-        dt = s.dtype.type
-        inv_T_x = dt(inv_T)
-        R = rows_per_block
-        n_blocks = (N + R - 1) // R
-        # groups of consecutive blocks: buffers are allocated once per group, not per block
-        n_groups = min(n_blocks, 64)
-        for g in prange(n_groups):
-            sT = np.empty((C, R), s.dtype)
-            tT = np.empty((C, R), s.dtype)
-            es = np.empty((C, R), s.dtype)
-            et = np.empty((C, R), s.dtype)
-            e1 = es if share_hard else np.empty((C, R), s.dtype)
-            ms = np.empty(R, s.dtype)
-            mt = np.empty(R, s.dtype)
-            bad_s = np.empty(R, np.int32)
-            bad_t = np.empty(R, np.int32)
-            Zs = np.empty(R)
-            Zt = np.empty(R)
-            Z1 = np.empty(R)
-            A = np.empty(R)
-            a_s = np.empty(R, s.dtype)
-            a_t = np.empty(R, s.dtype)
-            a_1 = np.empty(R, s.dtype)
-            for b in range(g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups):
-                _short_block(s, t, labels, weights, inv_T, inv_T_x, soft_coef, hard_coef, kind_ce, share_hard,
-                             out, soft_a, soft_z, hard_z, hard_sy, flags, b * R, min(N, b * R + R) - b * R,
-                             sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1)
-    return kernel
+            zs = (sT[c, r] - ms[r]) * inv_T_x
+            zt = (tT[c, r] - mt[r]) * inv_T_x
+            a = _exp(zs)
+            e = _exp(zt)
+            es[c, r] = a
+            et[c, r] = e
+            Zs[r] += np.float64(a)
+            Zt[r] += np.float64(e)
+            d = -zs if kind_ce else zt - zs
+            A[r] += np.float64(e * d) if e > 0 else 0.0
+    if hard_coef != 0.0 and not share_hard:
+        for c in range(C):
+            for r in range(R):
+                e = _exp(sT[c, r] - ms[r])
+                e1[c, r] = e
+                Z1[r] += np.float64(e)
+    elif hard_coef != 0.0:
+        for r in range(R):
+            Z1[r] = Zs[r]
+    for r in range(R):
+        i = r0 + r
+        w = weights[i] if (r < nr and flags[i] == 0) else 0.0
+        y = labels[i] if r < nr else -1
+        hard_r = hard_coef if y >= 0 else 0.0   # -1: the soft term alone
+        gs = w * soft_coef * inv_T
+        a_s[r] = dt(gs / Zs[r])
+        a_t[r] = dt(gs / Zt[r])
+        a_1[r] = dt(w * hard_r / Z1[r]) if hard_r != 0.0 else dt(0)
+        if r < nr:
+            soft_a[i] = A[r] / Zt[r] if w != 0.0 else 0.0
+            soft_z[i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
+            hard_z[i] = Z1[r] if (hard_r != 0.0 and w != 0.0) else 1.0
+            hard_sy[i] = np.float64(sT[y, r]) - ms[r] if (hard_r != 0.0 and w != 0.0) else 0.0
+    if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
+        for c in range(C):
+            for r in range(R):
+                es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r] + a_1[r] * e1[c, r]
+    else:                  # (e1 was never filled: 0 * garbage could be NaN)
+        for c in range(C):
+            for r in range(R):
+                es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r]
+    for r in range(nr):  # transpose out, minus the one-hot of the label
+        i = r0 + r
+        oi = out[i]
+        y = labels[i]
+        for c in range(C):
+            v = es[c, r]
+            if a_1[r] != 0 and c == y:   # only rows with a label and weight have a hard coefficient
+                v -= dt(weights[i] * hard_coef)
+            _st(oi, c, v)
 
 
-_KERNELS = {}
-SHORT_ROWS_UP_TO = 16      # C at or below this takes the row-transposed kernel (measured: faster
-                           # at C = 10 (2.1 vs 3.0 ms at 65536 rows), even at 32, slower at 64)
-SHORT_BLOCK_ROWS = 128     # rows per transposed block (64..128 measured best)
+@njit(fastmath=FASTMATH, cache=True)
+def _short_group(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard, out,
+                 soft_a, soft_z, hard_z, hard_sy, flags, R, b0, b1, proto):
+    """Blocks [b0, b1) of R rows with one set of buffers."""
+    N, C = s.shape
+    sT = np.empty((C, R), proto.dtype)
+    tT = np.empty((C, R), proto.dtype)
+    es = np.empty((C, R), proto.dtype)
+    et = np.empty((C, R), proto.dtype)
+    e1 = es if share_hard else np.empty((C, R), proto.dtype)
+    ms = np.empty(R, proto.dtype)
+    mt = np.empty(R, proto.dtype)
+    bad_s = np.empty(R, np.int32)
+    bad_t = np.empty(R, np.int32)
+    Zs = np.empty(R)
+    Zt = np.empty(R)
+    Z1 = np.empty(R)
+    A = np.empty(R)
+    a_s = np.empty(R, proto.dtype)
+    a_t = np.empty(R, proto.dtype)
+    a_1 = np.empty(R, proto.dtype)
+    for b in range(b0, b1):
+        _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard, out,
+                     soft_a, soft_z, hard_z, hard_sy, flags, b * R, min(N, b * R + R) - b * R,
+                     sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _short_parallel(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                    flags, rows_per_block, proto):
+    N = s.shape[0]
+    R = rows_per_block
+    n_blocks = (N + R - 1) // R
+    n_groups = min(n_blocks, 64)   # groups of consecutive blocks: buffers allocated once per group
+    for g in prange(n_groups):
+        _short_group(s, t, labels, weights, inv_T, soft, hard, kind == 1, p == 1, out, soft_a, soft_z, hard_z,
+                     hard_sy, flags, R, g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups, proto)
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _short_serial(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                  flags, rows_per_block, proto):
+    R = rows_per_block
+    _short_group(s, t, labels, weights, inv_T, soft, hard, kind == 1, p == 1, out, soft_a, soft_z, hard_z,
+                 hard_sy, flags, R, 0, (s.shape[0] + R - 1) // R, proto)
+
+
+_DRIVERS = {(False, False): _rows_serial, (True, False): _rows_parallel,
+            (False, True): _short_serial, (True, True): _short_parallel}
 
 
 def get_kernel(dtype, parallel: bool, short: bool = False):
-    """The compiled kernel for float32 (vectorized exp) or float64 (libm exp) inputs."""
-    key = (np.dtype(dtype).name, parallel, short)
-    if key not in _KERNELS:
-        exp = exp_neg_f32 if key[0] == "float32" else _exp64
-        _KERNELS[key] = (_make_short if short else _make)(exp, parallel)
-    return _KERNELS[key]
+    """The driver for rows (``short``: the row-transposed kernel for C <= SHORT_ROWS_UP_TO, kl and
+    ce). Every driver takes (s, t, labels, weights, inv_T, soft, hard, kind code, beta, hard power,
+    out, soft_a, soft_z, hard_z, hard_sy, flags, rows per chunk, proto); dtype is the inputs'
+    (float32, float64, or uint16 for bfloat16 bits)."""
+    return _DRIVERS[bool(parallel), bool(short)]

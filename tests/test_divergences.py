@@ -215,8 +215,9 @@ def test_errors(kw, msg):
 
 
 def test_the_kernels_entry_point_takes_every_kind():
-    """mk.kernels.softmax_kl: the fused kernels have kl and ce; for the other kinds "auto" runs the
-    reference (saying so once per kind) and an explicit fused backend is refused."""
+    """mk.kernels.softmax_kl: the Numba kernel has every divergence (it matches the reference:
+    tests/test_kernels_cpu.py); for a kind a fused kernel lacks (dkd), "auto" runs the reference
+    (saying so once per kind) and an explicit fused backend is refused."""
     import warnings
 
     from minikd.kernels import _said_fallback
@@ -225,14 +226,21 @@ def test_the_kernels_entry_point_takes_every_kind():
     _said_fallback.clear()
     for kind, beta in (("reverse_kl", None), ("jsd", 0.4), ("tvd", None)):
         want = mk.kd_loss_and_grad(s, t, y, T=2.0, alpha=0.6, kind=kind, beta=beta)
-        with pytest.warns(UserWarning, match=f"kind='{kind}' has no fused kernel yet"):
-            got = mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind=kind, beta=beta)
-        assert got[0] == want[0] and np.array_equal(got[1], want[1])
         with warnings.catch_warnings():
-            warnings.simplefilter("error")   # once per kind
-            mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind=kind, beta=beta)
-        with pytest.raises(UserError, match="the fused kernels compute kind kl and ce without label smoothing"):
-            mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind=kind, beta=beta, backend="numba")
+            warnings.simplefilter("error")   # no fallback, no warning
+            for backend in ("auto", "numba"):
+                got = mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind=kind, beta=beta, backend=backend)
+                assert abs(got[0] - want[0]) <= 1e-12 * abs(want[0])
+                assert np.max(np.abs(got[1] - want[1])) <= 1e-12 * np.max(np.abs(want[1]))
+    want = mk.kd_loss_and_grad(s, t, y, T=2.0, alpha=0.6, kind="dkd")
+    with pytest.warns(UserWarning, match="kind='dkd' has no fused numba kernel yet"):
+        got = mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind="dkd")
+    assert got[0] == want[0] and np.array_equal(got[1], want[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once per kind
+        mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind="dkd")
+    with pytest.raises(UserError, match="the numba kernel computes kind kl, ce, reverse_kl, jsd, tvd without label"):
+        mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind="dkd", backend="numba")
     with pytest.raises(UserError, match="beta: only kind='jsd' takes it"):
         mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, kind="kl", beta=0.3, backend="numba")
 
@@ -323,7 +331,7 @@ def test_micro_batches_with_the_batch_count_sum_to_the_full_batch(kind, beta, ba
     count (normalizer=, Hugging Face's num_items_in_batch); the micro-batch losses then sum to the
     full batch's loss and their gradients are its gradient's pieces. Dividing each micro-batch by
     its own count (the default) does not: the counts differ."""
-    if backend == "numba" and kind not in ("kl", "ce"):
+    if backend == "numba" and kind == "dkd":
         backend = "numpy"   # no fused kernel: the reference
     rng = np.random.default_rng(7)
     s, t = rng.standard_normal((4, 6, 9)) * 2, rng.standard_normal((4, 6, 9)) * 2   # (B, S, C) tokens
@@ -389,7 +397,7 @@ def test_label_smoothing_and_weights_equal_pytorch():
     plain = mk.kd_loss_and_grad(s, t, y, T=T, alpha=alpha_w, hard_weight=gamma)
     assert abs(fused[0] - plain[0]) <= 1e-12 * abs(plain[0])
     np.testing.assert_allclose(fused[1], plain[1], rtol=1e-12, atol=1e-15)
-    with pytest.raises(UserError, match="label_smoothing: the fused kernels"):
+    with pytest.raises(UserError, match="label_smoothing: the numba kernel computes"):
         mk.kernels.softmax_kl(s, t, y, T=T, alpha=0.5, label_smoothing=eps, backend="numba")
     with pytest.raises(ValueError, match="alpha: expected a number in \\[0, 1\\]"):
         mk.kd_loss(s, t, y, T=T, alpha=1.7)   # above 1 only with an explicit hard_weight
@@ -433,7 +441,7 @@ def test_vocab_through_the_kernels_entry_point():
     want = mk.kd_loss_and_grad(s, t, y, T=2.0, alpha=0.6, vocab="truncate")
     got = mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, vocab="truncate", backend="numpy")
     assert got[0] == want[0] and np.array_equal(got[1], want[1])
-    with pytest.raises(UserError, match="vocab: the fused kernels"):
+    with pytest.raises(UserError, match="vocab: the numba kernel computes"):
         mk.kernels.softmax_kl(s, t, y, T=2.0, alpha=0.6, vocab="truncate", backend="numba")
     with pytest.raises(ValueError, match="vocab='truncate' or 'pad' matches them"):
         mk.kd_loss(s, t, y, T=2.0, alpha=0.6)

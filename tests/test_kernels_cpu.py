@@ -9,7 +9,7 @@ from hypothesis import given
 
 import minikd as mk
 from kernel_cases import make
-from minikd.gradcheck import relative_error
+from minikd.gradcheck import random_logits, relative_error
 from minikd.kernels import softmax_kl
 from minikd.testing import kd_cases
 
@@ -34,35 +34,177 @@ def test_float64_matches_reference(case):
     assert relative_error(kgrad, grad) <= 1e-12 or np.max(np.abs(kgrad - grad)) <= 1e-15
 
 
-@pytest.mark.parametrize("C", [3, 16, 700])           # the short-row kernel (C <= 16) and the row kernel
-@pytest.mark.parametrize("kind", ["kl", "ce"])
+ALL_KINDS = (("kl", None), ("ce", None), ("reverse_kl", None), ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0), ("tvd", None))
+KIND_IDS = [f"{k}{'' if b is None else b}" for k, b in ALL_KINDS]
+
+
+def grad_error(kgrad, grad):
+    """max |kgrad - grad| relative to max |grad|."""
+    return np.max(np.abs(np.asarray(kgrad, np.float64) - grad)) / np.max(np.abs(grad))
+
+
+@pytest.mark.parametrize("C", [3, 16, 700])           # the short-row kernel (C <= 16, kl / ce) and the row kernel
+@pytest.mark.parametrize("kind, beta", ALL_KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 @pytest.mark.parametrize("unlabeled", ["ignore", "soft"])
-def test_float64_outliers_inf_masks(C, kind, reduction, unlabeled):
-    # some classes the teacher alone rules out; a fifth of the rows unlabeled (the transfer set)
-    s, t, y, mask = make(40, C, C, "float64", teacher_only_inf=0.05, unlabeled_fraction=0.2)
+def test_float64_outliers_inf_masks(C, kind, beta, reduction, unlabeled):
+    # some classes the teacher alone rules out (not for the reverse KL: there the loss is +inf, see
+    # test_reverse_kl_of_a_teacher_without_mass); a fifth of the rows unlabeled (the transfer set)
+    s, t, y, mask = make(40, C, C, "float64", teacher_only_inf=0.0 if kind == "reverse_kl" or beta == 1.0 else 0.05,
+                         unlabeled_fraction=0.2)
     for T, alpha in ((0.05, 0.3), (1.0, 0.5), (50.0, 1.0), (2.0, 0.0)):
-        kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask, unlabeled=unlabeled)
+        kw = dict(T=T, alpha=alpha, kind=kind, beta=beta, reduction=reduction, mask=mask, unlabeled=unlabeled)
         loss, grad = mk.kd_loss_and_grad(s, t, y, **kw)
         kloss, kgrad = softmax_kl(s, t, y, backend="numba", **kw)
         np.testing.assert_allclose(kloss, loss, rtol=1e-12, atol=1e-12 * (1 + T * T))
-        # relative to max |grad| (the label entry p1_y - 1 cancels differently in the two orders)
-        assert np.max(np.abs(kgrad - grad)) <= 1e-12 * np.max(np.abs(grad))
+        # relative to max |grad| (the label entry p1_y - 1 cancels differently in the two orders; the
+        # JSD's log-ratios come from log1p/expm1 of a difference formed in another order: 1e-11)
+        assert grad_error(kgrad, grad) <= (1e-11 if kind == "jsd" else 1e-12)
 
 
-@pytest.mark.parametrize("C", [10, 300, 1000])
-@pytest.mark.parametrize("T", [0.05, 1.0, 50.0])
+def finite_rows(N, C, seed, T):
+    """float32 rows without -inf (the fast path), built to reach every branch of its online maxima:
+    outliers x20; rows rising block after block (the maxima change at every block); rows whose
+    maximum jumps far above the first block's (beyond the reach the exponentials are allowed, at
+    low T); a constant row; a row of one huge logit."""
+    rng = np.random.default_rng(seed)
+    s = random_logits(rng, (N, C), scale=3.0, outliers=0.01, p_inf=0.0)
+    t = random_logits(rng, (N, C), scale=3.0, outliers=0.01, p_inf=0.0)
+    s[0] = np.linspace(-5, 5, C)                  # rising: new maxima in every block
+    t[1] = np.linspace(-5, 5, C)
+    s[2, -1] = s[2].max() + 60                   # a jump in the last block
+    t[3, C // 2] = t[3].max() + 45 * min(T, 1.0)  # just past the reach at any T
+    s[4] = 1.5                                    # constant
+    t[5, :] = -3.0
+    t[5, C - 2] = 1e4                             # one class holds everything
+    y = rng.integers(0, C, N)
+    y[rng.random(N) < 0.2] = -100
+    return s.astype(np.float32), t.astype(np.float32), y
+
+
+@pytest.mark.parametrize("C", [10, 300, 1000, 5000])
+@pytest.mark.parametrize("T", [0.05, 1.0, 2.5, 4.0, 50.0])
 def test_float32_matches_reference(C, T):
-    s, t, y, _ = make(64, C, C, "float64", unlabeled_fraction=0.2)
-    for kind, unlabeled in (("kl", "ignore"), ("ce", "ignore"), ("kl", "soft"), ("ce", "soft")):
-        kw = dict(T=T, alpha=0.6, kind=kind, unlabeled=unlabeled)
-        l32, g32 = softmax_kl(s.astype(np.float32), t.astype(np.float32), y, backend="numba", **kw)
-        assert g32.dtype == np.float32
-        # reference in float64 on the float32-rounded inputs
-        ref, gref = mk.kd_loss_and_grad(s.astype(np.float32).astype(np.float64),
-                                        t.astype(np.float32).astype(np.float64), y, **kw)
-        assert abs(l32 - ref) <= 1e-5 * abs(ref)
-        assert np.max(np.abs(g32 - gref)) <= 1e-5 * np.max(np.abs(gref))
+    """float32 against the float64 reference on the float32 inputs: the loss within 1e-5 of the size
+    of its terms, the gradient within 1e-5 of max |grad|; rows with -inf classes (the general
+    path) and rows without (the fast path, online maxima over blocks of 512) for every kind."""
+    s64, t64, y, _ = make(64, C, C, "float64", unlabeled_fraction=0.2)
+    cases = [(s64.astype(np.float32), t64.astype(np.float32), y), finite_rows(64, C, C + 1, T)]
+    for s, t, yy in cases:
+        for (kind, beta), unlabeled in zip(ALL_KINDS, ("ignore", "soft") * 4):
+            kw = dict(T=T, alpha=0.6, kind=kind, beta=beta, unlabeled=unlabeled)
+            l32, g32 = softmax_kl(s, t, yy, backend="numba", **kw)
+            assert g32.dtype == np.float32
+            ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), yy, **kw)
+            scale = max(abs(ref), 0.6 * T * T * 1e-3)   # a KL of nearly equal rows cancels to ~0
+            assert abs(l32 - ref) <= 1e-5 * scale, (kind, beta, l32, ref)
+            assert grad_error(g32, gref) <= 1e-5, (kind, beta)
+
+
+@pytest.mark.parametrize("T", [2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+def test_float32_hard_term_from_powers_of_the_tempered_exponentials(T):
+    """At an integer T in 2..8 the fast path takes e^(s - ms) = es^T by multiplications (9: a third
+    exponential): every power against the reference, at the label entries too."""
+    s, t, y = finite_rows(64, 1200, 11, T)
+    kw = dict(T=T, alpha=0.3, unlabeled="soft")
+    l32, g32 = softmax_kl(s, t, y, backend="numba", **kw)
+    ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+    assert abs(l32 - ref) <= 1e-5 * abs(ref) and grad_error(g32, gref) <= 1e-5
+
+
+@pytest.mark.parametrize("where", ["first block", "last block"])
+@pytest.mark.parametrize("value, who, what", [(np.nan, "student", "contains NaN"),
+                                              (np.inf, "teacher", "contains \\+inf")])
+def test_float32_bad_values_in_any_block_raise_the_reference_error(where, value, who, what):
+    """The fast path's finiteness check (a sum of 0 x) sees NaN and +inf in every block; the row
+    then takes the general path, which flags it, and the reference's error is raised."""
+    s, t, y = finite_rows(8, 1500, 3, 2.0)
+    (s if who == "student" else t)[5, 3 if where == "first block" else 1400] = value
+    with pytest.raises(ValueError, match=f"{who}: row 5 {what}"):
+        softmax_kl(s, t, y, T=2.0, alpha=0.5, backend="numba")
+
+
+def test_float32_neg_inf_in_a_later_block_takes_the_general_path():
+    """-inf classes are legal: a row whose -inf appears after the fast path has measured blocks
+    leaves it for the general path, with the reference's result."""
+    s, t, y = finite_rows(8, 1500, 4, 3.0)
+    s[2, 1200] = t[2, 1200] = -np.inf
+    t[3, 1300] = -np.inf       # the teacher alone: kl is fine, the student keeps mass there
+    for kind, beta in ALL_KINDS:
+        if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+            continue           # +inf where the teacher has no mass: test_reverse_kl_of_a_teacher_without_mass
+        kw = dict(T=3.0, alpha=0.5, kind=kind, beta=beta)
+        l32, g32 = softmax_kl(s, t, y, backend="numba", **kw)
+        ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+        assert abs(l32 - ref) <= 1e-5 * abs(ref) and grad_error(g32, gref) <= 1e-5
+
+
+def test_reverse_kl_of_a_teacher_without_mass():
+    """Reverse KL where the teacher has no mass on a class the student has: the reference's +inf
+    loss for that row and a gradient that is not finite there, other rows untouched."""
+    rng = np.random.default_rng(8)
+    for dtype in (np.float64, np.float32):
+        s, t = rng.standard_normal((5, 700)).astype(dtype), rng.standard_normal((5, 700)).astype(dtype)
+        t[2, 11] = -np.inf
+        y = rng.integers(0, 700, 5)
+        kw = dict(T=2.0, alpha=0.5, kind="reverse_kl", reduction="none")
+        loss, grad = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+        kloss, kgrad = softmax_kl(s, t, y, backend="numba", **kw)
+        assert np.isinf(kloss[2]) and np.isinf(loss[2])
+        np.testing.assert_array_equal(np.isfinite(kgrad).all(1), np.isfinite(grad).all(1))
+        ok = [0, 1, 3, 4]
+        np.testing.assert_allclose(kloss[ok], loss[ok], rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tvd_ties_take_the_zero_subgradient(dtype):
+    """TVD's kink: where p_c = q_c exactly, sign(0) = 0 (the reference's subgradient). Rows whose
+    probabilities are exactly 1/3 or 0 tie bit for bit in both implementations (random rows never
+    tie; where permuted logits tie only up to rounding, which side of the kink a class is taken on
+    depends on the last bit of p and q, in the reference as here)."""
+    s = np.array([[0, 0, -np.inf, 0, -np.inf], [1, 0, 0, -np.inf, 0]], dtype)
+    t = np.array([[0, -np.inf, 0, 0, -np.inf], [-np.inf, 0, 0, 0, 0]], dtype)
+    kw = dict(T=1.0, alpha=1.0, kind="tvd", unlabeled="soft", reduction="none")
+    loss, grad = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), None, **kw)
+    kloss, kgrad = softmax_kl(s, t, None, backend="numba", **kw)
+    assert abs(grad[0, 0] + 1 / 18) < 1e-15          # a tied class: p_k (P- - P+) / 2 = -(1/3)(1/3)/2
+    tol = 1e-15 if dtype == np.float64 else 1e-7
+    np.testing.assert_allclose(kgrad, grad, rtol=0, atol=tol)
+    np.testing.assert_allclose(kloss, loss, rtol=tol)
+
+
+@pytest.mark.parametrize("C", [10, 1000, 3000])
+@pytest.mark.parametrize("kind, beta", ALL_KINDS, ids=KIND_IDS)
+def test_bfloat16_logits(C, kind, beta):
+    """bfloat16 logits (ml_dtypes, read through their uint16 bits): the loss within 1e-5 of the
+    float64 reference on the same (bfloat16-rounded) values; the gradient as bfloat16 within 1e-2
+    of max |grad| (one rounding to 8 bits: 2^-9 relative), or into a float32 out= within 1e-5."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    s64, t64, y = finite_rows(48, C, C, 2.0)
+    s64[7, 3] = t64[7, 3] = -np.inf             # one row on the general path
+    s, t = s64.astype(ml_dtypes.bfloat16), t64.astype(ml_dtypes.bfloat16)
+    kw = dict(T=2.0, alpha=0.7, kind=kind, beta=beta, unlabeled="soft")
+    ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+    loss, grad = softmax_kl(s, t, y, backend="numba", **kw)
+    assert grad.dtype == ml_dtypes.bfloat16 and grad.shape == s.shape
+    assert abs(loss - ref) <= 1e-5 * abs(ref)
+    assert grad_error(grad, gref) <= 1e-2
+    out = np.empty(s.shape, np.float32)
+    loss32, g = softmax_kl(s, t, y, backend="numba", out=out, **kw)
+    assert g is out and loss32 == loss and grad_error(out, gref) <= 1e-5
+    # the bfloat16 gradient is the float32 one rounded once, to nearest even
+    np.testing.assert_array_equal(grad.view(np.uint16), out.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_same_input_same_bits():
+    """Deterministic: the same input gives the same bits (for a given thread count), in loss and
+    gradient, on both paths."""
+    s, t, y = finite_rows(256, 3000, 9, 4.0)
+    s[::7, 5] = -np.inf
+    t[::7, 5] = -np.inf
+    a = softmax_kl(s, t, y, T=4.0, alpha=0.7, backend="numba")
+    b = softmax_kl(s, t, y, T=4.0, alpha=0.7, backend="numba")
+    assert a[0] == b[0] and np.array_equal(a[1].view(np.uint32), b[1].view(np.uint32))
 
 
 def test_in_place_and_out():
@@ -212,6 +354,19 @@ def test_exp_over_its_whole_range():
     assert got[4] == np.inf and got[5] == np.inf and np.isnan(got[6])
     got = exp_f32_array(special[:4], np.empty(4, np.float32), True)
     np.testing.assert_array_equal(got, [0, 0, 0, 1])
+
+
+def test_exp2_fast_over_its_range():
+    """The fast rows' 2^v (v <= 0 finite): relative error <= 3e-7 down to 2^-126 (the degree-5
+    polynomial evaluated in float32); below, within 1.2e-38 of the exact value."""
+    from minikd.kernels.fastexp import exp2_fast_array
+    v = np.linspace(-126, 0, 2_000_001, dtype=np.float32)
+    v = np.concatenate([v, np.random.default_rng(1).uniform(-126, 0, 1_000_000), [0.0, -0.5, -1.0]]).astype(np.float32)
+    ref = np.exp2(v.astype(np.float64))
+    got = exp2_fast_array(v, np.empty_like(v))
+    assert np.max(np.abs(got - ref) / ref) <= 3e-7
+    deep = np.array([-126.5, -140.0, -1e4, -3e38], np.float32)
+    assert np.all(np.abs(exp2_fast_array(deep, np.empty_like(deep)) - np.exp2(deep.astype(np.float64))) <= 1.2e-38)
 
 
 def test_auto_backend():
