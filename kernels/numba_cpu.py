@@ -10,22 +10,26 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
     One pass over the row in blocks of BLOCK values (the block in L1):
       (a) the block maxima bs, bt (maxnum: vectorized) and a finiteness check: the sum of 0 x is 0
           unless some x is NaN or +-inf (then the row leaves for the general path below; not x - x,
-          which reassociation may cancel to 0);
+          which reassociation may cancel to 0). The first block is scanned for them first; later
+          blocks in the same loop as their exponentials, which are then measured from the running
+          maxima and may exceed 1, up to a reach (41 min(T, 1) logits: every exponential, es^T
+          included, stays below 2^60); a block that jumps further is recomputed from its maxima;
       (b) online softmax (Milakov & Gimelshein 2018): where a block raises the running maxima
           (ms, mt) -> (ns, nt), the sums so far are brought to the new maxima,
               Zs *= e^((ms - ns)/T),  Zt *= f = e^((mt - nt)/T),  Z1 *= e^(ms - ns),
               A  <- f (A + Zt delta),  delta = ((ns - ms) - [kl] (nt - mt)) / T
           (A = sum et (zt - zs) for kl, sum et (-zs) for ce: d = zt - zs shifts by delta);
-      (c) es = 2^((s - ms) k), et = 2^((t - mt) k), k = log2(e)/T (``fastexp.exp2_fast``) into row
+      (c) es = 2^((s - m) k), et = 2^((t - m') k), k = log2(e)/T (``fastexp.exp2_fast``) into row
           buffers, with the block's sums in float32, added to float64 row sums;
       (d) the hard term: e1 = es^T by multiplications where T is an integer 2..8 (no third
-          exponential), es itself at T = 1, else e1 = 2^((s - ms) log2 e) into a third buffer.
+          exponential), es itself at T = 1, else e1 = 2^((s - m) log2 e) into a third buffer.
     The maxima each block was measured from are kept, and the gradient pass scales each block
     by its own factor:  grad = cs_j es - ct_j et + ch_j e1 - [c = y] w hard,
         cs_j = w soft e^((ms_j - ms)/T) / (T Zs),  ct_j = w soft e^((mt_j - mt)/T) / (T Zt),
         ch_j = w hard e^(ms_j - ms) / Z1.
-    Memory: s and t are read once from memory (the block's second read hits L1), the gradient is
-    written once; the row buffers stay in L2 for C up to ~64k.
+    Memory: s and t are read once from memory (a block's second read hits L1), the gradient is
+    written once; the row buffers stay in L2 for C up to ~32k. The gradient pass of one row runs
+    interleaved, block by block, with the first pass of the next (``_chunk_fast``).
     Statistics per row (``RowStats``): soft_a = A / Zt, soft_z = Zs / Zt (kl) or Zs (ce),
     hard_z = Z1, hard_sy = s_y - ms, so that
         KL(q || p) = soft_a + log soft_z,  H(q, p) = soft_a + log soft_z,  CE = log hard_z - hard_sy;
@@ -170,72 +174,95 @@ def _exp_jit(x):
 
 # ---------------------------------------------------------------- kl / ce: the fast rows
 
-@njit(fastmath=FASTMATH, cache=True)
-def _pow_sum(es, p):
-    """sum es^p (p in 2..8, by multiplications)."""
+# The fast rows index with unsigned integers (row i, column c0 + c): Numba then emits no
+# negative-index wraparound, LLVM sees consecutive addresses and the loops vectorize with plain
+# vector loads (a signed c0 + c compiled to gathers); and no row or block is sliced (each slice
+# of an array costs two atomic reference counts: ~150 ns a row at C = 100 before this).
+
+def _ld2(a, i, c):
+    """a[i, c] as the compute dtype (see ``_ld``)."""
+    return _ld(a[i], c)
+
+
+@overload(_ld2, inline="always")
+def _ld2_jit(a, i, c):
+    if a.dtype == types.uint16:
+        return lambda a, i, c: bf16_to_f32(a[i, c])
+    return lambda a, i, c: a[i, c]
+
+
+def _st2(o, i, c, v):
+    """o[i, c] = v (see ``_st``)."""
+    _st(o[i], c, v)
+
+
+@overload(_st2, inline="always")
+def _st2_jit(o, i, c, v):
+    if o.dtype == types.uint16:
+        def st(o, i, c, v):
+            o[i, c] = f32_to_bf16(np.float32(v))
+        return st
+
+    def st(o, i, c, v):
+        o[i, c] = v
+    return st
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _pow_sum(es, c0, n, p):
+    """sum es^p over the block [c0, c0 + n) (p in 2..8, by multiplications)."""
     z = np.float32(0)
     if p == 2:
-        for c in range(es.size):
-            e = es[c]
+        for c in range(n):
+            e = es[c0 + c]
             z += e * e
-    elif p == 3:
-        for c in range(es.size):
-            e = es[c]
-            z += e * e * e
     elif p == 4:
-        for c in range(es.size):
-            e = es[c] * es[c]
+        for c in range(n):
+            e = es[c0 + c] * es[c0 + c]
             z += e * e
-    elif p == 5:
-        for c in range(es.size):
-            e = es[c]
-            e2 = e * e
-            z += e2 * e2 * e
-    elif p == 6:
-        for c in range(es.size):
-            e = es[c]
-            e2 = e * e
-            z += e2 * e2 * e2
-    elif p == 7:
-        for c in range(es.size):
-            e = es[c]
-            e2 = e * e
-            z += e2 * e2 * e2 * e
-    else:   # 8
-        for c in range(es.size):
-            e = es[c] * es[c]
+    elif p == 8:
+        for c in range(n):
+            e = es[c0 + c] * es[c0 + c]
             e = e * e
             z += e * e
+    else:
+        for c in range(n):
+            z += _ipow(es[c0 + c], p)
     return z
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _grad_block(oi, es, et, e1, cs, ct, ch, p, has_hard):
-    """oi = cs es - ct et + ch e1, e1 = es^p (p >= 2), es (p = 1), the buffer (p = 0): slices of one
-    block (indices from 0: Numba knows them non-negative, and the loops vectorize without gathers)."""
+@njit(inline="always", fastmath=FASTMATH)
+def _grad_block(out, i, es, et, e1, c0, n, cs, ct, ch, p, has_hard):
+    """out[i, block] = cs es - ct et + ch e1, e1 = es^p (p >= 2), es (p = 1), the buffer (p = 0)."""
     if not has_hard:
-        for c in range(es.size):
-            _st(oi, c, cs * es[c] - ct * et[c])
+        for c in range(n):
+            k = c0 + c
+            _st2(out, i, k, cs * es[k] - ct * et[k])
     elif p == 1:
         cs1 = cs + ch
-        for c in range(es.size):
-            _st(oi, c, cs1 * es[c] - ct * et[c])
+        for c in range(n):
+            k = c0 + c
+            _st2(out, i, k, cs1 * es[k] - ct * et[k])
     elif p == 0:
-        for c in range(es.size):
-            _st(oi, c, cs * es[c] - ct * et[c] + ch * e1[c])
+        for c in range(n):
+            k = c0 + c
+            _st2(out, i, k, cs * es[k] - ct * et[k] + ch * e1[k])
     elif p == 2:
-        for c in range(es.size):
-            e = es[c]
-            _st(oi, c, (cs + ch * e) * e - ct * et[c])
+        for c in range(n):
+            k = c0 + c
+            e = es[k]
+            _st2(out, i, k, (cs + ch * e) * e - ct * et[k])
     elif p == 4:
-        for c in range(es.size):
-            e = es[c]
+        for c in range(n):
+            k = c0 + c
+            e = es[k]
             e2 = e * e
-            _st(oi, c, cs * e + ch * (e2 * e2) - ct * et[c])
+            _st2(out, i, k, cs * e + ch * (e2 * e2) - ct * et[k])
     else:
-        for c in range(es.size):
-            e = es[c]
-            _st(oi, c, cs * e + ch * _ipow(e, p) - ct * et[c])
+        for c in range(n):
+            k = c0 + c
+            e = es[k]
+            _st2(out, i, k, cs * e + ch * _ipow(e, p) - ct * et[k])
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -267,19 +294,20 @@ def _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _block_exps(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
-    """es = 2^((s - msx) k), et = 2^((t - mtx) k) into the block's buffers; returns the block's
-    float32 sums (Zs, Zt, A / inv_T), d = ut - us (kl) or -us (ce) in logit units."""
+def _block_exps(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
+    """es = 2^((s - msx) k), et = 2^((t - mtx) k) over the block [c0, c0 + n) of row i; returns the
+    block's float32 sums (Zs, Zt, A / inv_T), d = ut - us (kl) or -us (ce) in logit units."""
     zs_b = np.float32(0)
     zt_b = np.float32(0)
     a_b = np.float32(0)
-    for c in range(sb.size):
-        us = _ld(sb, c) - msx
-        ut = _ld(tb, c) - mtx
+    for c in range(n):
+        k = c0 + c
+        us = _ld2(s, i, k) - msx
+        ut = _ld2(t, i, k) - mtx
         a = exp2_fast(us * kx)
         b = exp2_fast(ut * kx)
-        esb[c] = a
-        etb[c] = b
+        es[k] = a
+        et[k] = b
         zs_b += a
         zt_b += b
         a_b += b * (-us if kind_ce else ut - us)
@@ -287,7 +315,7 @@ def _block_exps(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _block_exps_max(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
+def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
     """``_block_exps`` that also returns the block's maxima and finiteness check (the sum of 0 x:
     NaN where some x is NaN or +-inf; not x - x, which reassociation may cancel to 0) in the same
     loop; the exponents may be > 0 where the block exceeds (msx, mtx) (the caller bounds that)."""
@@ -298,9 +326,10 @@ def _block_exps_max(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
     bt = np.float32(-np.inf)
     chk = np.float32(0)
     zero = np.float32(0)
-    for c in range(sb.size):
-        x = _ld(sb, c)
-        z = _ld(tb, c)
+    for c in range(n):
+        k = c0 + c
+        x = _ld2(s, i, k)
+        z = _ld2(t, i, k)
         bs = maxnum_nnan(bs, x)
         bt = maxnum_nnan(bt, z)
         chk += x * zero + z * zero
@@ -308,8 +337,8 @@ def _block_exps_max(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
         ut = z - mtx
         a = exp2_fast(us * kx)
         b = exp2_fast(ut * kx)
-        esb[c] = a
-        etb[c] = b
+        es[k] = a
+        et[k] = b
         zs_b += a
         zt_b += b
         a_b += b * (-us if kind_ce else ut - us)
@@ -317,112 +346,192 @@ def _block_exps_max(sb, tb, esb, etb, msx, mtx, kx, kind_ce):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _block_max(sb, tb):
+def _block_max(s, t, i, c0, n):
     """The block's maxima and finiteness check, alone (the first block: no reference yet)."""
     bs = np.float32(-np.inf)
     bt = np.float32(-np.inf)
     chk = np.float32(0)
     zero = np.float32(0)
-    for c in range(sb.size):
-        x = _ld(sb, c)
-        z = _ld(tb, c)
+    for c in range(n):
+        x = _ld2(s, i, c0 + c)
+        z = _ld2(t, i, c0 + c)
         bs = maxnum_nnan(bs, x)
         bt = maxnum_nnan(bt, z)
         chk += x * zero + z * zero
     return bs, bt, chk
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def _row_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p):
-    """One kl / ce row of finite float32 (or bfloat16) values (see the module doc). Returns
-    (ok, soft_a, soft_z, hard_z, hard_sy); ok = False (nothing written) where some value is NaN or
-    +-inf: the caller takes the general path."""
-    C = si.size
+# ---------------------------------------------------------------- kl / ce: fast rows, two at a time
+
+# Pass 1 of a row (its exponentials into row buffers, steps (a)-(d) of the module doc) is bound by
+# the exponentials, pass 2 (the gradient, written to memory) by memory. ``_chunk_fast``
+# interleaves them across rows, block by block: pass 1 of row i on block j, then pass 2 of the
+# previous row on block j, with two sets of row buffers (slots). Measured on the 2-core machine,
+# one thread, from memory: C = 128256 1.42 -> 1.09 ns a value, C = 100 2.5 -> 2.1; C = 1000 and
+# 32000 within the noise (1.2-1.5): pass 2's writes do not yet overlap pass 1's arithmetic there.
+# Row state per slot (float64): ms, mt, Zs, Zt, Z1, A, then the gradient's coefficients
+# a_s, a_t, a_1, w hard, y, and the block factors cached for the maxima last seen.
+_MS, _MT, _ZS, _ZT, _Z1, _A, _AS, _AT, _A1, _WH, _Y, _LS, _LT, _CS, _CT, _CH = range(16)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard):
+    """Block j of row i into slot q: steps (a)-(d) of the module doc on one block; False where the
+    block holds NaN or +-inf (nothing of the row is written yet: it goes to the general path)."""
     f32 = np.float32
-    k = inv_T * LOG2E
-    kx = f32(k)
-    l2e = f32(LOG2E)
-    # how far (in logits) a block may exceed the reference maxima it is measured from: every
-    # exponential, es^T and e1 included, stays below 2^60 (its block's sum below 2^69)
-    reach = 41.0 * min(1.0 / inv_T, 1.0)
-    nb = (C + BLOCK - 1) // BLOCK
-    ms = -np.inf        # the running maxima, and the sums measured from them
-    mt = -np.inf
-    Zs = 0.0
-    Zt = 0.0
-    Z1 = 0.0
-    A = 0.0
-    for j in range(nb):
-        c0 = j * BLOCK
-        c1 = min(C, c0 + BLOCK)
-        sb = si[c0:c1]     # the block (indices from 0: see _grad_block)
-        tb = ti[c0:c1]
-        esb = es[c0:c1]
-        etb = et[c0:c1]
-        if j > 0:          # one loop: exponentials from the running maxima, and the block's own
-            zs_b, zt_b, a_b, bs, bt, chk = _block_exps_max(sb, tb, esb, etb, f32(ms), f32(mt), kx, kind_ce)
-            if chk != 0:
-                return False, 0.0, 1.0, 1.0, 0.0
-            redo = bs > ms + reach or bt > mt + reach
-        else:              # the first block: its maxima first
-            bs, bt, chk = _block_max(sb, tb)
-            if chk != 0:   # NaN: some value is NaN or +-inf (0 inf = NaN)
-                return False, 0.0, 1.0, 1.0, 0.0
-            redo = True
-        ns = max(ms, np.float64(bs))
-        nt = max(mt, np.float64(bt))
-        if redo:           # measure this block from the new maxima (the sums so far brought there)
-            if j > 0:
-                A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
-            ms = ns
-            mt = nt
-            zs_b, zt_b, a_b = _block_exps(sb, tb, esb, etb, f32(ms), f32(mt), kx, kind_ce)
-        bms[j] = ms        # the maxima this block's exponentials are measured from
-        bmt[j] = mt
-        Zs += np.float64(zs_b)
-        Zt += np.float64(zt_b)
-        A += np.float64(a_b) * inv_T
-        if hard != 0.0:    # (d) the hard term's exponentials
-            if p == 1:
-                Z1 += np.float64(zs_b)
-            elif p >= 2:
-                Z1 += np.float64(_pow_sum(esb, p))
-            else:
-                e1b = e1[c0:c1]
-                msx = f32(ms)
-                z1_b = f32(0)
-                for c in range(sb.size):
-                    e = exp2_fast((_ld(sb, c) - msx) * l2e)
-                    e1b[c] = e
-                    z1_b += e
-                Z1 += np.float64(z1_b)
-        if ns > ms or nt > mt:   # the block raised the maxima: bring every sum there
+    c0 = np.uint64(j * BLOCK)
+    n = np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
+    esq = es[q]
+    etq = et[q]
+    ms = st[q, _MS]
+    mt = st[q, _MT]
+    A, Zs, Zt, Z1 = st[q, _A], st[q, _ZS], st[q, _ZT], st[q, _Z1]
+    if j > 0:
+        zs_b, zt_b, a_b, bs, bt, chk = _block_exps_max(s, t, i, esq, etq, c0, n, f32(ms), f32(mt), kx, kind_ce)
+        if chk != 0:
+            return False
+        redo = bs > ms + reach or bt > mt + reach
+    else:
+        bs, bt, chk = _block_max(s, t, i, c0, n)
+        if chk != 0:
+            return False
+        redo = True
+        zs_b = zt_b = a_b = f32(0)
+    ns = max(ms, np.float64(bs))
+    nt = max(mt, np.float64(bt))
+    if redo:
+        if j > 0:
             A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
-            ms = ns
-            mt = nt
-    soft_a = A / Zt
-    soft_z = Zs if kind_ce else Zs / Zt
-    hard_z = Z1 if hard != 0.0 else 1.0
-    hard_sy = np.float64(_ld(si, y)) - ms if hard != 0.0 else 0.0   # read before any write (in place)
-    gs = w * soft * inv_T
-    a_s = gs / Zs
-    a_t = gs / Zt
-    a_1 = w * hard / Z1 if hard != 0.0 else 0.0
-    cs = ct = ch = f32(0)
-    for j in range(nb):             # the gradient, each block scaled from its own maxima
-        c0 = j * BLOCK
-        c1 = min(C, c0 + BLOCK)
-        if j == 0 or bms[j] != bms[j - 1] or bmt[j] != bmt[j - 1]:   # (the maxima change rarely)
-            fs = 1.0 if bms[j] == ms else math.exp((bms[j] - ms) * inv_T)   # (no libm call for 1)
-            cs = f32(a_s * fs)
-            ct = f32(a_t * (1.0 if bmt[j] == mt else math.exp((bmt[j] - mt) * inv_T)))
-            ch = f32(a_1 * (1.0 if bms[j] == ms else math.exp(bms[j] - ms)))
-        _grad_block(oi[c0:c1], es[c0:c1], et[c0:c1], e1[c0:c1], cs, ct, ch, p, hard != 0.0)
-        if hard != 0.0 and c0 <= y < c1:   # the label's entry, rounded once to the output dtype
-            e = es[y]
-            e_1 = e1[y] if p == 0 else e if p == 1 else _ipow(e, p)
-            _st(oi, y, cs * e - ct * et[y] + ch * e_1 - f32(w * hard))
-    return True, soft_a, soft_z, hard_z, hard_sy
+        ms = ns
+        mt = nt
+        zs_b, zt_b, a_b = _block_exps(s, t, i, esq, etq, c0, n, f32(ms), f32(mt), kx, kind_ce)
+    bms[q, j] = ms
+    bmt[q, j] = mt
+    Zs += np.float64(zs_b)
+    Zt += np.float64(zt_b)
+    A += np.float64(a_b) * inv_T
+    if has_hard:
+        if p == 1:
+            Z1 += np.float64(zs_b)
+        elif p >= 2:
+            Z1 += np.float64(_pow_sum(esq, c0, n, p))
+        else:
+            e1q = e1[q]
+            msx = f32(ms)
+            z1_b = f32(0)
+            for c in range(n):
+                e = exp2_fast((_ld2(s, i, c0 + c) - msx) * l2e)
+                e1q[c0 + c] = e
+                z1_b += e
+            Z1 += np.float64(z1_b)
+    if ns > ms or nt > mt:
+        A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
+        ms = ns
+        mt = nt
+    st[q, _MS] = ms
+    st[q, _MT] = mt
+    st[q, _A], st[q, _ZS], st[q, _ZT], st[q, _Z1] = A, Zs, Zt, Z1
+    return True
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _pass2_block(out, i, es, et, e1, bms, bmt, st, q, j, C, inv_T, p):
+    """The gradient of row i on block j from slot q (its pass 1 complete)."""
+    f32 = np.float32
+    c0 = np.uint64(j * BLOCK)
+    n = np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
+    ms = st[q, _MS]
+    mt = st[q, _MT]
+    if j == 0 or bms[q, j] != st[q, _LS] or bmt[q, j] != st[q, _LT]:   # the maxima change rarely
+        bs = bms[q, j]
+        bt = bmt[q, j]
+        st[q, _LS] = bs
+        st[q, _LT] = bt
+        st[q, _CS] = st[q, _AS] * (1.0 if bs == ms else math.exp((bs - ms) * inv_T))
+        st[q, _CT] = st[q, _AT] * (1.0 if bt == mt else math.exp((bt - mt) * inv_T))
+        st[q, _CH] = st[q, _A1] * (1.0 if bs == ms else math.exp(bs - ms))
+    cs = f32(st[q, _CS])
+    ct = f32(st[q, _CT])
+    ch = f32(st[q, _CH])
+    has_hard = st[q, _WH] != 0.0
+    esq = es[q]
+    etq = et[q]
+    e1q = e1[q]
+    _grad_block(out, i, esq, etq, e1q, c0, n, cs, ct, ch, p, has_hard)
+    y = np.int64(st[q, _Y])
+    if has_hard and j * BLOCK <= y < j * BLOCK + BLOCK:   # the label's entry, rounded once
+        yy = np.uint64(y)
+        e = esq[yy]
+        e_1 = e1q[yy] if p == 0 else e if p == 1 else _ipow(e, p)
+        _st2(out, i, yy, cs * e - ct * etq[yy] + ch * e_1 - f32(st[q, _WH]))
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                flags, r0, r1):
+    """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows
+    two at a time (see above), the others by _row_general."""
+    C = s.shape[1]
+    nb = (C + BLOCK - 1) // BLOCK
+    f32 = np.float32
+    es = np.empty((2, C), f32)
+    et = np.empty((2, C), f32)
+    e1 = np.empty((2, C), f32)
+    bms = np.empty((2, nb))
+    bmt = np.empty((2, nb))
+    st = np.zeros((2, 16))
+    kind_ce = kind == 1
+    kx = f32(inv_T * LOG2E)
+    l2e = f32(LOG2E)
+    reach = 41.0 * min(1.0 / inv_T, 1.0)
+    prev = -1       # the fast row whose gradient is pending, in slot pq
+    pq = 1
+    for i in range(r0, r1):
+        w = weights[i]
+        y = labels[i]
+        hard_i = hard if y >= 0 else 0.0   # -1: the soft term alone
+        if w == 0.0:   # a row that counts nowhere: zero gradient, neutral statistics, not inspected
+            oi = out[i]
+            for c in range(C):
+                _st(oi, c, 0)
+            soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = 0.0, 1.0, 1.0, 0.0
+            continue
+        q = 1 - pq
+        st[q, _MS] = -np.inf
+        st[q, _MT] = -np.inf
+        st[q, _ZS] = st[q, _ZT] = st[q, _Z1] = st[q, _A] = 0.0
+        ui = np.uint64(i)
+        up = np.uint64(max(prev, 0))
+        ok = True
+        for j in range(nb):
+            if ok:
+                ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv_T, kind_ce, p,
+                                  hard_i != 0.0)
+            if prev >= 0:
+                _pass2_block(out, up, es, et, e1, bms, bmt, st, pq, j, C, inv_T, p)
+        prev = -1
+        if not ok:     # NaN or +-inf somewhere in the row: the general path (it flags bad rows)
+            flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es[q], et[q], e1[q], y, w, soft, hard_i, inv_T,
+                                                 kind, beta, p == 1)
+            flags[i] = flag
+            soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = a_, z_, h_, sy_
+            continue
+        Zs, Zt, Z1, A, ms = st[q, _ZS], st[q, _ZT], st[q, _Z1], st[q, _A], st[q, _MS]
+        soft_a[i] = A / Zt
+        soft_z[i] = Zs if kind_ce else Zs / Zt
+        hard_z[i] = Z1 if hard_i != 0.0 else 1.0
+        hard_sy[i] = np.float64(_ld2(s, ui, np.uint64(y))) - ms if hard_i != 0.0 else 0.0   # before any write
+        gs = w * soft * inv_T
+        st[q, _AS] = gs / Zs
+        st[q, _AT] = gs / Zt
+        st[q, _A1] = w * hard_i / Z1 if hard_i != 0.0 else 0.0
+        st[q, _WH] = w * hard_i
+        st[q, _Y] = y
+        prev = i
+        pq = q
+    if prev >= 0:      # the last row's gradient
+        for j in range(nb):
+            _pass2_block(out, np.uint64(prev), es, et, e1, bms, bmt, st, pq, j, C, inv_T, p)
 
 
 # ---------------------------------------------------------------- every kind: the general rows
@@ -596,19 +705,26 @@ def _jsd_log_ratios(pc, qc, zs, zt, L, beta):
     return 0.0, 0.0
 
 
-def _try_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p):
-    """``_row_fast`` for float32 buffers (float32 and bfloat16 rows); float64 rows never take it."""
-    if es.dtype != np.float32:
-        return False, 0.0, 1.0, 1.0, 0.0
-    return _row_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p)
+def _fast_chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                flags, r0, r1, proto):
+    """_chunk_fast where the arithmetic is float32 (float32 and bfloat16 rows); returns whether it
+    ran (float64 rows never take it: they are computed in float64 by _row_general)."""
+    return False
 
 
-@overload(_try_fast)
-def _try_fast_jit(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p):
-    if es.dtype != types.float32:
-        return lambda si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p: (False, 0.0, 1.0, 1.0, 0.0)
-    return lambda si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p: \
-        _row_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kind_ce, p)
+@overload(_fast_chunk)
+def _fast_chunk_jit(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                    flags, r0, r1, proto):
+    if proto.dtype != types.float32:
+        return lambda s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, \
+            hard_sy, flags, r0, r1, proto: False
+
+    def run(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy, flags,
+            r0, r1, proto):
+        _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                    flags, r0, r1)
+        return True
+    return run
 
 
 # ---------------------------------------------------------------- the drivers (rows in chunks)
@@ -617,33 +733,27 @@ def _try_fast_jit(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard, inv_T, kin
 def _chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy, flags,
            r0, r1, proto):
     """Rows [r0, r1) with buffers of the compute dtype (proto's: float32 for float32 and bfloat16
-    rows, float64 for float64 rows)."""
+    rows, float64 for float64 rows): kl / ce in float32 by _chunk_fast, the others row by row."""
+    if kind <= 1 and _fast_chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z,
+                                 hard_sy, flags, r0, r1, proto):
+        return
     C = s.shape[1]
     es = np.empty(C, proto.dtype)
     et = np.empty(C, proto.dtype)
     e1 = np.empty(C, proto.dtype)
-    nb = (C + BLOCK - 1) // BLOCK
-    bms = np.empty(nb)
-    bmt = np.empty(nb)
-    fast_ok = kind <= 1
     for i in range(r0, r1):
         w = weights[i]
         y = labels[i]
         hard_i = hard if y >= 0 else 0.0   # -1: the soft term alone
-        oi = out[i]
         if w == 0.0:   # a row that counts nowhere: zero gradient, neutral statistics, not inspected
+            oi = out[i]
             for c in range(C):
                 _st(oi, c, 0)
             soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = 0.0, 1.0, 1.0, 0.0
             continue
-        si = s[i]
-        ti = t[i]
-        done = False
-        if fast_ok:
-            done, a_, z_, h_, sy_ = _try_fast(si, ti, oi, es, et, e1, bms, bmt, y, w, soft, hard_i, inv_T, kind == 1, p)
-        if not done:
-            flag, a_, z_, h_, sy_ = _row_general(si, ti, oi, es, et, e1, y, w, soft, hard_i, inv_T, kind, beta, p == 1)
-            flags[i] = flag
+        flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es, et, e1, y, w, soft, hard_i, inv_T, kind, beta,
+                                             p == 1)
+        flags[i] = flag
         soft_a[i] = a_
         soft_z[i] = z_
         hard_z[i] = h_

@@ -126,15 +126,18 @@ def test_float32_bad_values_in_any_block_raise_the_reference_error(where, value,
 
 def test_float32_neg_inf_in_a_later_block_takes_the_general_path():
     """-inf classes are legal: a row whose -inf appears after the fast path has measured blocks
-    leaves it for the general path, with the reference's result."""
-    s, t, y = finite_rows(8, 1500, 4, 3.0)
+    leaves it for the general path, with the reference's result (and the gradient of the row
+    before it, interleaved with it block by block, is still completed)."""
+    s, t, y = finite_rows(64, 1500, 4, 3.0)   # 4 rows a chunk: the rows of a chunk are interleaved
+    y[y < 0] = 7               # every row counts: each fast row's gradient pass meets the next row
     s[2, 1200] = t[2, 1200] = -np.inf
     t[3, 1300] = -np.inf       # the teacher alone: kl is fine, the student keeps mass there
     for kind, beta in ALL_KINDS:
         if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
             continue           # +inf where the teacher has no mass: test_reverse_kl_of_a_teacher_without_mass
         kw = dict(T=3.0, alpha=0.5, kind=kind, beta=beta)
-        l32, g32 = softmax_kl(s, t, y, backend="numba", **kw)
+        out = np.full_like(s, np.nan)   # every entry must be written (the previous row's gradient too)
+        l32, g32 = softmax_kl(s, t, y, backend="numba", out=out, **kw)
         ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
         assert abs(l32 - ref) <= 1e-5 * abs(ref) and grad_error(g32, gref) <= 1e-5
 
