@@ -238,6 +238,18 @@ def _same_sweep(a, b):
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
+def _after(seconds, value, offset=0):
+    import time
+    time.sleep(seconds)
+    return value + offset
+
+
+def test_tasks_results_come_in_call_order_not_completion_order(cluster):
+    # the first calls sleep longest: they finish last on two workers
+    calls = [((0.2 * (4 - i), i), {}) for i in range(4)]
+    assert scale.run_tasks(cluster, _after, calls, {"offset": 10}, "order", progress=False) == [10, 11, 12, 13]
+
+
 def test_sweep_on_the_cluster_equals_the_serial_sweep_with_a_worker_killed(cluster, tmp_path):
     serial = _sweep(tmp_path / "serial")
     address = cluster.scheduler.address
