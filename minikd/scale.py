@@ -162,15 +162,17 @@ def dataset_fingerprint(data) -> str:
 # ---------------------------------------------------------------- writing a store
 
 def _write_chunk(block, *, path, teacher, mean, std, seed, top_k, T_gen, block_info=None):
-    """One ``map_blocks`` task: the chunk's inputs (``block``: raw inputs (rows, D), or the rows'
-    indices to generate them from the block-generated MNIST-1D transfer set of ``seed``), the
+    """One ``map_blocks`` task: the chunk's inputs (``block``: standardized inputs (rows, D), or the
+    rows' indices to generate them from the block-generated MNIST-1D transfer set of ``seed``), the
     teacher's logits on them, written to the chunk's rows of every array of the group at
     ``path``. Returns the number of rows written (the block of a small array of counts)."""
     import zarr  # noqa: PLC0415
     start, stop = block_info[0]["array-location"][0]
-    raw = mnist1d_transfer_rows(seed, start, stop) if block.ndim == 1 else block
-    x = standardize(raw, mean, std)
-    check_finite_rows(x, f"transfer rows {start}:{stop} after standardization")
+    if block.ndim == 1:   # generate the rows, standardized as the teacher's data
+        x = standardize(mnist1d_transfer_rows(seed, start, stop), mean, std)
+        check_finite_rows(x, f"transfer rows {start}:{stop} after standardization")
+    else:                 # the dataset's own transfer rows, already standardized
+        x = np.asarray(block, dtype=np.float32)
     logits = np.asarray(teacher.predict(x), dtype=np.float32)
     check_finite_rows(logits, f"the teacher's logits on transfer rows {start}:{stop}")
     group = zarr.open_group(path, mode="r+")
@@ -226,12 +228,11 @@ def write_store(teacher, data, out, *, rows: int | None = None, top_k: int | Non
         inputs = da.arange(rows, chunks=chunk_rows)
         transfer = {"kind": "mnist1d_blocks", "seed": seed, "block_rows": TRANSFER_BLOCK_ROWS}
     else:
-        # the transfer rows of the user's file, raw (the dataset holds them standardized)
-        x_raw = data.x_transfer.astype(np.float64) * data.std + data.mean
-        rows = len(x_raw) if rows is None else min(checks.integer("rows", rows, 1), len(x_raw))
+        x_transfer = data.x_transfer   # the user's file's, standardized
+        rows = len(x_transfer) if rows is None else min(checks.integer("rows", rows, 1), len(x_transfer))
         if not rows:
             raise UserError(f"{data.spec.get('path', data.name)}: the data file has no x_transfer rows to label")
-        inputs = da.from_array(x_raw[:rows], chunks=(chunk_rows, features))
+        inputs = da.from_array(x_transfer[:rows], chunks=(chunk_rows, features))
         transfer = {"kind": "npz_x_transfer", "path": data.spec.get("path"), "rows": rows}
     attrs = {"format": STORE_FORMAT, "kind": "dense" if top_k is None else "topk", "rows": rows,
              "chunk_rows": chunk_rows, "classes": classes, "features": features, "dataset": data.spec,

@@ -149,6 +149,21 @@ def test_a_failed_store_write_leaves_nothing_and_keeps_the_old_store(cluster, te
     assert _leftovers(tmp_path) == []
 
 
+def test_a_store_of_a_teacher_of_your_npz_holds_its_x_transfer(tmp_path):
+    r = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    x = r.standard_normal((120, 8)) + y[:, None]
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_transfer=r.standard_normal((250, 8)))
+    experiments.run_distill(experiments.DistillConfig(data=str(tmp_path / "d.npz"), transfer_samples=0, epochs=1,
+                                                      teacher_epochs=1, teacher_width=2, student_hidden=4,
+                                                      out=str(tmp_path / "t"), cache_dir=None, progress=False))
+    teacher, data = _teacher(tmp_path / "t")
+    scale.write_store(teacher, data, tmp_path / "st.zarr", chunk_rows=100, progress=False)
+    a = _arrays(tmp_path / "st.zarr")
+    assert np.array_equal(a["x"], data.x_transfer) and len(a["x"]) == 250
+    assert np.array_equal(a["logits"], teacher.predict(data.x_transfer).astype(np.float32))
+
+
 def test_an_incomplete_or_foreign_store_is_refused(teacher_dir, tmp_path):
     teacher, data = _teacher(teacher_dir)
     out = tmp_path / "st.zarr"
