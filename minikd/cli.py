@@ -80,7 +80,7 @@ def _one_line(exc) -> str:
 
 # Every config field a sub-command can take: (argument group, argparse keywords). A sub-command
 # lists exactly the fields of its experiment's config, so every option it accepts is one it uses.
-_DATA, _TRAINING, _OUTPUT = "data", "training", "output"
+_DATA, _TRAINING, _OUTPUT, _SCALE = "data", "training", "output", "scaling out (Dask)"
 _FEATURES = "feature and relational distillation (each adds a row to the table)"
 OPTIONS = {
     "models": (None, dict(type=int, help="cohort size M (default %(default)s)")),
@@ -126,6 +126,14 @@ OPTIONS = {
     "out": (_OUTPUT, dict(help="output directory (default %(default)s)")),
     "cache_dir": (_OUTPUT, dict(help="where trained teachers and soft targets are cached (default %(default)s)")),
     "progress": (_OUTPUT, dict(help="no progress bars")),
+    "soft_targets": (_DATA, dict(metavar="STORE.zarr", help="the transfer set and its soft targets from a store "
+                                 "written by minikd soft-targets TEACHER_DIR --out STORE.zarr, read a chunk at a "
+                                 "time (needs minikd[scale])")),
+    "scheduler": (_SCALE, dict(metavar="ADDRESS", help="run each student as a task on the running dask scheduler "
+                               "at ADDRESS, e.g. tcp://127.0.0.1:8786 (needs minikd[scale]; default: this machine, "
+                               "serially)")),
+    "workers": (_SCALE, dict(type=int, metavar="N", help="run each student as a task on a local Dask cluster of N "
+                             "worker processes (needs minikd[scale]; default %(default)s: no cluster)")),
 }
 
 
@@ -232,8 +240,19 @@ def cmd_teacher(args) -> int:
 
 def cmd_soft_targets(args) -> int:
     from . import experiments  # noqa: PLC0415
-    arrays = experiments.write_soft_targets(args.teacher_dir, args.out, args.transfer_samples)
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
+    written = experiments.write_soft_targets(args.teacher_dir, args.out, args.transfer_samples, rows=args.rows,
+                                             top_k=args.top_k, chunk_rows=args.chunk_rows, scheduler=args.scheduler,
+                                             workers=args.workers, progress=args.progress)
+    if "format" in written:   # a store: its attributes
+        dense = written["kind"] == "dense"
+        what = "logits" if dense else f"top-{written['k']} indices, values, tail_mass"
+        note = ("logits: apply the temperature at loss time" if dense else
+                f"values: log-probabilities at T_gen={written['T_gen']:g}")
+        print(f"wrote {args.out}: x and {what} of {written['rows']} transfer rows in chunks of "
+              f"{written['chunk_rows']} (teacher {written['teacher_fingerprint']}, dataset "
+              f"{written['dataset_fingerprint']}; {note})")
+        return 0
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in written.items())
           + " (logits: apply the temperature at loss time)")
     return 0
 
@@ -401,11 +420,29 @@ def build_parser() -> argparse.ArgumentParser:
     te = sub.add_parser("teacher", help="step 1 alone: train the teacher and export it")
     _add_config_options(te, TeacherConfig)
     te.set_defaults(func=cmd_teacher, parser=te)
-    st_ = sub.add_parser("soft-targets", help="step 2 alone: an exported teacher's logits on its training rows")
+    st_ = sub.add_parser("soft-targets", help="step 2 alone: an exported teacher's logits on its training rows, "
+                         "or on a transfer set of any size as a chunked Zarr store")
     st_.add_argument("teacher_dir", help="output directory of minikd teacher (or distill)")
-    st_.add_argument("--out", required=True, metavar="FILE.npz", help="where to write logits_train (and logits_transfer)")
+    st_.add_argument("--out", required=True, metavar="FILE.npz|DIR.zarr",
+                     help="where to write logits_train (and logits_transfer); a name ending in .zarr writes a "
+                          "soft-target store of the transfer set instead (needs minikd[scale])")
     st_.add_argument("--transfer-samples", type=_checked(int, "transfer_samples", 0), default=0, metavar="N",
-                     help="also label N transfer samples")
+                     help="also label N transfer samples (.npz)")
+    zs = st_.add_argument_group("soft-target store (--out DIR.zarr)")
+    zs.add_argument("--rows", type=_checked(int, "rows", 1, 10_000_000), default=None, metavar="N",
+                    help="transfer rows to generate and label (default 45000; MNIST-1D teachers: made chunk by chunk, "
+                         "so any N fits in memory; a teacher of your .npz: its x_transfer)")
+    zs.add_argument("--top-k", type=_checked(int, "top_k", 1), default=None, metavar="K",
+                    help="store the K most probable classes of each row (indices, log-probabilities, tail mass) "
+                         "instead of all logits")
+    zs.add_argument("--chunk-rows", type=_checked(int, "chunk_rows", 1, 10_000_000), default=None, metavar="R",
+                    help="rows per chunk: the unit of work and of memory (default 10000)")
+    zs.add_argument("--workers", type=_checked(int, "workers", 0, 256), default=0, metavar="N",
+                    help="write with a local Dask cluster of N worker processes (default: this process's threads)")
+    zs.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                    help="write with the workers of the running dask scheduler at ADDRESS (tcp://host:port; the "
+                         "workers must see the output folder)")
+    zs.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     st_.set_defaults(func=cmd_soft_targets, parser=st_)
     su = sub.add_parser("student", help="step 3 alone: distill a student from an exported teacher",
                         description="Distill a student from the teacher exported to TEACHER_DIR, on the teacher's "

@@ -21,8 +21,8 @@ import numpy as np
 from . import checks
 from .files import FileError, check_finite_rows, read_npz, require_keys
 
-__all__ = ["Dataset", "standardize", "mnist1d", "from_npz", "load_dataset", "minibatches", "fingerprint",
-           "class_count"]
+__all__ = ["Dataset", "standardize", "mnist1d", "mnist1d_transfer_rows", "from_npz", "load_dataset", "minibatches",
+           "fingerprint", "class_count", "TRANSFER_BLOCK_ROWS"]
 
 
 class Dataset(NamedTuple):
@@ -116,6 +116,36 @@ def mnist1d(samples: int = 5000, seed: int = 0, transfer_samples: int = 0,
     spec = {"kind": "mnist1d", "samples": samples, "seed": seed, "transfer_samples": transfer_samples,
             "val_fraction": val_fraction}
     return _split_and_standardize("mnist1d", x, y, x_test, y_test, x_transfer, val_fraction, seed, spec)
+
+
+# A transfer set of any size, generated piece by piece: block b holds rows [b B, (b + 1) B) and is
+# one call of the generator with its own seed, so any row range is generated without the rows
+# before it (a soft-target store's chunk makes its own inputs: memory O(chunk), not O(rows)).
+TRANSFER_BLOCK_ROWS = 1000
+
+
+def _transfer_block_seed(seed: int, block: int) -> int:
+    # mnist1d seeds NumPy's legacy generator, which takes 32-bit seeds
+    return int(np.random.SeedSequence([int(seed), 1_000_003, int(block)]).generate_state(1)[0])
+
+
+def mnist1d_transfer_rows(seed: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` (raw, float64, (stop - start, 40)) of the block-generated MNIST-1D transfer
+    set of the dataset seeded ``seed``: unlabeled samples of the same generator, in blocks of
+    ``TRANSFER_BLOCK_ROWS`` rows each drawn with its own seed (from ``seed`` and the block index).
+    Any range is generated in memory O(its rows + one block), and the same rows come out whatever
+    the range they are asked in. (This is the transfer set of the soft-target stores; the
+    pipeline's in-memory ``transfer_samples`` are one draw of another seed.)"""
+    if not 0 <= start <= stop:
+        raise ValueError(f"rows {start}:{stop}: expected 0 <= start <= stop")
+    B = TRANSFER_BLOCK_ROWS
+    parts = []
+    for block in range(start // B, -(-stop // B)):
+        x, _, x_test, _ = _generate_mnist1d(B, _transfer_block_seed(seed, block))   # 80% x, 20% x_test
+        rows = np.concatenate([x, x_test])
+        lo, hi = max(start - block * B, 0), min(stop - block * B, B)
+        parts.append(rows[lo:hi])
+    return np.concatenate(parts) if parts else np.zeros((0, 40))
 
 
 def _require(cond, path, msg):

@@ -34,13 +34,14 @@ from .data import Dataset, fingerprint, minibatches
 from .kernels import softmax_kl
 from .losses import cross_entropy_and_grad, hint_backward, hint_forward, mutual_backward, mutual_forward
 from .losses.relational import RKD_TERMS
+from .losses.topk import TopK, topk_from_dense
 from .nn.models import student_mlp, teacher_cnn
 from .files import FileError, check_finite_rows, read_npy, require_keys, write_npy
 
 __all__ = ["TrainConfig", "History", "Step", "FeatureTerm", "train", "train_teacher", "soft_targets",
            "teacher_features", "make_feature_terms", "train_student", "train_mutual",
            "accuracy", "inference_seconds_per_sample", "export", "load_student", "sweep",
-           "distill_loss_and_grad", "TrainingDiverged"]
+           "distill_loss_and_grad", "TrainingDiverged", "TransferChunks", "sweep_student"]
 
 log = logging.getLogger("minikd")
 
@@ -162,12 +163,16 @@ class Step(NamedTuple):
 
 def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.0, val=None,
           desc="train", progress=True, backend="numpy", feature_terms=(), on_step=None, kind="kl",
-          beta=None, dkd_weights=None) -> History:
+          beta=None, dkd_weights=None, transfer=None) -> History:
     """Minibatch AdamW with a cosine schedule; labels -100 mark unlabeled (transfer) rows.
     Each batch's objective is ``distill_loss_and_grad`` (KD with ``teacher_logits``, else
     cross-entropy) plus the ``feature_terms`` (hint / RKD on tapped student features; their
     regressors are trained with the same optimizer settings). ``on_step(Step)`` is called once a
-    step, before the update."""
+    step, before the update. ``transfer`` (``TransferChunks``): unlabeled rows read chunk by chunk
+    (a soft-target store), in the chunked batch order of ``_streamed_batches``; ``Step.rows`` then
+    counts the transfer rows after x's."""
+    if transfer is not None and (teacher_logits is None or feature_terms):
+        raise ValueError("train: transfer chunks need teacher_logits for x, and take no feature terms")
     opt = nn.AdamW(model, cfg.lr, weight_decay=cfg.weight_decay)
     regressors = [nn.Sequential([t.regressor]) for t in feature_terms if t.regressor is not None]
     reg_opts = [nn.AdamW(r, cfg.lr, weight_decay=cfg.weight_decay) for r in regressors]
@@ -182,16 +187,16 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
             for o in reg_opts:
                 o.lr = opt.lr
             total, count = 0.0, 0
-            for idx in minibatches(len(x), cfg.batch_size, rng):
+            batches = (_in_memory_batches(x, y, teacher_logits, cfg.batch_size, rng) if transfer is None else
+                       _streamed_batches(x, y, teacher_logits, transfer, cfg.batch_size, rng))
+            for idx, xb, yb, t in batches:
                 if len(idx) < 2:  # BatchNorm and relational terms need two rows
                     continue
                 model.zero_grad()
                 for r in regressors:
                     r.zero_grad()
-                xb, yb = x[idx], y[idx]
                 logits, cache = model.forward(xb, train=True, taps=taps)
                 _check_diverged(desc, epoch, cfg, logits)
-                t = None if teacher_logits is None else teacher_logits[idx]
                 loss, dlogits = distill_loss_and_grad(logits, t, yb, T=T, alpha=alpha, backend=backend, kind=kind,
                                                       beta=beta, dkd_weights=dkd_weights)
                 loss = float(loss)
@@ -214,6 +219,59 @@ def train(model, x, y, cfg: TrainConfig, *, teacher_logits=None, T=1.0, alpha=0.
                 hist.val_accuracy.append(accuracy(model, *val))
                 bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", val_acc=f"{hist.val_accuracy[-1]:.3f}")
     return hist
+
+
+def _in_memory_batches(x, y, teacher_logits, batch_size, rng):
+    """(rows, inputs, labels, teacher logits or None) of each batch of a seeded shuffle of all rows."""
+    for idx in minibatches(len(x), batch_size, rng):
+        yield idx, x[idx], y[idx], None if teacher_logits is None else teacher_logits[idx]
+
+
+class TransferChunks:
+    """Unlabeled transfer rows and their teacher logits, readable one chunk of rows at a time:
+    ``chunk(c)`` is (inputs, logits) of rows ``c * chunk_rows`` up to the next chunk (the last
+    may be shorter). This one holds them in memory; ``minikd.scale.SoftTargetStore`` reads them
+    from a Zarr store, and training gives the same bits from either."""
+
+    def __init__(self, x, logits, chunk_rows: int):
+        if len(x) != len(logits) or not len(x):
+            raise ValueError(f"transfer chunks: expected as many logit rows as input rows (>= 1), got {len(x)} "
+                             f"and {len(logits)}")
+        self.x, self.logits, self.rows = x, logits, len(x)
+        self.chunk_rows = checks.integer("chunk_rows", chunk_rows, 1)
+        self.num_chunks = -(-self.rows // self.chunk_rows)
+
+    def chunk(self, c: int):
+        start = c * self.chunk_rows
+        return self.x[start:start + self.chunk_rows], self.logits[start:start + self.chunk_rows]
+
+
+def _streamed_batches(x, y, teacher_logits, transfer, batch_size, rng):
+    """The batch order of training from a chunked transfer set, memory O(chunk): the chunks in a
+    seeded order, each read once an epoch and joined by an equal share of the (in-memory) labeled
+    rows, so that a batch mixes labeled and transfer rows as a shuffle of all rows would; each
+    joined chunk is shuffled and cut into batches. Rows: x's, then n + the transfer row."""
+    n = len(x)
+    order = rng.permutation(transfer.num_chunks)
+    shares = np.array_split(rng.permutation(n), transfer.num_chunks)
+    for share, c in zip(shares, order):
+        xc, tc = transfer.chunk(int(c))
+        first = int(c) * transfer.chunk_rows
+        rows = np.concatenate([share, n + first + np.arange(len(xc))])
+        xs = np.concatenate([x[share], np.asarray(xc, dtype=x.dtype)])
+        ys = np.concatenate([y[share], np.full(len(xc), -100, dtype=y.dtype)])
+        if isinstance(tc, TopK):   # a top-k store: the labeled rows' teacher as the same top-k
+            k = tc.indices.shape[-1]
+            idx, values = topk_from_dense(teacher_logits[share], k, tc.T_gen)
+            ti = np.concatenate([idx, tc.indices])
+            tv = np.concatenate([values, np.asarray(tc.values, dtype=values.dtype)])
+        else:
+            ts = np.concatenate([teacher_logits[share], np.asarray(tc, dtype=teacher_logits.dtype)])
+        perm = rng.permutation(len(rows))
+        for i in range(0, len(rows), batch_size):
+            b = perm[i:i + batch_size]
+            t = tc._replace(indices=ti[b], values=tv[b]) if isinstance(tc, TopK) else ts[b]
+            yield rows[b], xs[b], ys[b], t
 
 
 def train_teacher(data: Dataset, cfg: TrainConfig, width: int = 32, progress=True, cache_dir=None, on_step=None):
@@ -315,13 +373,19 @@ def make_feature_terms(specs, teacher, student, x, cache_dir=None, seed=0):
 def train_student(data: Dataset, cfg: TrainConfig, *, teacher_logits=None, teacher_logits_transfer=None,
                   T=4.0, alpha=0.9, hidden=50, use_transfer=False, progress=True, desc="student",
                   backend="numpy", feature_specs=(), teacher=None, cache_dir=None, on_step=None, kind="kl", beta=None,
-                  dkd_weights=None):
+                  dkd_weights=None, transfer=None):
     """Step 3. The student MLP, from scratch (teacher_logits None) or distilled; with
     ``use_transfer`` the transfer set joins the training rows with label -100 (soft term only).
     ``feature_specs``: (kind, teacher_tap, student_tap, weight) hint / RKD terms (needs ``teacher``).
-    ``backend`` and ``on_step``: as ``train``'s."""
+    ``backend`` and ``on_step``: as ``train``'s. ``transfer``: the transfer set as ``TransferChunks``
+    (a soft-target store, streamed), instead of ``data``'s."""
     model = student_mlp(data.x_train.shape[1], data.num_classes, hidden=hidden, seed=cfg.seed)
     x, y, t = data.x_train, data.y_train, teacher_logits
+    if transfer is not None:
+        hist = train(model, x, y, cfg, teacher_logits=t, T=T, alpha=alpha, val=(data.x_val, data.y_val), desc=desc,
+                     progress=progress, backend=backend, on_step=on_step, kind=kind, beta=beta,
+                     dkd_weights=dkd_weights, transfer=transfer)
+        return model, hist
     if use_transfer and len(data.x_transfer):
         x = np.concatenate([x, data.x_transfer])
         y = np.concatenate([y, np.full(len(data.x_transfer), -100, dtype=np.int64)])
@@ -397,24 +461,37 @@ def load_student(out_dir, name: str = "student"):
     return model, info
 
 
+def sweep_student(T: float, alpha: float, *, data: Dataset, cfg: TrainConfig, **kwargs):
+    """One student of a sweep (a Dask task on a cluster): (validation accuracy, model, history)."""
+    model, hist = train_student(data, cfg, T=T, alpha=alpha, progress=False, desc=f"sweep T={T:g}, alpha={alpha:g}",
+                                **kwargs)
+    return accuracy(model, data.x_val, data.y_val), model, hist
+
+
 def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logits,
           teacher_logits_transfer=None, hidden=50, use_transfer=False, progress=True, backend="numpy",
-          on_step=None, kind="kl", beta=None, dkd_weights=None):
+          on_step=None, kind="kl", beta=None, dkd_weights=None, client=None):
     """Step 4. One student per (T, alpha); returns the grid of validation accuracies and
     (val accuracy, T, alpha, model, history) of the best pair by validation accuracy (ties: first
     in grid order). ``backend``, ``on_step``, ``kind`` and ``beta``: as ``train``'s (each run is
-    labeled "sweep T=..., alpha=...")."""
+    labeled "sweep T=..., alpha=..."). ``client``: a ``distributed.Client`` that runs each student
+    as a task (``minikd.scale``); the same grid and best, bit for bit, as without one."""
+    pairs = [(i, j) for i in range(len(temperatures)) for j in range(len(alphas))]
+    runs = [(float(temperatures[i]), float(alphas[j])) for i, j in pairs]
+    options = dict(hidden=hidden, use_transfer=use_transfer, backend=backend, on_step=on_step, kind=kind, beta=beta,
+                   dkd_weights=dkd_weights)
+    shared = dict(teacher_logits=teacher_logits, teacher_logits_transfer=teacher_logits_transfer)
+    if client is None:
+        results = [sweep_student(T, a, data=data, cfg=cfg, **options, **shared)
+                   for T, a in tqdm(runs, desc="sweep", disable=not progress, unit="student")]
+    else:
+        from .scale import run_tasks  # noqa: PLC0415
+        results = run_tasks(client, sweep_student, [(run, {"cfg": cfg, **options}) for run in runs],
+                            {"data": data, **shared}, "sweep", progress)
     grid = np.zeros((len(temperatures), len(alphas)))
     best = None
-    pairs = [(i, j) for i in range(len(temperatures)) for j in range(len(alphas))]
-    for i, j in tqdm(pairs, desc="sweep", disable=not progress, unit="student"):
-        T, a = float(temperatures[i]), float(alphas[j])
-        model, hist = train_student(data, cfg, teacher_logits=teacher_logits,
-                                    teacher_logits_transfer=teacher_logits_transfer, T=T, alpha=a,
-                                    hidden=hidden, use_transfer=use_transfer, progress=False,
-                                    desc=f"sweep T={T:g}, alpha={a:g}", backend=backend, on_step=on_step,
-                                    kind=kind, beta=beta, dkd_weights=dkd_weights)
-        grid[i, j] = accuracy(model, data.x_val, data.y_val)
+    for (i, j), (T, a), (acc, model, hist) in zip(pairs, runs, results):   # grid order, whatever finished first
+        grid[i, j] = acc
         if best is None or grid[i, j] > best[0]:
             best = (grid[i, j], T, a, model, hist)
     return grid, best

@@ -34,7 +34,7 @@ import numpy as np
 from .data import from_npz, load_dataset, mnist1d, standardize
 from .distill import (TrainConfig, accuracy, export, inference_seconds_per_sample, load_student, soft_targets,
                       sweep, train_mutual, train_student, train_teacher)
-from . import checks
+from . import checks, scale
 from .files import FileError, atomic_write, check_finite_rows, read_array, writable_dir, writable_file, write_npy, \
     write_npz
 from .losses.divergences import check_beta
@@ -83,6 +83,7 @@ class StudentConfig:
     stored with it (its seed and size); ``seed`` seeds the student's initialization and batches."""
     teacher_dir: str
     transfer_samples: int = 0
+    soft_targets: str | None = None   # a soft-target store (.zarr) of this teacher: its transfer set, streamed
     seed: int = DEFAULTS["seed"]
     T: float = DEFAULTS["T"]
     alpha: float = DEFAULTS["alpha"]
@@ -158,6 +159,8 @@ class SweepConfig:
     out: str = DEFAULTS["out"]
     cache_dir: str | None = DEFAULTS["cache_dir"]
     progress: bool = True
+    scheduler: str | None = None   # a running dask scheduler's address: each student a task there
+    workers: int = 0               # a local Dask cluster of this many worker processes; 0: no cluster
 
 
 @dataclass
@@ -284,6 +287,21 @@ def _hints(name, v):
     return list(v)
 
 
+def _store_path(name, v):
+    v = _path(name, v)
+    if not scale.is_store(v):
+        raise checks.UserError(f"{name}: expected a soft-target store, a folder ending in .zarr, got {v!r}")
+    if not Path(v).is_dir():
+        raise checks.UserError(f"{name}: {v}: {'not a folder' if Path(v).exists() else 'no such store'}")
+    return v
+
+
+def _scheduler_address(name, v):
+    if not isinstance(v, str) or "://" not in v and ":" not in v:
+        raise checks.UserError(f"{name}: expected a dask scheduler's address such as tcp://127.0.0.1:8786, got {v!r}")
+    return v
+
+
 def _int(minimum, maximum=None):
     return lambda name, v: checks.integer(name, v, minimum, maximum)
 
@@ -332,6 +350,9 @@ CHECKS = {
     "cache_dir": _path_or_none,
     "progress": _flag,
     "name": _model_name,   # evaluate's and predict's model in its folder
+    "soft_targets": lambda name, v: v if v is None else _store_path(name, v),
+    "scheduler": lambda name, v: v if v is None else _scheduler_address(name, v),
+    "workers": _int(0, 256),
 }
 
 
@@ -373,6 +394,18 @@ def validate(config):
         if config.backend == "numba" and config.kind not in ("kl", "ce"):
             raise ConfigError("backend", f"backend: the fused kernel computes kind kl and ce only, not "
                                          f"{config.kind!r}; use numpy or auto")
+    if getattr(config, "scheduler", None) and getattr(config, "workers", 0):
+        raise ConfigError("workers", "workers: --workers starts a local cluster, --scheduler connects to a running "
+                                     "one; give one of them")
+    if getattr(config, "scheduler", None) or getattr(config, "workers", 0) or getattr(config, "soft_targets", None):
+        field_name = next(f for f in ("soft_targets", "scheduler", "workers") if getattr(config, f, None))
+        try:
+            scale.require()
+        except checks.MissingDependency as exc:
+            raise ConfigError(field_name, f"{field_name}: {exc}") from None
+    if getattr(config, "soft_targets", None) and config.transfer_samples:
+        raise ConfigError("transfer_samples", "transfer_samples: the soft-target store holds the transfer set; "
+                                              "drop --transfer-samples")
     if hasattr(config, "weight_decay") and config.lr * config.weight_decay >= 1:
         raise ConfigError("weight_decay", f"weight_decay: expected lr x weight_decay < 1 (AdamW multiplies each "
                                           f"weight by 1 - lr x weight_decay a step), got {config.weight_decay:g} "
@@ -514,35 +547,72 @@ def run_teacher(config: TeacherConfig, on_step=None) -> Report:
                   time.perf_counter() - t0, asdict(config), out)
 
 
-def write_soft_targets(teacher_dir, out, transfer_samples: int = 0) -> dict:
-    """Step 2 alone: the teacher exported to ``teacher_dir``, on its own dataset; writes
-    ``logits_train``, ``y_train`` (and ``logits_transfer``) to the .npz ``out``. Returns those arrays."""
+def write_soft_targets(teacher_dir, out, transfer_samples: int = 0, *, rows: int | None = None,
+                       top_k: int | None = None, chunk_rows: int | None = None, scheduler: str | None = None,
+                       workers: int = 0, progress: bool = True) -> dict:
+    """Step 2 alone: the teacher exported to ``teacher_dir``, on its own dataset.
+
+    ``out`` an .npz: writes ``logits_train``, ``y_train`` (and ``logits_transfer`` on
+    ``transfer_samples`` transfer rows); returns those arrays. ``out`` a folder ending in .zarr:
+    a soft-target store of the teacher's logits on ``rows`` transfer rows (default 45000), dense
+    or its ``top_k`` classes, written by Dask in chunks of ``chunk_rows`` rows on this machine, a
+    local cluster of ``workers`` processes or the running ``scheduler`` (``minikd.scale``);
+    returns the store's attributes."""
     transfer_samples = CHECKS["transfer_samples"]("transfer_samples", transfer_samples)
     _existing_dir("teacher_dir", teacher_dir)
-    writable_file(out, "out")
-    teacher, data = _exported_teacher(teacher_dir, transfer_samples)
-    arrays = {"logits_train": soft_targets(teacher, data.x_train), "y_train": data.y_train}
-    if len(data.x_transfer):
-        arrays["logits_transfer"] = soft_targets(teacher, data.x_transfer)
-    write_npz(out, arrays)
-    return arrays
+    if not scale.is_store(out):
+        extra = [n for n, v in (("rows", rows), ("top_k", top_k), ("chunk_rows", chunk_rows), ("scheduler", scheduler),
+                                ("workers", workers)) if v]
+        if extra:
+            raise checks.UserError(f"{extra[0]}: only a soft-target store takes it; name --out DIR.zarr")
+        writable_file(out, "out")
+        teacher, data = _exported_teacher(teacher_dir, transfer_samples)
+        arrays = {"logits_train": soft_targets(teacher, data.x_train), "y_train": data.y_train}
+        if len(data.x_transfer):
+            arrays["logits_transfer"] = soft_targets(teacher, data.x_transfer)
+        write_npz(out, arrays)
+        return arrays
+    if transfer_samples:
+        raise checks.UserError("transfer_samples: a soft-target store labels --rows transfer rows of its own; drop "
+                               "--transfer-samples")
+    scale.require()
+    rows = DEFAULTS["transfer_samples"] if rows is None else CHECKS["transfer_samples"]("rows", rows)
+    if not rows:
+        raise checks.UserError("rows: expected at least 1 row")
+    chunk_rows = scale.CHUNK_ROWS if chunk_rows is None else checks.integer("chunk_rows", chunk_rows, 1, MAX_ROWS)
+    top_k = None if top_k is None else checks.integer("top_k", top_k, 1)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise FileError(f"out {out}: exists and is not a folder (a store is a folder ending in .zarr)")
+    writable_dir(Path(out).parent if str(Path(out).parent) else Path("."), "out's folder")
+    teacher, data = _exported_teacher(teacher_dir, 0)   # MNIST-1D: no in-memory transfer set; an .npz: its x_transfer
+    if top_k is not None and top_k > data.num_classes:
+        raise checks.UserError(f"top_k: expected at most the {data.num_classes} classes, got {top_k}")
+    with scale.dask_client(scheduler, workers) as client:
+        return scale.write_store(teacher, data, out, rows=rows, top_k=top_k, chunk_rows=chunk_rows, client=client,
+                                 progress=progress)
 
 
 def run_student(config: StudentConfig, on_step=None) -> Report:
-    """Step 3 alone: a KD student (with the transfer set when ``transfer_samples``) from an
-    exported teacher; writes student.npz/.json and report.json to config.out."""
+    """Step 3 alone: a KD student (with the transfer set when ``transfer_samples``, or the one of
+    the soft-target store ``soft_targets``, read a chunk at a time) from an exported teacher;
+    writes student.npz/.json and report.json to config.out."""
     t0 = _start(config, ("student.npz", "student.json", "report.json"))
     teacher, data = _exported_teacher(config.teacher_dir, config.transfer_samples)
+    store = None
+    if config.soft_targets:   # the transfer set and its soft targets, streamed chunk by chunk from the store
+        store = scale.SoftTargetStore(config.soft_targets)
+        store.check_matches(teacher, data)
     tl, tt = _targets(teacher, data, config.cache_dir)
-    use_transfer = tt is not None
+    use_transfer = tt is not None or store is not None
     cfg = _student_cfg(config, config.transfer_epochs if use_transfer else config.epochs)
     div = _divergence(config)
     model, hist = train_student(data, cfg, teacher_logits=tl, teacher_logits_transfer=tt, T=config.T,
                                 alpha=config.alpha, **div, hidden=config.student_hidden, use_transfer=use_transfer,
                                 progress=config.progress, desc="student (KD)", backend=config.backend,
-                                on_step=on_step)
+                                on_step=on_step, transfer=store)
     tp = teacher.num_parameters()
-    label = f"student {_kd_name(config.T, config.alpha, div)}" + (" + transfer" if use_transfer else "")
+    label = f"student {_kd_name(config.T, config.alpha, div)}" + (
+        f" + store ({store.rows})" if store is not None else " + transfer" if use_transfer else "")
     rows = [_row("teacher (CNN)", teacher, data, tp),
             _row(label, model, data, tp, {"T": config.T, "alpha": config.alpha, **div})]
     out = Path(config.out)
@@ -602,7 +672,8 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
 def run_sweep(config: SweepConfig, on_step=None) -> Report:
     """Step 4: one student per (T, alpha) (and per beta for kind "jsd"), with the transfer set when
     there is one; the best by validation accuracy (ties: the first in (beta, T, alpha) order) is
-    exported; writes student.npz/.json, sweep.png (a heatmap per beta) and report.json."""
+    exported; writes student.npz/.json, sweep.png (a heatmap per beta) and report.json. With
+    ``scheduler`` or ``workers`` each student is a Dask task (``minikd.scale``): the same report."""
     t0 = _start(config, ("student.npz", "student.json", "report.json", "sweep.png"))
     temperatures, alphas = [float(t) for t in config.T], [float(a) for a in config.alpha]
     betas = list(config.beta)
@@ -612,14 +683,15 @@ def run_sweep(config: SweepConfig, on_step=None) -> Report:
     use_transfer = tt is not None
     cfg = _student_cfg(config, config.transfer_epochs if use_transfer else config.epochs)
     grids, best = [], None
-    for b in betas or [None]:
-        div = {**_divergence(config), **({"beta": b} if b is not None else {})}
-        grid, found = sweep(data, cfg, temperatures, alphas, teacher_logits=tl, teacher_logits_transfer=tt,
-                            hidden=config.student_hidden, use_transfer=use_transfer, progress=config.progress,
-                            backend=config.backend, on_step=on_step, **div)
-        grids.append(grid)
-        if best is None or found[0] > best[0][0]:
-            best = (found, div, len(grids) - 1)
+    with scale.dask_client(config.scheduler, config.workers) as client:
+        for b in betas or [None]:
+            div = {**_divergence(config), **({"beta": b} if b is not None else {})}
+            grid, found = sweep(data, cfg, temperatures, alphas, teacher_logits=tl, teacher_logits_transfer=tt,
+                                hidden=config.student_hidden, use_transfer=use_transfer, progress=config.progress,
+                                backend=config.backend, on_step=on_step, client=client, **div)
+            grids.append(grid)
+            if best is None or found[0] > best[0][0]:
+                best = (found, div, len(grids) - 1)
     (_, T, a, model, hist), div, k = best
     tp = teacher.num_parameters()
     row = _row(f"best student {_kd_name(T, a, div)}", model, data, tp, {"T": T, "alpha": a, **div})
