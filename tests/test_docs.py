@@ -1,7 +1,7 @@
 """The documentation site cannot go stale: every example runs and prints what its page shows.
 
 Every ```python block of docs/**/*.md (and README.md) runs, in page order, in one namespace per page
-(a page's examples build on each other), in a temporary working folder. Where the next fenced block
+(a page's examples build on each other), in a temporary working folder (a page needing PyTorch or JAX skips without it). Where the next fenced block
 is an output block (```text), the block's printed output must equal it: line by line, trailing
 spaces and trailing blank lines ignored.
 
@@ -33,6 +33,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 OUTPUT_LANGS = ("text",)
+OPTIONAL_FRAMEWORKS = ("torch", "jax", "optax")   # examples needing them skip where they are missing
 CPU_JSON = ROOT / "benchmarks" / "results" / "softmax_kl-cpu-x86_64-2cores.json"
 
 
@@ -74,8 +75,13 @@ def test_page_examples(page, tmp_path, monkeypatch):
     for code, expected, line in examples(page):
         where = f"{page.relative_to(ROOT)}:{line}"
         buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            exec(compile(code, where, "exec"), namespace)   # noqa: S102 (the page's own example)
+        try:
+            with contextlib.redirect_stdout(buffer):
+                exec(compile(code, where, "exec"), namespace)   # noqa: S102 (the page's own example)
+        except ModuleNotFoundError as error:
+            if error.name in OPTIONAL_FRAMEWORKS:   # a page written for PyTorch or JAX users
+                pytest.skip(f"{where}: needs {error.name}")
+            raise
         if expected is not None:
             got, want = normalized(buffer.getvalue()), normalized(expected)
             assert got == want, f"{where}: the example prints\n{got}\n\nbut the page shows\n{want}"
