@@ -87,15 +87,12 @@ def test_page_examples(page, tmp_path, monkeypatch):
             assert got == want, f"{where}: the example prints\n{got}\n\nbut the page shows\n{want}"
 
 
-def test_every_python_block_is_found():
+def test_every_python_block_is_found(tmp_path):
     """The extraction itself: a page with examples yields them, each output block is paired."""
     sample = "x\n\n```python\nprint(1)\n```\n\n```text\n1\n```\n\n```python\na = 2\n```\n\nprose\n\n```text\nno\n```\n"
-    page = DOCS.parent / "tests" / "_sample_page.md"
-    try:
-        page.write_text(sample)
-        assert examples(page) == [("print(1)", "1", 3), ("a = 2", None, 11)]
-    finally:
-        page.unlink()
+    page = tmp_path / "page.md"
+    page.write_text(sample)
+    assert examples(page) == [("print(1)", "1", 3), ("a = 2", None, 11)]
     assert sum(len(examples(p)) for p in PAGES) >= 20, "the site's examples are not being found"
 
 
