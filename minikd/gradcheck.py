@@ -35,6 +35,7 @@ __all__ = ["numerical_vjp", "compare", "check_vjp", "GradcheckResult", "random_l
 
 
 class GradcheckResult(NamedTuple):
+    """``compare``'s result: the largest absolute and (norm-wise) relative errors."""
     max_abs: float
     max_rel: float
 

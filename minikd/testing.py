@@ -97,6 +97,7 @@ def labels_for(draw, student, ignore_index: int = -100, allow_ignored: bool = Tr
 
 
 class KDCase(NamedTuple):
+    """One KD problem drawn by ``kd_cases``: the arrays, T, alpha and the loss options."""
     student: np.ndarray
     teacher: np.ndarray
     labels: np.ndarray | None

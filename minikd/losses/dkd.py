@@ -197,8 +197,11 @@ def dkd_forward(student, teacher, labels, *, T, alpha_tckd=1.0, beta_nckd=8.0, s
     ----------
     student, teacher : (N, C) or (B, S, C) float logits of one dtype.
     labels : integer (N,) or (B, S): the target class of each row; ``ignore_index`` rows count nowhere.
-    T : temperature > 0.  alpha_tckd, beta_nckd : weights >= 0 of TCKD and NCKD.
-    scale_t2 : multiply the loss by T**2.  reduction : "batchmean", "sum" or "none".
+    T : temperature > 0.
+    alpha_tckd, beta_nckd : weights >= 0 of TCKD and NCKD.
+    scale_t2 : multiply the loss by T**2.
+    reduction : "batchmean", "sum" or "none".
+    ignore_index : the label of a row that counts nowhere.
     mask : boolean, shaped like the labels; rows where False count nowhere.
     """
     xp, T, alpha_tckd, beta_nckd, roles = check_dkd_arguments(

@@ -51,4 +51,5 @@ def hint_backward(dloss, cache: HintCache, teacher_grad: bool = False):
 
 
 def hint_loss(student_feat, teacher_feat, *, reduction: str = "batchmean"):
+    """The hint loss alone; same arguments as ``hint_forward``."""
     return hint_forward(student_feat, teacher_feat, reduction=reduction)[0]

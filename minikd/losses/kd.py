@@ -206,25 +206,31 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     ----------
     student : (N, C) or (B, S, C) float array of student logits.
     teacher : same shape; logits, or probabilities / log-probabilities already softened at T.
+        It may also be a ``minikd.losses.topk.TopK`` (indices, values): a sparse teacher, its soft
+        term the top-k loss of its variant (kind "kl"); its teacher gradient is d loss / d values.
     labels : integer (N,) or (B, S), optional; required unless alpha == 1.
-    T : temperature > 0.  alpha : weight of the distillation term in [0, 1].
+    T : temperature > 0.
+    alpha : weight of the distillation term in [0, 1].
     kind : the divergence D of the soft term (``minikd.losses.divergences``): "kl" (KL(q||p), the
         default), "ce" (soft cross-entropy), "reverse_kl" (KL(p||q)), "jsd" (generalized JSD, with
-        ``beta`` in [0, 1]) or "tvd" (total variation).  scale_t2 : multiply the soft term by T**2.
-    hard_weight : the hard term's weight instead of 1 - alpha (then alpha may be any weight >= 0:
-        ``gamma * CE + alpha * KD`` is alpha=alpha, hard_weight=gamma).
-    label_smoothing : the hard term's, PyTorch's definition: target (1 - eps) onehot(y) + eps / C.
-    teacher may also be a ``minikd.losses.topk.TopK`` (indices, values): a sparse teacher, its soft
-        term the top-k loss of its variant (kind "kl"); its teacher gradient is d loss / d values.
-    vocab : student and teacher with different class counts: None refuses, "truncate" or "pad"
-        (``conventions.match_vocab``); the gradients come back on each input's own classes.
+        ``beta`` in [0, 1]) or "tvd" (total variation).
+    scale_t2 : multiply the soft term by T**2.
     teacher_as : "logits", "probs" or "log_probs".
-    reduction : "batchmean", "sum" or "none".  mask : rows that count nowhere where False.
-    normalizer : with "batchmean", the count to divide by instead of the number of rows that count
-        (a micro-batch of gradient accumulation divides by the whole batch's count).
+    reduction : "batchmean", "sum" or "none".
     ignore_index : the label of a row without one; it counts nowhere (``unlabeled="ignore"``) or gets
         the distillation term alone (``unlabeled="soft"``: the transfer set; with no labels at all,
         every row).
+    mask : rows that count nowhere where False.
+    unlabeled : "ignore" or "soft" (see ``ignore_index``).
+    beta : JSD's mixture weight in [0, 1] (kind "jsd" only).
+    dkd_weights : (alpha_tckd, beta_nckd) of kind "dkd" (default (1, 8)).
+    normalizer : with "batchmean", the count to divide by instead of the number of rows that count
+        (a micro-batch of gradient accumulation divides by the whole batch's count).
+    hard_weight : the hard term's weight instead of 1 - alpha (then alpha may be any weight >= 0:
+        ``gamma * CE + alpha * KD`` is alpha=alpha, hard_weight=gamma).
+    label_smoothing : the hard term's, PyTorch's definition: target (1 - eps) onehot(y) + eps / C.
+    vocab : student and teacher with different class counts: None refuses, "truncate" or "pad"
+        (``conventions.match_vocab``); the gradients come back on each input's own classes.
     """
     sparse = teacher if isinstance(teacher, topk.TopK) else None
     if sparse is not None:   # a top-k teacher: its soft term is minikd.losses.topk's, a KL form

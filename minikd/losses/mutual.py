@@ -114,4 +114,5 @@ def mutual_backward(dloss, cache: MutualCache):
 
 
 def mutual_loss(logits_list, labels=None, **kwargs):
+    """The mutual-learning loss(es) alone; same arguments as ``mutual_forward``."""
     return mutual_forward(logits_list, labels, **kwargs)[0]

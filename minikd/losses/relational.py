@@ -151,6 +151,7 @@ def rkd_distance_backward(dloss, cache: RKDDistanceCache):
 
 
 def rkd_distance(student_emb, teacher_emb, *, loss="huber", reduction="mean"):
+    """The RKD distance loss alone; same arguments as ``rkd_distance_forward``."""
     return rkd_distance_forward(student_emb, teacher_emb, loss=loss, reduction=reduction)[0]
 
 
@@ -221,6 +222,7 @@ def rkd_angle_backward(dloss, cache: RKDAngleCache):
 
 
 def rkd_angle(student_emb, teacher_emb, *, loss="huber", reduction="mean"):
+    """The RKD angle loss alone; same arguments as ``rkd_angle_forward``."""
     return rkd_angle_forward(student_emb, teacher_emb, loss=loss, reduction=reduction)[0]
 
 

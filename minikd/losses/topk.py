@@ -259,9 +259,14 @@ def topk_forward(student, indices, values, labels=None, *, T, T_gen=None, teache
     values : float (N, k) or (B, S, k), the student's dtype: the teacher's log-probabilities at T_gen
         (``teacher_as="log_probs"``) or raw logits (``"logits"``) at those ids; -inf allowed.
     labels : integer (N,) or (B, S), optional: rows labeled ``ignore_index`` count nowhere (no hard term here).
-    T : loss temperature > 0.  T_gen : the log-probabilities' temperature (None: T).
-    variant : "gather", "renormalized" or "tail".  scale_t2 : multiply by T**2.
-    reduction : "batchmean", "sum" or "none".  mask : rows that count nowhere where False.
+    T : loss temperature > 0.
+    T_gen : the log-probabilities' temperature (None: T).
+    teacher_as : "log_probs" or "logits": what ``values`` hold.
+    variant : "gather", "renormalized" or "tail".
+    scale_t2 : multiply by T**2.
+    reduction : "batchmean", "sum" or "none".
+    ignore_index : the label of a row that counts nowhere.
+    mask : rows that count nowhere where False.
     """
     T, T_gen = _check_options(T, T_gen, teacher_as, variant, reduction)
     check_float_array(student, "student", ndim_min=2)
