@@ -42,6 +42,12 @@ from .losses.kd import DKD_WEIGHTS, KINDS
 from .nn.models import student_mlp, teacher_cnn
 from .plots import learning_curves, sweep_heatmap
 
+
+def _fused_kinds(backend):
+    """The kinds a fused kernel computes (``minikd.kernels.FUSED_KINDS``: its one owner)."""
+    from .kernels import FUSED_KINDS  # noqa: PLC0415  (the kernels package: imported where used)
+    return FUSED_KINDS[backend]
+
 __all__ = ["DEFAULTS", "TeacherConfig", "StudentConfig", "DistillConfig", "SweepConfig", "MutualConfig", "Report",
            "run_teacher", "run_student", "run_distill", "run_sweep", "run_mutual", "write_soft_targets",
            "evaluate", "Evaluation", "predict", "feature_variants"]
@@ -391,8 +397,9 @@ def validate(config):
         if config.kind == "dkd" and getattr(config, "transfer_samples", 0):
             raise ConfigError("kind", "kind: dkd splits each row at its label, and the transfer set has none; add "
                                       "--transfer-samples 0")
-        if config.backend == "numba" and config.kind not in ("kl", "ce"):
-            raise ConfigError("backend", f"backend: the fused kernel computes kind kl and ce only, not "
+        fused = _fused_kinds("numba")
+        if config.backend == "numba" and config.kind not in fused:
+            raise ConfigError("backend", f"backend: the fused kernel computes kind {', '.join(fused)}, not "
                                          f"{config.kind!r}; use numpy or auto")
     if getattr(config, "scheduler", None) and getattr(config, "workers", 0):
         raise ConfigError("workers", "workers: --workers starts a local cluster, --scheduler connects to a running "
