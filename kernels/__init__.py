@@ -57,9 +57,13 @@ FUSED_KINDS = ("kl", "ce")
 _said_fallback = set()
 
 
-def _unfused(kind, label_smoothing, vocab, student, teacher):
+def _unfused(kind, label_smoothing, vocab, student, teacher, backend=None):
     """What the fused kernels cannot compute in this call (None: they can)."""
-    if kind in KINDS and kind not in FUSED_KINDS:
+    fused = FUSED_KINDS
+    if backend == "cupy":   # the CUDA kernel has more kinds (cupy_gpu.CUPY_KINDS)
+        from .cupy_gpu import CUPY_KINDS  # noqa: PLC0415
+        fused = CUPY_KINDS
+    if kind in KINDS and kind not in fused:
         return f"kind={kind!r}"
     if label_smoothing:
         return "label_smoothing"
@@ -92,7 +96,7 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
     if dkd_weights is not None and kind != "dkd":
         raise UserError(f"dkd_weights: only kind='dkd' takes them (kind={kind!r})")
     resolved = resolve_backend(backend, student)
-    what = _unfused(kind, label_smoothing, vocab, student, teacher)
+    what = _unfused(kind, label_smoothing, vocab, student, teacher, resolved)
     backend = resolved if what is None else _fallback(what, backend, resolved)
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, ignore_index=ignore_index, mask=mask,
               unlabeled=unlabeled, normalizer=normalizer, hard_weight=hard_weight)
@@ -106,7 +110,7 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
         return loss, grad
     if backend == "cupy":
         from .cupy_gpu import softmax_kl_cupy  # noqa: PLC0415
-        return softmax_kl_cupy(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
+        return softmax_kl_cupy(student, teacher, labels, scale_t2=scale_t2, out=out, beta=beta, **kw)
     return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
 
 
@@ -166,7 +170,7 @@ class Rows(NamedTuple):
 
 
 def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                 weight_dtype, unlabeled="ignore", on_device=False, normalizer=None, hard_weight=None):
+                 weight_dtype, unlabeled="ignore", on_device=False, normalizer=None, hard_weight=None, beta=None):
     """Validate (with the reference's checks, student values excepted: the kernels check those
     in their first pass) and lay out the rows for a kernel. ``on_device=True`` (CuPy) syncs with
     the host nowhere: the label range becomes ``bad_labels`` for the kernel's flags, and the count
@@ -174,7 +178,7 @@ def prepare_rows(student, teacher, labels, *, T, alpha, kind, scale_t2, reductio
     xp, T, alpha, roles, _, normalizer, _ = check_kd_arguments(
         student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits", reduction=reduction,
         ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, check_student=False,
-        check_label_range=not on_device, normalizer=normalizer, hard_weight=hard_weight)
+        check_label_range=not on_device, normalizer=normalizer, hard_weight=hard_weight, beta=beta)
     C = student.shape[-1]
     s = xp.ascontiguousarray(student.reshape(-1, C))
     t = xp.ascontiguousarray(teacher.reshape(-1, C))
@@ -207,12 +211,12 @@ def deliver_gradient(buf, is_out, out, shape):
 
 
 def raise_for_flags(student, teacher, labels, valid, *, T, alpha, kind, reduction, ignore_index, mask, unlabeled,
-                    hard_weight=None):
+                    hard_weight=None, beta=None):
     """A kernel flagged rows (bad values, or on the GPU a label out of range): run the reference's
     checks in the reference's order, so that the error raised is the reference's, word for word."""
     check_kd_arguments(student, teacher, labels, T=T, alpha=alpha, kind=kind, teacher_as="logits",
                        reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
-                       check_student=False, hard_weight=hard_weight)
+                       check_student=False, hard_weight=hard_weight, beta=beta)
     check_logits(student, "student", valid)
     check_logits(teacher, "teacher", valid)
     raise ValueError("student/teacher: invalid values (NaN, +inf or an all -inf row)")
