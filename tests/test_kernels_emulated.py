@@ -169,7 +169,9 @@ def test_tvd_subgradient_at_exact_ties(variant, C, options):
     teacher (-40, -45: below half an ulp of the sum 2, so Zs = Zt = 2 exactly and p = q = 1/2 at the
     first two), the rest at -60 in both (ties too, of mass ~1e-26). The gradient at the tied classes
     is tiny ((P- - P+)/2 = 1e-18); a kernel that counted a tie as p > q or p < q would give them
-    +-1/4. A random row beside them sets the scale of the tolerance."""
+    +-1/4. The tie rows are checked on their own scale (1e-18: reduction "none", one weight a
+    row), so that the tied mass P0 in the other classes' coefficients counts too; a random row
+    runs beside them."""
     s, t, y, _ = make(3, C, 4, "float32")
     for row in (0, 2):
         s[row], t[row] = -60.0, -60.0
@@ -177,11 +179,12 @@ def test_tvd_subgradient_at_exact_ties(variant, C, options):
         t[row, 2:4] = -45.0, -40.0
         q = mk.softmax(t[row].astype(np.float64))
         assert q[0] == mk.softmax(s[row].astype(np.float64))[0] == 0.5   # the reference sees the tie too
-    kw = dict(T=1.0, alpha=1.0, kind="tvd", reduction="sum", unlabeled="soft")
+    kw = dict(T=1.0, alpha=1.0, kind="tvd", reduction="none", unlabeled="soft")
     threads = 64 if variant in ("block", "cluster") else None
     loss, grad, flags, _ = emulated(s, t, y, variant=variant, threads=threads, **options, **kw)
     assert not flags.any() and np.abs(grad[[0, 2], :2]).max() < 1e-17
-    check(loss, grad, s, t, y, "float32", **kw)
+    for rows in ([0, 2], [1]):
+        check(loss[rows], grad[rows], s[rows], t[rows], y[rows], "float32", **kw)
 
 
 def test_jsd_endpoints_and_near_them():
