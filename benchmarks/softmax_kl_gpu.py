@@ -11,6 +11,8 @@ Columns of each result row:
   variants         every kernel the plan can take for the shape (kernel family, cluster size, block
                    width), kernel only, each checked against the reference first: which one the
                    plan should pick is decided by these numbers
+  kinds            the other divergences (reverse_kl, jsd at beta 0.5, tvd: a second pass over the
+                   row) on the plan's kernel, kernel only, each checked against the reference first
   torch_eager_ms / torch_compile_ms   forward + backward of the same loss (compile within a budget)
 
 Times are medians of CUDA-event timings with L2 flushed (a 256 MB write) before each repeat. The
@@ -40,6 +42,7 @@ BLOCK_VARIANT_THREADS = (512, 1024)  # and for the two-pass block kernel
 COPY_BYTES = 1 << 30                 # the copy-bandwidth buffer
 FLUSH_BYTES = 256 << 20              # written before each repeat: more than any L2
 TORCH_DEVICE = "cuda"                # (the emulator test runs the PyTorch lines on "cpu")
+KINDS = (("reverse_kl", None), ("jsd", 0.5), ("tvd", None))   # timed besides kl
 
 
 def _time_ms(fn, repeats, flush):
@@ -151,6 +154,30 @@ def run_gpu(args):
                 except Exception as exc:  # noqa: BLE001  (a launch the device refuses: record it, go on)
                     v["error"] = f"{type(exc).__name__}: {exc}"
                 r["variants"].append(v)
+            r["kinds"] = []
+            for kind, beta in KINDS:   # the plan's kernel (the first variant) on the other divergences
+                launch = _variants(N, C, s.dtype.itemsize, aligned, dtype)[0][1]
+                v = {"kind": kind, "beta": beta, "kernel": launch.kernel}
+                try:
+                    kind_rows = prepare_rows(s, t, y, T=T, alpha=ALPHA, kind=kind, scale_t2=True, reduction="batchmean",
+                                             ignore_index=-100, mask=None, weight_dtype=cupy.float32, beta=beta)
+                    kind_args = cupy_gpu.kernel_args(kind_rows, kind, out, row_loss, flags, beta)
+                    out.fill(0)
+                    cupy_gpu.launch_kernels(kind_args, launch, total=total, fallback=False)
+                    _, kind_ref = kd_loss_and_grad(cupy.asnumpy(s[:k]).astype(np.float64),
+                                                   cupy.asnumpy(t[:k]).astype(np.float64), cupy.asnumpy(y[:k]), T=T,
+                                                   alpha=ALPHA, kind=kind, beta=beta)
+                    kind_ref *= k / N
+                    g = cupy.asnumpy(out[:k]).astype(np.float64)
+                    v["max_err_of_max_grad"] = float(np.abs(g - kind_ref).max() / np.abs(kind_ref).max())
+                    v["ok"] = v["max_err_of_max_grad"] <= tol and not bool(flags.any())
+                    v["ms"] = _time_ms(lambda: cupy_gpu.launch_kernels(kind_args, launch, total=total, fallback=False),
+                                       repeats, flush)
+                    v["pct_floor"] = 100 * r["floor_ms"] / v["ms"]
+                except Exception as exc:  # noqa: BLE001  (record it, go on)
+                    v["error"] = f"{type(exc).__name__}: {exc}"
+                r["kinds"].append(v)
+                kind_rows = kind_args = None
             r["kernel"] = r["variants"][0]["kernel"]
             r["kernel_ms"] = r["variants"][0].get("ms", float("nan"))
             r["kernel_pct_floor"] = 100 * r["floor_ms"] / r["kernel_ms"]
@@ -198,6 +225,10 @@ def run_gpu(args):
                   f"{r.get('torch_compile_ms', float('nan')):.4f}", flush=True)
             for v in r["variants"]:
                 print(f"      {v['label']:<20} {v['kernel']:<30} "
+                      + (f"{v['ms']:.4f} ms {v['pct_floor']:5.1f}% ok={v['ok']}" if "ms" in v else v.get("error", "")),
+                      flush=True)
+            for v in r["kinds"]:
+                print(f"      kind {v['kind']:<15} {v['kernel']:<30} "
                       + (f"{v['ms']:.4f} ms {v['pct_floor']:5.1f}% ok={v['ok']}" if "ms" in v else v.get("error", "")),
                       flush=True)
             s = t = y = out = rows = kargs = None   # free this shape's device memory

@@ -13,8 +13,8 @@ input, except that it may be the student array itself (in place); ``check_out`` 
 backend: "numpy" (the reference), "numba" (the fused CPU kernel), "cupy" (the fused CUDA kernel,
 ``softmax_kl.cu``; float32 / float16 / bfloat16; CI runs it on a CPU emulator, a lent GPU for real),
 "auto" (CuPy arrays -> "cupy", NumPy arrays -> "numba" when Numba imports, else "numpy").
-The kinds each fused kernel computes are ``FUSED_KINDS[backend]`` (the Numba kernel: every
-divergence of the reference, "kl", "ce", "reverse_kl", "jsd", "tvd"), without label smoothing; for
+The kinds each fused kernel computes are ``FUSED_KINDS[backend]`` (both kernels: every divergence
+of the reference, "kl", "ce", "reverse_kl", "jsd", "tvd"), without label smoothing; for
 another kind ("dkd"), ``label_smoothing`` or a vocabulary map, "auto" runs the reference (and warns
 once per kind of thing) and an explicit fused backend is refused. The Numba kernel also takes
 bfloat16 logits (``ml_dtypes.bfloat16``) and writes the gradient as bfloat16, or as float32 into an
@@ -30,6 +30,7 @@ import numpy as np
 from ..backend import check_float_array, check_logits, get_namespace, is_cupy_array
 from ..losses import conventions
 from ..checks import UserError
+from ..losses import divergences
 from ..losses.divergences import check_beta
 from ..losses.kd import KINDS, check_kd_arguments, kd_loss_and_grad
 
@@ -56,8 +57,8 @@ def resolve_backend(backend: str, x) -> str:
     return backend
 
 
-# the divergences each fused kernel computes; other kinds run on the reference
-FUSED_KINDS = {"numba": ("kl", "ce", "reverse_kl", "jsd", "tvd"), "cupy": ("kl", "ce")}
+# the divergences each fused kernel computes (the one owner of that list); other kinds run on the reference
+FUSED_KINDS = {"numba": ("kl", "ce", "reverse_kl", "jsd", "tvd"), "cupy": ("kl", "ce", "reverse_kl", "jsd", "tvd")}
 _said_fallback = set()
 
 
@@ -111,7 +112,7 @@ def softmax_kl(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
         return loss, grad
     if backend == "cupy":
         from .cupy_gpu import softmax_kl_cupy  # noqa: PLC0415
-        return softmax_kl_cupy(student, teacher, labels, scale_t2=scale_t2, out=out, **kw)
+        return softmax_kl_cupy(student, teacher, labels, scale_t2=scale_t2, out=out, beta=beta, **kw)
     return _softmax_kl_numba(student, teacher, labels, scale_t2=scale_t2, out=out, beta=beta, **kw)
 
 
@@ -267,7 +268,7 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
         buf, is_out = gradient_buffer(out.view(np.uint16) if bf16 and out is not None else out, s, np)
     stats = RowStats.empty(N)
     flags = np.zeros(N, np.int8)
-    fused = "kl" if kind == "jsd" and beta == 0.0 else "reverse_kl" if kind == "jsd" and beta == 1.0 else kind
+    fused = divergences._endpoint(kind, beta)   # jsd at beta 0 / 1: forward / reverse KL (the reference's rule)
     parallel = s.size >= SERIAL_BELOW
     n_threads = __import__("numba").get_num_threads() if parallel else 1
     short = C <= SHORT_ROWS_UP_TO and fused in ("kl", "ce")

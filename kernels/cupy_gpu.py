@@ -30,6 +30,10 @@ the same plans on the CPU emulator of ``tests/cuda_emu``). Its defaults are the 
   kernel. The limits and the SM count are read off the device (``device_caps``). A cluster launch
   the device refuses falls back to the block kernel with a warning.
 
+Every kernel family computes every divergence of ``CUPY_KINDS`` (kl, ce, reverse_kl, jsd with beta,
+tvd); for reverse_kl, jsd and tvd a second pass over the row (registers, shared memory, or for the
+block and warp kernels global memory again) sums the terms that need the row's normalizers.
+
 Inputs float32, float16 or bfloat16 (``ml_dtypes.bfloat16`` arrays); accumulation in float32; the
 gradient in the input dtype, into ``out`` if given (it may be the student array). Per-row losses are
 summed by a single-block kernel in a fixed order, in float64: the same input gives the same bits.
@@ -46,11 +50,18 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import check_float_array, is_cupy_array
-from ..losses import conventions
+from ..checks import UserError
+from ..losses import conventions, divergences
+from . import FUSED_KINDS
 
 __all__ = ["softmax_kl_cupy", "kernel_args", "plan", "Launch", "launch_kernels", "device_caps", "DeviceCaps",
            "SOURCE", "ROWS_UP_TO", "BLOCK_THREADS", "CLUSTER_THREADS", "SMEM_TARGET", "SMEM_MAX", "SMEM_HEAD",
-           "VARIANTS"]
+           "VARIANTS", "CUPY_KINDS"]
+
+# the divergences the CUDA kernel computes (every kernel family, every kind: softmax_kl.cu's header)
+CUPY_KINDS = FUSED_KINDS["cupy"]   # (their one owner: minikd.kernels.FUSED_KINDS)
+_KIND_CODE = {"kl": 0, "ce": 1, "reverse_kl": 2, "jsd": 3, "tvd": 4}   # KIND_* in softmax_kl.cu
+_SHARE_BIT = 8                                                          # bit 3 of the kernel's `kind`
 
 SOURCE = Path(__file__).with_name("softmax_kl.cu")
 ROWS_UP_TO = 1024            # the largest C of the register kernel (LANES 32 x ELEMS 32)
@@ -159,17 +170,28 @@ def plan(N: int, C: int, itemsize: int, aligned: bool, *, dtype: str = "float32"
     return Launch(name, N, threads or BLOCK_THREADS, 0, 1)
 
 
-def kernel_args(rows, kind, out, row_loss, flags):
+def kernel_args(rows, kind, out, row_loss, flags, beta=None):
     """The launch arguments for prepared rows (``minikd.kernels.prepare_rows``), in the order and C
     types of KERNEL_ARGS in softmax_kl.cu:
     (const T* s, const T* t, const long long* labels, const float* weights, long long N, int C,
-     float k, float inv_T, float soft, float hard, int kind, T* out, float* row_loss, signed char* flags);
-    ``kind`` carries the divergence in bit 0 and ``conventions.shares_exponential`` in bit 1."""
+     float k, float inv_T, float soft, float hard, int kind, float beta, float beta_c, T* out,
+     float* row_loss, signed char* flags);
+    ``kind`` carries the divergence's code in bits 0-2 and ``conventions.shares_exponential`` in bit 3.
+    JSD at beta = 0 or 1 is sent as the forward / reverse KL (the reference's endpoint rule, decided
+    on the float64 beta); beta and 1 - beta are each rounded from float64."""
     N, C = rows.s.shape
-    kind_bits = (1 if kind == "ce" else 0) | (2 if conventions.shares_exponential(rows.T) else 0)
+    if kind not in CUPY_KINDS:
+        raise UserError(f"kind: the CUDA kernel computes {CUPY_KINDS}, got {kind!r}")
+    beta = divergences.check_beta(kind, beta)
+    code = _KIND_CODE[divergences._endpoint(kind, beta)]
+    kind_bits = code | (_SHARE_BIT if conventions.shares_exponential(rows.T) else 0)
+    beta, beta_c = (beta, 1.0 - beta) if beta is not None else (0.0, 0.0)
     return (rows.s, rows.t, rows.labels, rows.weights, np.int64(N), np.int32(C), np.float32(np.log2(np.e) / rows.T),
             np.float32(1.0 / rows.T), np.float32(rows.soft_weight), np.float32(rows.hard_weight), np.int32(kind_bits),
-            out, row_loss, flags)
+            np.float32(beta), np.float32(beta_c), out, row_loss, flags)
+
+
+ARG_N, ARG_ROW_LOSS = 4, 14   # where kernel_args puts N and the row losses
 
 
 def _module():
@@ -228,7 +250,7 @@ def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
     device refuses (a CUDA driver error: no room to co-schedule the cluster, shared memory over the
     limit) falls back to the two-pass block kernel with a warning, unless ``fallback`` is False.
     Any other error (a bug, not the device's limits) is raised."""
-    if int(args[4]) == 0:
+    if int(args[ARG_N]) == 0:
         return
     # `cupy.cuda.driver` is an attribute of cupy.cuda (the module is cupy_backends.cuda.api.driver),
     # not an importable submodule: `from cupy.cuda.driver import ...` fails on a real CuPy
@@ -240,19 +262,20 @@ def launch_kernels(args, launch: Launch, *, total=None, fallback=True):
             raise
         import warnings  # noqa: PLC0415
         sfx = launch.kernel.split("_")[3]
-        block = Launch(f"softmax_kl_block_vec_{sfx}", int(args[4]), BLOCK_THREADS, 0, 1)
+        block = Launch(f"softmax_kl_block_vec_{sfx}", int(args[ARG_N]), BLOCK_THREADS, 0, 1)
         warnings.warn(f"{launch.kernel} did not launch ({exc}); ran {block.kernel} instead", RuntimeWarning,
                       stacklevel=2)
         _kernel(block)((block.grid,), (block.block,), args)
     if total is not None:
-        _kernel(Launch("sum_rows", 1, SUM_THREADS, 0, 1))((1,), (SUM_THREADS,), (args[12], args[4], total))
+        _kernel(Launch("sum_rows", 1, SUM_THREADS, 0, 1))((1,), (SUM_THREADS,),
+                                                          (args[ARG_ROW_LOSS], args[ARG_N], total))
 
 
 def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduction, ignore_index, mask,
-                    out, unlabeled="ignore", normalizer=None, hard_weight=None, **plan_options):
-    """The CuPy backend of ``minikd.kernels.softmax_kl``; ``plan_options`` (variant, threads, cluster,
-    smem_target, ...) go to ``plan`` (tests and benchmarks force kernel families with them), over
-    the device's own ``device_caps``."""
+                    out, unlabeled="ignore", normalizer=None, hard_weight=None, beta=None, **plan_options):
+    """The CuPy backend of ``minikd.kernels.softmax_kl``, for every kind of ``CUPY_KINDS`` (``beta``:
+    JSD's); ``plan_options`` (variant, threads, cluster, smem_target, ...) go to ``plan`` (tests and
+    benchmarks force kernel families with them), over the device's own ``device_caps``."""
     from . import check_out, deliver_gradient, gradient_buffer, prepare_rows, raise_for_flags  # noqa: PLC0415
     check_float_array(student, "student", ndim_min=2)   # the reference's first check, its message
     if not is_cupy_array(student):   # before importing CuPy: a NumPy user may not have it
@@ -266,7 +289,8 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     check_out(out, student, teacher, labels, mask)
     rows = prepare_rows(student, teacher, labels, T=T, alpha=alpha, kind=kind, scale_t2=scale_t2,
                         reduction=reduction, ignore_index=ignore_index, mask=mask, unlabeled=unlabeled,
-                        weight_dtype=cupy.float32, on_device=True, normalizer=normalizer, hard_weight=hard_weight)
+                        weight_dtype=cupy.float32, on_device=True, normalizer=normalizer, hard_weight=hard_weight,
+                        beta=beta)
     s = rows.s
     N, C = s.shape
     buf, is_out = gradient_buffer(out, s, cupy)
@@ -274,14 +298,14 @@ def softmax_kl_cupy(student, teacher, labels, *, T, alpha, kind, scale_t2, reduc
     # flag 4: a label out of range (the kernels write 1 / 2 / 3 over it for bad values); all flags
     # are read back with one sync below
     flags = cupy.zeros(N, cupy.int8) if rows.bad_labels is None else rows.bad_labels.astype(cupy.int8) * 4
-    args = kernel_args(rows, kind, buf, row_loss, flags)
+    args = kernel_args(rows, kind, buf, row_loss, flags, beta)
     aligned = (C * s.dtype.itemsize) % 16 == 0 and all(a.data.ptr % 16 == 0 for a in (s, rows.t, buf))
     total = None if reduction == "none" else cupy.zeros((), cupy.float64)
     plan_options = {**device_caps()._asdict(), **plan_options}
     launch_kernels(args, plan(N, C, s.dtype.itemsize, aligned, dtype=name, **plan_options), total=total)
     if bool(flags.any()):  # the call's one sync; rare
         raise_for_flags(student, teacher, labels, rows.valid, T=T, alpha=alpha, kind=kind, reduction=reduction,
-                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, hard_weight=hard_weight)
+                        ignore_index=ignore_index, mask=mask, unlabeled=unlabeled, hard_weight=hard_weight, beta=beta)
     grad = deliver_gradient(buf, is_out, out, student.shape)
     if reduction == "none":
         return row_loss.astype(student.dtype).reshape(rows.lead), grad

@@ -1,16 +1,27 @@
-// Fused softmax-KL on the GPU: the KD loss and its student gradient in one launch.
+// Fused softmax-divergence on the GPU: the KD loss and its student gradient in one launch.
 //
 // Per row (s, t student and teacher logits, T the temperature, y the label, w the row weight):
 //   p = softmax(s/T), q = softmax(t/T), p1 = softmax(s)
-//   loss_row = soft * KD + hard_y * CE,   KD = KL(q||p) (kind 0) or H(q, p) (kind 1)
-//   grad     = w * (soft/T * (p - q) + hard_y * (p1 - onehot(y)))    soft = alpha tau, hard = 1 - alpha
+//   loss_row = soft * D(p, q) + hard_y * CE,   CE = -log p1_y
+//   grad     = w * (soft * dD/ds + hard_y * (p1 - onehot(y)))     soft = alpha tau, hard = 1 - alpha
+// with D chosen by `kind` (minikd/losses/divergences.py defines and derives each; a = dD/dp):
+//   0 "kl"          KL(q||p)                            dD/ds = (p - q)/T
+//   1 "ce"          H(q, p)                             dD/ds = (p - q)/T
+//   2 "reverse_kl"  KL(p||q)                            dD/ds_k = p_k (r_k - D)/T,  r = log p - log q
+//   3 "jsd"         beta KL(q||m) + (1-beta) KL(p||m),  dD/ds_k = (1-beta) p_k (lp_k - sum_c p_c lp_c)/T,
+//                   m = beta q + (1-beta) p             lp = log p - log m
+//   4 "tvd"         (1/2) sum |p - q|                   dD/ds_k = p_k (a_k - sum_c p_c a_c)/T,
+//                                                       a = sign(p - q)/2 with sign(0) = 0
+// JSD at beta = 0 is KL(q||p) and at beta = 1 KL(p||q) (the reference's endpoint rule): the launcher
+// sends kind 0 / 2 for those, deciding on the float64 beta, and passes beta and 1 - beta each
+// rounded from float64 (a float32 1 - beta would lose the digits of a beta near 1).
 // hard_y = hard on a row with a label, 0 on a row whose label is -1 (it gets the soft term alone:
 // the transfer set). The weights, the labels and w come from minikd/losses/conventions.py (via the
 // launcher); the derivation is in minikd/losses/kd.py; this file implements the same formulas.
 // ``out`` may be ``s`` itself (in place), so ``s`` carries no __restrict__, and every read of s
 // that another thread's gradient write could follow (s_y) happens before a synchronization.
 //
-// Three kernel families compute the same per-row statistics: the row maxima ms, mt and the sums
+// Pass 1. Every kernel family computes the same per-row statistics: the row maxima ms, mt and the sums
 //   Zs = sum 2^((s - ms) k),  Z1 = sum 2^((s - ms) log2 e),  Zt = sum 2^((t - mt) k),  k = log2(e)/T
 //   B  = sum_{t > -inf} 2^((t - mt) k) * d,  d = ((t - mt) - (s - ms))/T (kind 0) or -(s - ms)/T (kind 1)
 // so that KL = B/Zt - ln Zt + ln Zs and H = B/Zt + ln Zs, CE = ln Z1 - (s_y - ms), and the gradient
@@ -18,6 +29,33 @@
 //   cs = w soft / (T Zs),  ct = w soft / (T Zt),  ch = w hard / Z1.
 // Measuring every exponent from the maxima keeps them <= 0 (no overflow for |logits| up to 1e4 and
 // T down to 0.01) and keeps d small, so float32 accumulation does not cancel against (ms - mt)/T.
+// (B is kinds 0 and 1's alone; the other kinds skip it.)
+//
+// Pass 2 (kinds 2-4). With ds = s - ms, dt = t - mt (<= 0), es = 2^(ds k) = Zs p, et = 2^(dt k) = Zt q:
+//   log p = ds/T - ln Zs,  log q = dt/T - ln Zt,  d = log p - log q = (ds - dt)/T - L,  L = ln Zs - ln Zt.
+// Their terms need Zs and Zt (through L or p, q), so once pass 1's statistics of the whole row are
+// merged, a second pass over the row sums, from the final maxima (no online rescaling; the sums of
+// the pieces just add, in a fixed tree):
+//   kind 2: R = sum_{s > -inf} es x,  x = (ds - dt)/T  (+inf where t = -inf: the student has mass there)
+//           D = R/Zs - L;   dD/ds_k = es_k (x_k - R/Zs) / (T Zs)      (L cancels in r_k - D)
+//   kind 3: Jq = sum_{t > -inf} et lq,  Jp = sum_{s > -inf} es lp,   lq = log q - log m,  lp = log p - log m:
+//             both sides with mass: lq = -log(beta + (1-beta) e^d),  lp = -log((1-beta) + beta e^-d)
+//             (log_mix: the reference's log1p((1-beta) expm1(d)) form near d = 0, where the ratio
+//             cancels; for |d| > 1 a sum of two non-negative terms, the larger factored out)
+//             the teacher alone: lq = -log beta;  the student alone: lp = -log(1 - beta)
+//           D = beta Jq/Zt + (1-beta) Jp/Zs;   dD/ds_k = (1-beta) es_k (lp_k - Jp/Zs) / (T Zs)
+//   kind 4: with p = es/Zs and q = et/Zt as rounded here (both passes compute the same float32 values,
+//           so a class has one sign in the sums and in the gradient): V = sum |p - q| and the masses
+//           of p where p > q, p < q, p = q: P+, P-, P0;
+//           D = V/2;   dD/ds_k = es_k c_k / (T Zs),  c = P- + P0/2 (p > q), -(P+ + P0/2) (p < q),
+//           (P- - P+)/2 (p = q): a_k - sum_c p_c a_c as sums of masses, not 1/2 minus nearly 1/2
+//           (the reference's _project_sign, so the dominant class keeps its relative accuracy).
+// -inf classes: 0 log 0 = 0 everywhere; a student class at -inf (p = 0) adds nothing to R, Jp, the
+// masses, and gets no soft gradient. Kind 2: a class where the student has mass and the teacher none
+// makes D = +inf, the reference's value (it differs only where its float64 p underflows, log p < -745:
+// there it adds 0); such a row has no gradient, and every entry of it is NaN (the reference gives NaN
+// and -inf there). Kinds 3, 4 are finite for every row: the one-sided JSD terms are -log beta,
+// -log(1 - beta) times the mass, and TVD counts the mass p or q puts where the other has none.
 //
 // Where a row is seen in pieces (threads of a block, blocks of a cluster), each piece keeps a State
 // (its maxima and sums) and States merge by the online-softmax rule (Milakov & Gimelshein 2018):
@@ -35,6 +73,9 @@
 //                             (the second time from L1/L2 if it is still there).
 //   softmax_kl_warp_*         the first design (a warp a row, online States), a benchmark baseline.
 //   sum_rows                  the deterministic sum of the per-row losses (float64, fixed tree).
+// Every family computes every kind. Pass 2 (kinds 2-4) reads the row where the family keeps it:
+// registers (rows), shared memory (cluster); the block and warp kernels read it from global memory
+// once more (three reads of s and t instead of two, the extra ones likely from L2).
 // The gradient is written once, in the input dtype, possibly over the student: every kernel reads
 // all the values of a row it needs before a synchronization that precedes any write to that row.
 // Row flags (in-kernel input checks, valid rows only): 1 = student has NaN/+inf or is all -inf,
@@ -46,6 +87,9 @@
 #include <cuda_bf16.h>
 #ifndef CUDART_INF_F
 #define CUDART_INF_F __int_as_float(0x7f800000)   // as math_constants.h, which NVRTC may not find
+#endif
+#ifndef CUDART_NAN_F
+#define CUDART_NAN_F __int_as_float(0x7fffffff)
 #endif
 
 #define LOG2E 1.4426950408889634f
@@ -112,13 +156,22 @@ struct Params {
     float inv_T;
     float soft;       // alpha * tau
     float hard;       // 1 - alpha; a kernel sets its copy to 0 for a row without a label (y = -1)
-    int kind;         // 0: KL(q||p), 1: H(q, p)
+    int kind;         // KIND_KL ... KIND_TVD (the header's numbering)
     int share;        // T == 1 (conventions.shares_exponential): softmax(s) is softmax(s/T)
+    float beta;       // JSD's mixture weight (kind 3), and 1 - beta rounded from float64
+    float beta_c;
 };
+
+#define KIND_KL 0
+#define KIND_CE 1
+#define KIND_REVERSE_KL 2
+#define KIND_JSD 3
+#define KIND_TVD 4
 
 // Partial state of a row: maxima and the sums of the header comment.
 struct State {
     float ms, mt, Zs, Z1, Zt, B;
+    float ts;         // the teacher's logit where the student has its maximum (the largest, on a tie)
     int bad_s, bad_t;
 };
 
@@ -126,6 +179,7 @@ __device__ __forceinline__ State empty_state() {
     State a;
     a.ms = -CUDART_INF_F; a.mt = -CUDART_INF_F;
     a.Zs = 0.f; a.Z1 = 0.f; a.Zt = 0.f; a.B = 0.f;
+    a.ts = -CUDART_INF_F;
     a.bad_s = 0; a.bad_t = 0;
     return a;
 }
@@ -148,6 +202,9 @@ __device__ __forceinline__ void add_element(State& a, float s, float t, const Pa
         float f1 = rescale(a.ms, s, LOG2E);
         if (a.Zt > 0.f) a.B += a.Zt * (s - a.ms) * p.inv_T;
         a.Zs *= f; a.Z1 *= f1; a.ms = s;
+        a.ts = t;
+    } else if (s == a.ms) {
+        a.ts = fmaxf(a.ts, t);
     }
     if (t > a.mt) {
         float f = rescale(a.mt, t, p.k);
@@ -165,9 +222,9 @@ __device__ __forceinline__ void add_element(State& a, float s, float t, const Pa
         // a student class at -inf where the teacher has mass: d = +inf, the true (infinite) KL;
         // written out because (-inf) - (-inf) would be NaN while the row's student max is -inf
         float sd = s == -CUDART_INF_F ? -CUDART_INF_F : s - a.ms;
-        float d = p.kind == 0 ? ((t - a.mt) - sd) * p.inv_T : -sd * p.inv_T;
+        float d = p.kind == KIND_KL ? ((t - a.mt) - sd) * p.inv_T : -sd * p.inv_T;
         a.Zt += e;
-        if (e > 0.f) a.B += e * d;   // 0 * inf would be NaN: a class with no teacher mass adds nothing
+        if (e > 0.f && p.kind <= KIND_CE) a.B += e * d;   // 0 * inf would be NaN: no teacher mass, nothing
     }
 }
 
@@ -188,9 +245,11 @@ __device__ __forceinline__ void shift_to(State& a, float ms, float mt, const Par
 
 __device__ __forceinline__ State merge(State a, State b, const Params& p) {
     float ms = fmaxf(a.ms, b.ms), mt = fmaxf(a.mt, b.mt);
+    const float ts = a.ms > b.ms ? a.ts : b.ms > a.ms ? b.ts : fmaxf(a.ts, b.ts);   // the same for any order
     shift_to(a, ms, mt, p);
     shift_to(b, ms, mt, p);
     a.Zs += b.Zs; a.Z1 += b.Z1; a.Zt += b.Zt; a.B += b.B;
+    a.ts = ts;
     a.bad_s |= b.bad_s; a.bad_t |= b.bad_t;
     return a;
 }
@@ -204,6 +263,7 @@ __device__ __forceinline__ State warp_merge(State a, const Params& p) {
         b.Z1 = __shfl_xor_sync(0xffffffffu, a.Z1, off);
         b.Zt = __shfl_xor_sync(0xffffffffu, a.Zt, off);
         b.B = __shfl_xor_sync(0xffffffffu, a.B, off);
+        b.ts = __shfl_xor_sync(0xffffffffu, a.ts, off);
         b.bad_s = __shfl_xor_sync(0xffffffffu, a.bad_s, off);
         b.bad_t = __shfl_xor_sync(0xffffffffu, a.bad_t, off);
         a = merge(a, b, p);
@@ -230,11 +290,192 @@ __device__ __forceinline__ int row_flag(const State& a) {
     return ((a.bad_s || a.ms == -CUDART_INF_F) ? 1 : 0) + ((a.bad_t || a.mt == -CUDART_INF_F) ? 2 : 0);
 }
 
-// The loss of an unflagged row from its State; sy = s_y - ms.
-__device__ __forceinline__ float row_loss_value(const State& a, float sy, const Params& p) {
+// ---------------------------------------------------------------- pass 2 (kinds 2-4)
+
+// Pass 2's sums (the header): kind 2 R; kind 3 Jq, Jp; kind 4 V, P+, P-, P0.
+struct Second {
+    float v0, v1, v2, v3;
+};
+
+__device__ __forceinline__ Second empty_second() {
+    Second b;
+    b.v0 = 0.f; b.v1 = 0.f; b.v2 = 0.f; b.v3 = 0.f;
+    return b;
+}
+
+// What pass 2 and the gradient take from a row's statistics: 1/Zs, 1/Zt, L = ln Zs - ln Zt, JSD's
+// one-sided log ratios; after pass 2, g (kind 2: R/Zs = sum p x; kind 3: Jp/Zs = sum p lp) and TVD's
+// coefficients c_k (the header).
+struct RowConst {
+    float inv_Zs, inv_Zt, L;
+    float lp_alone, lq_alone;   // -log(1 - beta): the student alone has mass; -log beta: the teacher alone
+    float log_r;                // log(beta / (1 - beta))
+    float top;                  // kind 2: x, kind 3: lp + log(1 - beta), at the student's maximum (s = ms, t = ts)
+    float g, c_plus, c_minus, c_zero;
+    bool infinite;              // kind 2: D = +inf
+};
+
+__device__ __forceinline__ bool second_pass(const Params& p) { return p.soft != 0.f && p.kind >= KIND_REVERSE_KL; }
+
+// log(a + b e^x), a, b >= 0, a + b = 1: the log of JSD's mixture over one of its parts (m/q = beta +
+// (1-beta) e^d, m/p = (1-beta) + beta e^-d). Near x = 0, where the ratio cancels, the reference's
+// log1p(b expm1(x)) (divergences._jsd_log_ratios); for |x| > 1 a sum of two non-negative terms with
+// the larger factored out: no cancellation, no overflow (expm1f overflows past x = 88), and accurate
+// for a or b near 0 (where log1p's argument would near -1).
+__device__ __forceinline__ float log_mix(float x, float a, float b) {
+    if (fabsf(x) <= 1.f) return log1pf(b * expm1f(x));
+    return x > 0.f ? x + logf(b + a * expf(-x)) : logf(a + b * expf(x));
+}
+
+// log(1 + e^z) without overflow, accurate where it is tiny (z << 0)
+__device__ __forceinline__ float softplus(float z) { return z > 0.f ? z + log1pf(expf(-z)) : log1pf(expf(z)); }
+
+// For a class where the student has mass, from ds = s - ms, dt = t - mt: kind 2's x = (ds - dt)/T;
+// kind 3's lp = log p - log m (for the loss) and ap = lp + log(1 - beta) = -log(1 + r e^-d),
+// r = beta / (1 - beta) (for the gradient, where a constant shift of lp cancels: without the
+// constant -log(1 - beta), which every class's lp nears where the teacher has little mass, the
+// differences ap_k - ap_top keep their digits). One expression each, so that the class at the
+// student's maximum gives bit for bit the `top` of row_constants.
+__device__ __forceinline__ float x_of(float ds, float dt, const Params& p) { return (ds - dt) * p.inv_T; }
+__device__ __forceinline__ float lp_of(float ds, float dt, bool qs, const RowConst& c, const Params& p) {
+    return qs ? -log_mix(-(x_of(ds, dt, p) - c.L), p.beta_c, p.beta) : c.lp_alone;
+}
+__device__ __forceinline__ float ap_of(float ds, float dt, bool qs, const RowConst& c, const Params& p) {
+    return qs ? -softplus(c.log_r - (x_of(ds, dt, p) - c.L)) : 0.f;
+}
+
+// The gradient's projection sum_c p_c a_c cancels against a_k at the student's dominant class when
+// p is nearly one-hot (1 - p_top below float32's resolution of a_top). Pass 2 therefore also sums
+//   H = sum_c es_c (a_top - a_c),   so that   a_k - sum_c p_c a_c = (a_k - a_top) + H / Zs,
+// which is 0 + a small sum of small terms at the top class (the reference recomputes that entry
+// as minus the sum of the others, _balance: the same accuracy). top: a at s = ms, t = ts.
+__device__ __forceinline__ void set_top(RowConst& c, const State& a, const Params& p) {
+    const float dt = a.ts - a.mt;   // ds = 0
+    if (p.kind == KIND_REVERSE_KL) c.top = x_of(0.f, dt, p);
+    else if (p.kind == KIND_JSD) c.top = ap_of(0.f, dt, a.ts > -CUDART_INF_F, c, p);
+}
+
+// For an unflagged row (Zs, Zt >= 1: each holds its maximum's 2^0).
+__device__ __forceinline__ RowConst row_constants(const State& a, const Params& p) {
+    RowConst c;
+    c.inv_Zs = 1.f / a.Zs;
+    c.inv_Zt = 1.f / a.Zt;
+    c.L = logf(a.Zs) - logf(a.Zt);
+    c.lp_alone = -logf(p.beta_c);
+    c.lq_alone = -logf(p.beta);
+    c.log_r = c.lp_alone - c.lq_alone;
+    c.g = 0.f; c.c_plus = 0.f; c.c_minus = 0.f; c.c_zero = 0.f;
+    c.infinite = false;
+    c.top = 0.f;
+    set_top(c, a, p);
+    return c;
+}
+
+// One element's share of pass 2's sums (kind 2: R, H; kind 3: Jq, Jp, H; kind 4: V, P+, P-, P0);
+// `c` from row_constants and set_top.
+__device__ __forceinline__ void add_second(Second& acc, float s, float t, const State& a, const RowConst& c,
+                                           const Params& p) {
+    const bool ps = s > -CUDART_INF_F, qs = t > -CUDART_INF_F;   // the student / teacher has mass here
+    const float ds = s - a.ms, dt = t - a.mt;
+    const float es = ps ? exp2f(ds * p.k) : 0.f;
+    if (p.kind == KIND_REVERSE_KL) {
+        if (!ps) return;
+        if (!qs) {   // p log(p/0) = +inf, even where es underflows (p > 0 all the same)
+            acc.v0 += CUDART_INF_F;
+            return;
+        }
+        const float x = x_of(ds, dt, p);
+        acc.v0 += es * x;
+        acc.v1 += es * (c.top - x);
+        return;
+    }
+    const float et = qs ? exp2f(dt * p.k) : 0.f;
+    if (p.kind == KIND_JSD) {   // a side whose weight is 0 (beta rounded to 0 or 1) adds nothing, not 0 * inf
+        if (qs && p.beta > 0.f)
+            acc.v0 -= et * (ps ? log_mix(x_of(ds, dt, p) - c.L, p.beta, p.beta_c) : -c.lq_alone);
+        if (ps && p.beta_c > 0.f) {
+            acc.v1 += es * lp_of(ds, dt, qs, c, p);
+            acc.v2 += es * (c.top - ap_of(ds, dt, qs, c, p));
+        }
+        return;
+    }
+    const float pc = es * c.inv_Zs, qc = et * c.inv_Zt;   // kind 4; 0 and 0 where neither has mass
+    acc.v0 += fabsf(pc - qc);
+    if (pc > qc) acc.v1 += pc;
+    else if (pc < qc) acc.v2 += pc;
+    else acc.v3 += pc;
+}
+
+// The row's pass-2 constants from its summed Second.
+__device__ __forceinline__ void second_constants(RowConst& c, const Second& b, const State& a, const Params& p) {
+    if (p.kind == KIND_REVERSE_KL) {
+        c.infinite = b.v0 == CUDART_INF_F;
+        c.g = b.v1 / a.Zs;
+    } else if (p.kind == KIND_JSD) {
+        c.g = b.v2 / a.Zs;
+    } else {
+        c.c_plus = b.v2 + 0.5f * b.v3;
+        c.c_minus = -(b.v1 + 0.5f * b.v3);
+        c.c_zero = 0.5f * (b.v2 - b.v1);
+    }
+}
+
+// es_k times what multiplies it in dD/ds_k (T Zs) for kinds 2-4 (the header); es = 2^((s - ms) k),
+// computed by the caller exactly as pass 2 computed it (TVD's sign must be the same in both).
+__device__ __forceinline__ float soft_factor(float s, float t, float es, const State& a, const RowConst& c,
+                                             const Params& p) {
+    if (p.kind == KIND_REVERSE_KL && c.infinite) return CUDART_NAN_F;   // D = +inf: no gradient
+    if (!(s > -CUDART_INF_F)) return 0.f;                               // p = 0
+    const bool qs = t > -CUDART_INF_F;
+    const float ds = s - a.ms, dt = t - a.mt;
+    if (p.kind == KIND_REVERSE_KL) return es * ((x_of(ds, dt, p) - c.top) + c.g);   // qs: else D = +inf
+    if (p.kind == KIND_JSD) return p.beta_c > 0.f ? p.beta_c * es * ((ap_of(ds, dt, qs, c, p) - c.top) + c.g) : 0.f;
+    const float et = qs ? exp2f(dt * p.k) : 0.f;
+    const float pc = es * c.inv_Zs, qc = et * c.inv_Zt;
+    return es * (pc > qc ? c.c_plus : pc < qc ? c.c_minus : c.c_zero);
+}
+
+// xor butterflies: every lane ends with the same sums (the same tree up to commutation)
+__device__ __forceinline__ Second warp_sum(Second b) {
+    for (int off = 16; off > 0; off >>= 1) {
+        b.v0 += __shfl_xor_sync(0xffffffffu, b.v0, off);
+        b.v1 += __shfl_xor_sync(0xffffffffu, b.v1, off);
+        b.v2 += __shfl_xor_sync(0xffffffffu, b.v2, off);
+        b.v3 += __shfl_xor_sync(0xffffffffu, b.v3, off);
+    }
+    return b;
+}
+
+// A block's pass-2 sums in a fixed tree: each warp by shuffles, then warp 0 over the warps' sums
+// (through warp_parts, 32 slots of shared memory). The result is in every lane of warp 0.
+__device__ __forceinline__ Second block_sum(Second b, Second* warp_parts) {
+    b = warp_sum(b);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+    if (lane == 0) warp_parts[warp] = b;
+    __syncthreads();
+    Second r = empty_second();
+    if (warp == 0) {
+        if (lane < n_warps) r = warp_parts[lane];
+        r = warp_sum(r);
+    }
+    return r;
+}
+
+// ---------------------------------------------------------------- row loss and gradient
+
+// The loss of an unflagged row from its State, pass 2's sums and constants; sy = s_y - ms.
+__device__ __forceinline__ float row_loss_value(const State& a, const Second& b, const RowConst& c, float sy,
+                                                const Params& p) {
     float loss = 0.f;
     if (p.soft != 0.f) {
-        float kd = p.kind == 0 ? a.B / a.Zt - logf(a.Zt) + logf(a.Zs) : a.B / a.Zt + logf(a.Zs);
+        float kd;
+        switch (p.kind) {
+            case KIND_KL: kd = a.B / a.Zt - logf(a.Zt) + logf(a.Zs); break;
+            case KIND_CE: kd = a.B / a.Zt + logf(a.Zs); break;
+            case KIND_REVERSE_KL: kd = b.v0 / a.Zs - c.L; break;   // +inf stays +inf
+            case KIND_JSD: kd = p.beta * (b.v0 / a.Zt) + p.beta_c * (b.v1 / a.Zs); break;
+            default: kd = 0.5f * b.v0; break;
+        }
         loss += p.soft * kd;
     }
     if (p.hard != 0.f) loss += p.hard * (logf(a.Z1) - sy);
@@ -242,25 +483,25 @@ __device__ __forceinline__ float row_loss_value(const State& a, float sy, const 
 }
 
 // Row loss and flags from the merged state (one thread per row calls it).
-__device__ __forceinline__ void finish_row(const State& a, float s_y, const Params& p, float* row_loss,
-                                           signed char* flags, long long row) {
+__device__ __forceinline__ void finish_row(const State& a, const Second& b, const RowConst& c, float s_y,
+                                           const Params& p, float* row_loss, signed char* flags, long long row) {
     int flag = row_flag(a);
     if (flag) {
         flags[row] = (signed char)flag;
         row_loss[row] = 0.f;
         return;
     }
-    row_loss[row] = row_loss_value(a, s_y - a.ms, p);
+    row_loss[row] = row_loss_value(a, b, c, s_y - a.ms, p);
 }
 
 // One gradient element from the logits; `label` is what the hard term subtracts at the label.
-__device__ __forceinline__ float grad_element(float s, float t, bool is_label, const State& a, float cs, float ct,
-                                              float ch, float label, const Params& p) {
+__device__ __forceinline__ float grad_element(float s, float t, bool is_label, const State& a, const RowConst& c,
+                                              float cs, float ct, float ch, float label, const Params& p) {
     const float ds = s - a.ms;
     float g = 0.f, es = 0.f;
     if (p.soft != 0.f) {
         es = exp2f(ds * p.k);
-        g = cs * es - ct * exp2f((t - a.mt) * p.k);
+        g = p.kind <= KIND_CE ? cs * es - ct * exp2f((t - a.mt) * p.k) : cs * soft_factor(s, t, es, a, c, p);
     }
     if (p.hard != 0.f) g += ch * (same_exp(p) ? es : exp2f(ds * LOG2E)) - (is_label ? label : 0.f);
     return g;
@@ -298,15 +539,24 @@ __device__ void softmax_kl_warp(const T* s, const T* __restrict__ t, const long 
     // out == s (in place) no lane can have overwritten it yet
     const float s_y = y >= 0 ? to_f(s[base + y]) : 0.f;
     a = warp_merge(a, p);
-    if (lane == 0) finish_row(a, s_y, p, row_loss, flags, row);
-    if (row_flag(a)) {
+    const bool bad = row_flag(a) != 0;
+    Second b = empty_second();
+    RowConst rc = {};
+    if (!bad) rc = row_constants(a, p);
+    if (!bad && second_pass(p)) {   // each lane reads again only the elements it will overwrite itself
+        for (int c = lane; c < p.C; c += 32) add_second(b, to_f(s[base + c]), to_f(t[base + c]), a, rc, p);
+        b = warp_sum(b);
+        second_constants(rc, b, a, p);
+    }
+    if (lane == 0) finish_row(a, b, rc, s_y, p, row_loss, flags, row);
+    if (bad) {
         for (int c = lane; c < p.C; c += 32) out[base + c] = from_f<T>(0.f);
         return;
     }
     float cs, ct, ch;
     coefficients(w, a.Zs, a.Zt, a.Z1, p, cs, ct, ch);
     for (int c = lane; c < p.C; c += 32) {
-        float g = grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, cs, ct, ch, ch * a.Z1, p);
+        float g = grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, rc, cs, ct, ch, ch * a.Z1, p);
         out[base + c] = from_f<T>(g);
     }
 }
@@ -339,7 +589,8 @@ template <int LANES> __device__ __forceinline__ int group_or(int v) {
 
 // KEEP: the exponentials stay in registers for the gradient (3 per element in all; 191 registers at
 // ELEMS = 32) or are computed again (6 per element; 128 registers): fewer special-function
-// operations against more warps per SM, settled by the benchmark's variants.
+// operations against more warps per SM, settled by the benchmark's variants. Kinds 2-4 keep the
+// logits in either form (pass 2 and the gradient take their exponentials again from them).
 template <typename T, int LANES, int ELEMS, bool KEEP>
 __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long long* __restrict__ labels,
                                 const float* __restrict__ weights, Params p, T* out, float* __restrict__ row_loss,
@@ -373,10 +624,17 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
     // the row's values were all read above; with out == s no lane writes before these shuffles
     ms = group_max<LANES>(ms);
     mt = group_max<LANES>(mt);
+    float ts = -CUDART_INF_F;                        // the teacher where the student has its maximum
+    if (p.kind == KIND_REVERSE_KL || p.kind == KIND_JSD) {
+#pragma unroll
+        for (int j = 0; j < ELEMS; ++j) ts = sv[j] == ms ? fmaxf(ts, tv[j]) : ts;
+        ts = group_max<LANES>(ts);
+    }
     // The sums; each element's three exponentials then replace its logits in registers (sv <- es,
     // tv <- et, e1v <- e1): the gradient needs only them, so each is computed once, not twice.
     float Zs = 0.f, Z1 = 0.f, Zt = 0.f, B = 0.f, sy = 0.f;
     float e1v[KEEP ? ELEMS : 1];
+    const bool keep = KEEP && p.kind <= KIND_CE;
     if (ms > -CUDART_INF_F && mt > -CUDART_INF_F) {   // otherwise the row is flagged below
 #pragma unroll
         for (int j = 0; j < ELEMS; ++j) {
@@ -389,14 +647,14 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
             if (p.soft != 0.f && tv[j] > -CUDART_INF_F) {
                 const float dt = tv[j] - mt;
                 et = exp2f(dt * p.k);
-                const float d = p.kind == 0 ? (dt - ds) * p.inv_T : -ds * p.inv_T;   // +inf: the true, infinite KL
-                if (et > 0.f) B += et * d;
+                const float d = p.kind == KIND_KL ? (dt - ds) * p.inv_T : -ds * p.inv_T;   // +inf: the true, infinite KL
+                if (et > 0.f && p.kind <= KIND_CE) B += et * d;
             }
             Zs += es;
             Z1 += e1;
             Zt += et;
             if (j * LANES + sub == y) sy = ds;       // CE needs s_y - ms
-            if (KEEP) {
+            if (keep) {
                 sv[j] = es;
                 tv[j] = et;
                 e1v[KEEP ? j : 0] = e1;
@@ -410,14 +668,28 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
     sy = group_sum<LANES>(sy);                       // one lane holds it, the others add 0
     bad_s = group_or<LANES>(bad_s);
     bad_t = group_or<LANES>(bad_t);
-    if (!active) return;                             // after the last shuffle
     State a;
-    a.ms = ms; a.mt = mt; a.Zs = Zs; a.Z1 = Z1; a.Zt = Zt; a.B = B; a.bad_s = bad_s; a.bad_t = bad_t;
+    a.ms = ms; a.mt = mt; a.Zs = Zs; a.Z1 = Z1; a.Zt = Zt; a.B = B; a.ts = ts; a.bad_s = bad_s; a.bad_t = bad_t;
     const int flag = live ? row_flag(a) : 0;
     const bool zero = !live || flag;
+    Second b = empty_second();
+    RowConst rc = {};
+    if (!zero) rc = row_constants(a, p);
+    if (second_pass(p)) {   // the same for every lane: all take part in the shuffles
+        if (!zero) {
+#pragma unroll
+            for (int j = 0; j < ELEMS; ++j) add_second(b, sv[j], tv[j], a, rc, p);   // padding: -inf, adds 0
+        }
+        b.v0 = group_sum<LANES>(b.v0);
+        b.v1 = group_sum<LANES>(b.v1);
+        b.v2 = group_sum<LANES>(b.v2);
+        b.v3 = group_sum<LANES>(b.v3);
+        if (!zero) second_constants(rc, b, a, p);
+    }
+    if (!active) return;                             // after the last shuffle
     if (sub == 0) {
         if (flag) flags[row] = (signed char)flag;
-        row_loss[row] = zero ? 0.f : row_loss_value(a, sy, p);
+        row_loss[row] = zero ? 0.f : row_loss_value(a, b, rc, sy, p);
     }
     float cs = 0.f, ct = 0.f, ch = 0.f;
     if (!zero) coefficients(w, Zs, Zt, Z1, p, cs, ct, ch);
@@ -427,10 +699,10 @@ __device__ void softmax_kl_rows(const T* s, const T* __restrict__ t, const long 
         const int c = j * LANES + sub;
         if (c < p.C) {
             float g = 0.f;
-            if (!zero && KEEP) {   // the stored exponentials
+            if (!zero && keep) {   // the stored exponentials
                 g = cs * sv[j] - ct * tv[j] + ch * e1v[KEEP ? j : 0] - (c == y ? wh : 0.f);
             } else if (!zero) {    // computed again from the logits
-                g = grad_element(sv[j], tv[j], c == y, a, cs, ct, ch, wh, p);
+                g = grad_element(sv[j], tv[j], c == y, a, rc, cs, ct, ch, wh, p);
             }
             out[base + c] = from_f<T>(g);
         }
@@ -448,6 +720,8 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
                                  signed char* __restrict__ flags) {
     __shared__ State warp_states[32];
     __shared__ State row_state;
+    __shared__ Second warp_sums[32];
+    __shared__ Second row_sums;
     const long long row = blockIdx.x;
     const long long base = row * p.C;
     const float w = weights[row];
@@ -476,8 +750,32 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
     if (threadIdx.x == 0) row_state = b;
     __syncthreads();
     a = row_state;
-    if (threadIdx.x == 0) finish_row(a, s_y, p, row_loss, flags, row);
-    if (row_flag(a)) {
+    const bool bad = row_flag(a) != 0;
+    Second sums = empty_second();
+    RowConst rc = {};
+    if (!bad) rc = row_constants(a, p);
+    if (!bad && second_pass(p)) {   // the same for every thread of the block
+        // the row read again: no thread writes a gradient before block_sum's barrier
+        if (VEC > 1) {
+            const Pack<T, VEC>* sv = reinterpret_cast<const Pack<T, VEC>*>(s + base);
+            const Pack<T, VEC>* tv = reinterpret_cast<const Pack<T, VEC>*>(t + base);
+            for (int i = threadIdx.x; i < n_vec; i += blockDim.x) {
+                Pack<T, VEC> xs = sv[i], xt = tv[i];
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) add_second(sums, to_f(xs.v[j]), to_f(xt.v[j]), a, rc, p);
+            }
+        } else {
+            for (int c = threadIdx.x; c < p.C; c += blockDim.x)
+                add_second(sums, to_f(s[base + c]), to_f(t[base + c]), a, rc, p);
+        }
+        sums = block_sum(sums, warp_sums);
+        if (threadIdx.x == 0) row_sums = sums;
+        __syncthreads();
+        sums = row_sums;
+        second_constants(rc, sums, a, p);
+    }
+    if (threadIdx.x == 0) finish_row(a, sums, rc, s_y, p, row_loss, flags, row);
+    if (bad) {
         for (int c = threadIdx.x; c < p.C; c += blockDim.x) out[base + c] = from_f<T>(0.f);
         return;
     }
@@ -491,13 +789,13 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
             Pack<T, VEC> xs = sv[i], xt = tv[i], g;
 #pragma unroll
             for (int j = 0; j < VEC; ++j)
-                g.v[j] = from_f<T>(grad_element(to_f(xs.v[j]), to_f(xt.v[j]), (long long)i * VEC + j == y, a, cs, ct, ch,
-                                                ch * a.Z1, p));
+                g.v[j] = from_f<T>(grad_element(to_f(xs.v[j]), to_f(xt.v[j]), (long long)i * VEC + j == y, a, rc, cs, ct,
+                                                ch, ch * a.Z1, p));
             ov[i] = g;   // 16-byte store
         }
     } else {
         for (int c = threadIdx.x; c < p.C; c += blockDim.x)
-            out[base + c] = from_f<T>(grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, cs, ct, ch,
+            out[base + c] = from_f<T>(grad_element(to_f(s[base + c]), to_f(t[base + c]), c == y, a, rc, cs, ct, ch,
                                                    ch * a.Z1, p));
     }
 }
@@ -515,8 +813,10 @@ __device__ void softmax_kl_block(const T* s, const T* __restrict__ t, const long
 // blocks exchange States through distributed shared memory: every block merges the CL States in
 // rank order (the same result in every block), then writes the gradient of its chunk from shared
 // memory. Global memory is read once and written once: 12 bytes an element (float32).
-// Shared memory: SMEM_HEAD bytes of States, then the student chunk, then the teacher chunk.
-#define SMEM_HEAD 1280   // >= 34 States of 32 bytes, a multiple of 128
+// Kinds 2-4 run pass 2 over the chunk in shared memory and exchange its sums (Second) the same way.
+// Shared memory: SMEM_HEAD bytes of States and sums, then the student chunk, then the teacher chunk.
+#define SMEM_HEAD 1280   // >= 34 States of 36 bytes and 2 Seconds of 16, a multiple of 128
+static_assert(34 * sizeof(State) + 2 * sizeof(Second) <= SMEM_HEAD, "the cluster kernel's head");
 #define STAGES 4
 #if MINIKD_CLUSTERS
 
@@ -534,6 +834,8 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
     State* warp_states = reinterpret_cast<State*>(smem);   // [0, 32): one per warp
     State* block_state = warp_states + 32;                  // this block's chunk
     State* row_state = warp_states + 33;                    // the whole row
+    Second* block_sums = reinterpret_cast<Second*>(warp_states + 34);   // pass 2: this block's chunk
+    Second* row_sums = block_sums + 1;                      // pass 2: the whole row
     const unsigned rank = CL > 1 ? minikd_cluster_rank() : 0u;
     const long long row = blockIdx.x / CL;
     const long long base = row * p.C;
@@ -602,8 +904,31 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
     }
     __syncthreads();
     a = *row_state;
-    if (rank == 0 && tid == 0) finish_row(a, s_y, p, row_loss, flags, row);
     const bool bad = row_flag(a) != 0;
+    Second sums = empty_second();
+    RowConst rc = {};
+    if (!bad) rc = row_constants(a, p);
+    if (!bad && second_pass(p)) {   // the same in every block of the cluster (the same State)
+        for (int i = tid; i < n; i += nthreads) {
+            const P xs = ss[i], xt = ts[i];
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) add_second(sums, to_f(xs.v[k]), to_f(xt.v[k]), a, rc, p);
+        }
+        // warp_states is free again (its last reads were before the cluster barrier above)
+        sums = block_sum(sums, reinterpret_cast<Second*>(warp_states));
+        if (tid == 0) *block_sums = sums;
+        cluster_barrier<CL>();   // every block's sums are written
+        if (warp == 0) {
+            Second r = empty_second();
+            if (lane < CL) r = CL > 1 ? *minikd_cluster_map(block_sums, (unsigned)lane) : *block_sums;
+            r = warp_sum(r);     // the same inputs in the same lanes: the same sums in every block
+            if (lane == 0) *row_sums = r;
+        }
+        __syncthreads();
+        sums = *row_sums;
+        second_constants(rc, sums, a, p);
+    }
+    if (rank == 0 && tid == 0) finish_row(a, sums, rc, s_y, p, row_loss, flags, row);
     float cs, ct, ch;
     coefficients(w, a.Zs, a.Zt, a.Z1, p, cs, ct, ch);
     for (int i = tid; i < n; i += nthreads) {
@@ -612,10 +937,10 @@ __device__ void softmax_kl_cluster(const T* s, const T* __restrict__ t, const lo
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
             g.v[k] = from_f<T>(bad ? 0.f : grad_element(to_f(xs.v[k]), to_f(xt.v[k]), (long long)(v0 + i) * VEC + k == y,
-                                                        a, cs, ct, ch, ch * a.Z1, p));
+                                                        a, rc, cs, ct, ch, ch * a.Z1, p));
         og[i] = g;   // 16-byte store
     }
-    if (CL > 1) minikd_cluster_sync();   // no block leaves while another may still read its block_state
+    if (CL > 1) minikd_cluster_sync();   // no block leaves while another may still read its block_state / block_sums
 }
 #endif  // MINIKD_CLUSTERS
 
@@ -643,12 +968,14 @@ extern "C" __global__ void sum_rows(const float* __restrict__ row_loss, long lon
 }
 
 // Scalars are passed one by one (not as a struct) so that any launcher can call these. `kind`
-// carries the divergence in bit 0 (0 KL, 1 cross-entropy) and `share` (T == 1) in bit 1.
+// carries the divergence in bits 0-2 (KIND_KL ... KIND_TVD) and `share` (T == 1) in bit 3; beta and
+// beta_c (1 - beta) are JSD's (kind 3; any value for the others).
 #define KERNEL_ARGS(T)                                                                                     \
     const T *s, const T *t, const long long *labels, const float *weights, long long N, int C, float k,    \
-        float inv_T, float soft, float hard, int kind, T *out, float *row_loss, signed char *flags
+        float inv_T, float soft, float hard, int kind, float beta, float beta_c, T *out, float *row_loss,  \
+        signed char *flags
 #define MAKE_PARAMS Params p; p.N = N; p.C = C; p.k = k; p.inv_T = inv_T; p.soft = soft; p.hard = hard; \
-    p.kind = kind & 1; p.share = (kind >> 1) & 1;
+    p.kind = kind & 7; p.share = (kind >> 3) & 1; p.beta = beta; p.beta_c = beta_c;
 
 #define ROWS(NAME, T, L, E)                                                                               \
     extern "C" __global__ void softmax_kl_rows_##NAME##_L##L##_E##E(KERNEL_ARGS(T)) {                      \

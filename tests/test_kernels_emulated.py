@@ -11,33 +11,37 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import emu_runner
+import minikd as mk
 
 reason = emu_runner.available()
 if reason:
     pytest.skip(f"CUDA emulator: {reason}", allow_module_level=True)
 
-from kernel_cases import NO_FALLBACK, SETTINGS, check, make, prepared  # noqa: E402
+from kernel_cases import (DIVERGENCE_SETTINGS, DIVERGENCES, NO_FALLBACK, SETTINGS, check, make,  # noqa: E402
+                          make_divergences, prepared)
 from minikd.kernels.cupy_gpu import kernel_args, plan  # noqa: E402
 from minikd.losses import conventions  # noqa: E402
 
 
 def emulated(student, teacher, labels, *, T, alpha, kind="kl", reduction="batchmean", mask=None, out=None,
-             unlabeled="ignore", **plan_options):
-    """What softmax_kl_cupy does, with NumPy arrays and the emulator: (loss, grad, flags, launch)."""
+             unlabeled="ignore", beta=None, sum_threads=1024, **plan_options):
+    """What softmax_kl_cupy does, with NumPy arrays and the emulator: (loss, grad, flags, launch).
+    ``sum_threads``: sum_rows' block (the launcher's 1024; 64 where a test launches it often: each
+    emulated thread is an OS thread)."""
     rows = prepared(student, teacher, labels, T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask,
-                    unlabeled=unlabeled)
+                    unlabeled=unlabeled, beta=beta)
     N, C = rows.s.shape
     buf = out if out is not None else np.empty_like(rows.s)
     row_loss = np.full(N, np.nan, np.float32)
     flags = np.zeros(N, np.int8)
-    args = kernel_args(rows, kind, buf, row_loss, flags)
+    args = kernel_args(rows, kind, buf, row_loss, flags, beta)
     aligned = (C * rows.s.dtype.itemsize) % 16 == 0 and all(a.ctypes.data % 16 == 0 for a in (rows.s, rows.t, buf))
     launch = plan(N, C, rows.s.dtype.itemsize, aligned, dtype=rows.s.dtype.name, **plan_options)
     emu_runner.run(launch.kernel, launch.grid, launch.block, args, shared=launch.shared, cluster=launch.cluster)
     if reduction == "none":   # in the input dtype, as softmax_kl_cupy returns them
         return row_loss.astype(rows.s.dtype), buf, flags, launch
     total = np.zeros(1, np.float64)
-    emu_runner.run("sum_rows", 1, 1024, (row_loss, np.int64(N), total))
+    emu_runner.run("sum_rows", 1, sum_threads, (row_loss, np.int64(N), total))
     return conventions.reduce_total(total[0], reduction, rows.n_valid), buf, flags, launch
 
 
@@ -92,6 +96,115 @@ def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, 
     loss, grad, flags, launch = emulated(s, t, y, variant=variant, **options, **kw)
     assert not flags.any()
     check(loss, grad, s, t, y, dtype, **kw)
+
+
+# ---------------------------------------------------------------- reverse KL, JSD, TVD
+
+# (variant, C, plan options, dtype): every kernel family, each form of each (the rows kernel with
+# the exponentials kept and recomputed, the cluster kernel with even and uneven chunks, the block
+# kernel with and without 16-byte loads), every dtype somewhere
+DIVERGENCE_FAMILIES = [("rows", 10, {}, "float32"), ("rows", 100, {}, "bfloat16"), ("rows", 129, {}, "float32"),
+                       ("rows_recompute", 1000, {}, "float16"), ("cluster", 2048, {"cluster": 2}, "float32"),
+                       ("cluster", 2056, {"cluster": 2}, "bfloat16"), ("block", 1031, {}, "float32"),
+                       ("block", 4096, {}, "float16"), ("warp", 100, {}, "float32")]
+
+
+@pytest.mark.parametrize("kind,beta", DIVERGENCES)
+@pytest.mark.parametrize("variant,C,options,dtype", DIVERGENCE_FAMILIES)
+def test_divergences_every_kernel_family(kind, beta, variant, C, options, dtype):
+    """reverse_kl, jsd (beta 0, 0.3, 1) and tvd through each kernel family against the float64
+    reference: outliers, -inf classes in the student alone, the teacher alone and both, rows without
+    a label (soft term alone, or ignored), masked rows, alpha 0, 0.5, 1, T 1 and 2.5, each reduction.
+    Reverse KL (and JSD at beta = 1) is +inf on the rows where the teacher alone has -inf classes:
+    the kernel must say so, with a NaN gradient there, and stay exact on the other rows; JSD at
+    beta = 0 (forward KL) is +inf where the student alone has them, its gradient finite."""
+    s, t, y, mask = make_divergences(7, C, C + 1, dtype)
+    threads = 64 if variant in ("block", "cluster") else None
+    infinite_seen = False
+    for (T, alpha), reduction, unlabeled in zip(DIVERGENCE_SETTINGS, ("batchmean", "sum", "none", "none", "batchmean"),
+                                                ("soft", "ignore", "soft", "ignore", "soft")):
+        kw = dict(T=T, alpha=alpha, kind=kind, beta=beta, reduction=reduction, mask=mask, unlabeled=unlabeled)
+        loss, grad, flags, launch = emulated(s, t, y, variant=variant, threads=threads, sum_threads=64, **options, **kw)
+        assert launch.kernel.startswith(f"softmax_kl_{variant}_") and not flags.any()
+        check(loss, grad, s, t, y, dtype, **kw)
+        infinite_seen |= bool(np.isinf(loss).any())
+    # infinite: reverse KL (-inf classes of the teacher alone) and JSD at beta = 0, the forward KL
+    # (of the student alone: there its gradient stays finite); the interior JSD and TVD never
+    assert infinite_seen == (kind == "reverse_kl" or beta in (0.0, 1.0))
+
+
+# a third of the profile's examples, as above
+@settings(max_examples=max(20, settings.default.max_examples // 3))
+@given(data=st.data(), C=st.integers(1, 3000), N=st.integers(1, 9), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from(["float32", "float16", "bfloat16"]), kind=st.sampled_from(["reverse_kl", "jsd", "tvd"]),
+       reduction=st.sampled_from(["batchmean", "sum", "none"]), T=st.sampled_from([0.5, 1.0, 2.5, 4.0, 50.0]),
+       alpha=st.sampled_from([0.0, 0.3, 1.0]), unlabeled=st.sampled_from(["ignore", "soft"]))
+def test_property_divergences_every_kernel_family(data, C, N, seed, dtype, kind, reduction, T, alpha, unlabeled):
+    """test_property_every_kernel_family for the divergences of make_divergences' inputs, beta drawn
+    too. (T = 0.05, where both sides are one-hot to far below float32's resolution, is left out: the
+    reference's own gradient there is float64 rounding, e.g. a JSD entry of 1e-19 where the terms are
+    0.3: no float32 kernel can match it; kl and ce, whose gradient p - q has no such cancellation,
+    are tested there.)"""
+    s, t, y, mask = make_divergences(N, C, seed, dtype, Ts=(T,))
+    beta = data.draw(st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]), label="beta") if kind == "jsd" else None
+    vec = 16 // s.dtype.itemsize
+    families = ["auto", "block", "warp"] + (["rows", "rows_recompute"] if C <= 1024 else []) + \
+        (["cluster"] if C % vec == 0 else [])
+    variant = data.draw(st.sampled_from(families), label="variant")
+    options = {}
+    if variant == "cluster":
+        options["cluster"] = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="cluster")
+    if variant in ("block", "cluster") or (variant == "auto" and C > 1024):
+        options["threads"] = 32 if options.get("cluster") == 16 else 64
+    kw = dict(T=T, alpha=alpha, kind=kind, beta=beta, reduction=reduction, mask=mask, unlabeled=unlabeled)
+    loss, grad, flags, launch = emulated(s, t, y, variant=variant, sum_threads=64, **options, **kw)
+    assert not flags.any()
+    check(loss, grad, s, t, y, dtype, **kw)
+
+
+@pytest.mark.parametrize("variant,C,options", [("rows", 10, {}), ("rows", 129, {}), ("rows_recompute", 1000, {}),
+                                               ("cluster", 2048, {"cluster": 2}), ("block", 1031, {}),
+                                               ("block", 1024, {}), ("warp", 100, {})])
+def test_tvd_subgradient_at_exact_ties(variant, C, options):
+    """TVD's subgradient sign(0) = 0 where p = q > 0 exactly. Rows built so that the tie is exact in
+    float32 and float64 alike: two classes at logit 0 in both, two more swapped between student and
+    teacher (-40, -45: below half an ulp of the sum 2, so Zs = Zt = 2 exactly and p = q = 1/2 at the
+    first two), the rest at -60 in both (ties too, of mass ~1e-26). The gradient at the tied classes
+    is tiny ((P- - P+)/2 = 1e-18); a kernel that counted a tie as p > q or p < q would give them
+    +-1/4. The tie rows are checked on their own scale (1e-18: reduction "none", one weight a
+    row), so that the tied mass P0 in the other classes' coefficients counts too; a random row
+    runs beside them."""
+    s, t, y, _ = make(3, C, 4, "float32")
+    for row in (0, 2):
+        s[row], t[row] = -60.0, -60.0
+        s[row, :4] = t[row, :4] = 0.0, 0.0, -40.0, -45.0
+        t[row, 2:4] = -45.0, -40.0
+        q = mk.softmax(t[row].astype(np.float64))
+        assert q[0] == mk.softmax(s[row].astype(np.float64))[0] == 0.5   # the reference sees the tie too
+    kw = dict(T=1.0, alpha=1.0, kind="tvd", reduction="none", unlabeled="soft")
+    threads = 64 if variant in ("block", "cluster") else None
+    loss, grad, flags, _ = emulated(s, t, y, variant=variant, threads=threads, **options, **kw)
+    assert not flags.any() and np.abs(grad[[0, 2], :2]).max() < 1e-17
+    for rows in ([0, 2], [1]):
+        check(loss[rows], grad[rows], s[rows], t[rows], y[rows], "float32", **kw)
+
+
+def test_jsd_endpoints_and_near_them():
+    """beta = 0 and 1 are the forward and reverse KL (the same kernel arguments, decided on the
+    float64 beta); a beta a hair inside (1e-9, 1 - 1e-9) is the interior JSD, nearly 0, not a KL:
+    1 - beta travels rounded from float64, not as float32(1) - float32(beta) = 0."""
+    s, t, y, mask = make_divergences(5, 100, 8, "float32")
+    rows = prepared(s, t, y, T=2.0, kind="jsd", beta=0.3)
+    buffers = (np.empty_like(s), np.zeros(5, np.float32), np.zeros(5, np.int8))
+    args = {(kind, beta): kernel_args(rows, kind, *buffers, beta) for kind, beta in
+            (("kl", None), ("reverse_kl", None), ("jsd", 0.0), ("jsd", 1.0), ("jsd", 1 - 1e-9))}
+    assert args["jsd", 0.0][10] == args["kl", None][10] == 0 and args["jsd", 1.0][10] == args["reverse_kl", None][10]
+    assert args["jsd", 1 - 1e-9][10] == 3 and args["jsd", 1 - 1e-9][12] == np.float32(1e-9)
+    for beta in (1e-9, 1 - 1e-9):
+        kw = dict(T=2.0, alpha=1.0, kind="jsd", beta=beta, reduction="none", mask=mask, unlabeled="soft")
+        loss, grad, _, _ = emulated(s, t, y, variant="rows", **kw)
+        assert np.isfinite(loss).all() and np.abs(loss).max() < 1e-6   # not the KL of the endpoint
+        check(loss, grad, s, t, y, "float32", **kw)
 
 
 def test_cluster_sizes_of_the_plan():
@@ -248,6 +361,34 @@ def test_cupy_launcher_on_the_emulator(monkeypatch):
     s[2, 3] = np.nan
     with pytest.raises(ValueError, match="student: row 2 contains NaN"):
         softmax_kl(s, cp.zeros_like(s), cp.zeros(4, np.int64), T=1.0, alpha=0.5, backend="cupy")
+
+
+@pytest.mark.filterwarnings(NO_FALLBACK)
+def test_cupy_launcher_divergences(monkeypatch):
+    """softmax_kl(..., backend="cupy", or "auto" on CuPy arrays) runs reverse_kl, jsd (beta passed
+    through) and tvd on the CUDA kernel, not on the reference (made to refuse here); a missing beta
+    and a kind the kernel lacks (dkd) are refused as before."""
+    import fake_cupy
+    cp = fake_cupy.install(monkeypatch)
+    import minikd.kernels as kernels
+    from minikd.checks import UserError
+    from minikd.kernels import softmax_kl
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("softmax_kl fell back to the reference")
+    monkeypatch.setattr(kernels, "kd_loss_and_grad", no_reference)
+    s, t, y, mask = make_divergences(6, 100, 3, "float32", Ts=(2.0,))
+    S, T_, Y, M = cp.asarray(s), cp.asarray(t), cp.asarray(y), cp.asarray(mask)
+    for kind, beta in (("reverse_kl", None), ("jsd", 0.3), ("tvd", None)):
+        for backend, reduction in (("cupy", "none"), ("auto", "batchmean")):
+            kw = dict(T=2.0, alpha=0.7, kind=kind, beta=beta, reduction=reduction, unlabeled="soft")
+            loss, grad = softmax_kl(S, T_, Y, mask=M, backend=backend, **kw)
+            assert type(grad).__module__ == "cupy"
+            check(cp.asnumpy(loss), cp.asnumpy(grad), s, t, y, "float32", mask=mask, **kw)
+    with pytest.raises(UserError, match="beta: kind='jsd' needs beta"):
+        softmax_kl(S, T_, Y, T=2.0, alpha=0.5, kind="jsd", backend="cupy")
+    with pytest.raises(UserError, match="kind='dkd': the cupy kernel computes kind kl, ce, reverse_kl, jsd, tvd"):
+        softmax_kl(S, T_, Y, T=2.0, alpha=0.5, kind="dkd", backend="cupy")
 
 
 def test_cupy_launcher_refuses_an_unsafe_out(monkeypatch):
@@ -431,6 +572,7 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
     assert len(result["rows"]) == 2 * len(bg.SHAPES) and (tmp_path / "softmax_kl-gpu-CPU-emulator.png").exists()
     for r in result["rows"]:
         assert r["variants"] and all(v.get("ok") for v in r["variants"]), r["variants"]
+        assert [v["kind"] for v in r["kinds"]] == ["reverse_kl", "jsd", "tvd"] and all(v.get("ok") for v in r["kinds"])
         assert r["kernel_ms"] > 0 and r["call_ms"] > 0
         assert ("torch_eager_ms" in r) == with_torch and "torch_compile_ms" not in r
     kernels = {v["kernel"].split("_")[2] for r in result["rows"] for v in r["variants"]}

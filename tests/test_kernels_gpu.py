@@ -13,7 +13,8 @@ if not HAVE_GPU:
 
 from minikd.kernels import softmax_kl  # noqa: E402
 
-from kernel_cases import NO_FALLBACK, SETTINGS, check, make  # noqa: E402
+from kernel_cases import (DIVERGENCE_SETTINGS, DIVERGENCES, NO_FALLBACK, SETTINGS, check, make,  # noqa: E402
+                          make_divergences)
 
 pytestmark = pytest.mark.filterwarnings(NO_FALLBACK)   # these tests test what the plan named
 
@@ -41,6 +42,42 @@ def test_every_kernel_family(dtype, variant, C, cluster):
     s, t, y, mask = make(16, C, 7, dtype)
     for unlabeled in ("ignore", "soft"):
         kw = dict(T=2.0, alpha=0.7, kind="kl", reduction="batchmean", mask=mask, unlabeled=unlabeled)
+        loss, grad = softmax_kl_cupy(cupy.asarray(s), cupy.asarray(t), cupy.asarray(y), scale_t2=True,
+                                     ignore_index=-100, out=None, variant=variant, cluster=cluster,
+                                     **{**kw, "mask": cupy.asarray(mask)})
+        check(cupy.asnumpy(loss), cupy.asnumpy(grad), s, t, y, dtype, **kw)
+
+
+# the settings of the emulated test_divergences_every_kernel_family: (T, alpha), reduction, unlabeled
+DIVERGENCE_RUNS = tuple(zip(DIVERGENCE_SETTINGS, ("batchmean", "sum", "none", "none", "batchmean"),
+                            ("soft", "ignore", "soft", "ignore", "soft")))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("C", [10, 1000, 4096, 4099, 32000])   # rows; rows recompute; cluster (N < SMs); block
+@pytest.mark.parametrize("kind,beta", DIVERGENCES)
+def test_divergences_match_reference(dtype, C, kind, beta):
+    """reverse_kl, jsd (beta 0, 0.3, 1), tvd through the plan's own choice (make_divergences: -inf
+    classes in the student alone, the teacher alone and both; infinite reverse-KL rows)."""
+    s, t, y, mask = make_divergences(64 if C < 32000 else 16, C, C, dtype)
+    for (T, alpha), reduction, unlabeled in DIVERGENCE_RUNS:
+        kw = dict(T=T, alpha=alpha, kind=kind, beta=beta, reduction=reduction, mask=mask, unlabeled=unlabeled)
+        loss, grad = softmax_kl(cupy.asarray(s), cupy.asarray(t), cupy.asarray(y), backend="cupy",
+                                **{**kw, "mask": cupy.asarray(mask)})
+        check(cupy.asnumpy(loss), cupy.asnumpy(grad), s, t, y, dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant,C,cluster", [("rows", 129, None), ("warp", 100, None), ("block", 32000, None),
+                                               ("cluster", 5000, 4)])
+@pytest.mark.parametrize("kind,beta", DIVERGENCES)
+def test_divergences_every_kernel_family(dtype, variant, C, cluster, kind, beta):
+    """The forms the plan does not pick for the shapes above: the rows kernel keeping its
+    exponentials, the warp kernel, the block kernel with 16-byte loads, a cluster of uneven chunks."""
+    from minikd.kernels.cupy_gpu import softmax_kl_cupy
+    s, t, y, mask = make_divergences(16, C, 7, dtype)
+    for (T, alpha), reduction, unlabeled in DIVERGENCE_RUNS:
+        kw = dict(T=T, alpha=alpha, kind=kind, beta=beta, reduction=reduction, mask=mask, unlabeled=unlabeled)
         loss, grad = softmax_kl_cupy(cupy.asarray(s), cupy.asarray(t), cupy.asarray(y), scale_t2=True,
                                      ignore_index=-100, out=None, variant=variant, cluster=cluster,
                                      **{**kw, "mask": cupy.asarray(mask)})

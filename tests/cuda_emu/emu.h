@@ -31,6 +31,7 @@
 #define __align__(n) alignas(n)
 #define __cluster_dims__(...)
 #define CUDART_INF_F INFINITY
+#define CUDART_NAN_F NAN
 
 // CUDA's integer min/max are global functions
 inline int min(int a, int b) { return a < b ? a : b; }

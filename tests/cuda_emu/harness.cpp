@@ -22,15 +22,16 @@ extern "C" __global__ void broken_shuffle_after_exit(const float* x, float* y) {
     y[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 1);
 }
 
+// KERNEL_ARGS of softmax_kl.cu, in order
 template <typename T>
 using KernelFn = void (*)(const T*, const T*, const long long*, const float*, long long, int, float, float, float,
-                          float, int, T*, float*, signed char*);
+                          float, int, float, float, T*, float*, signed char*);
 
 template <typename T> std::function<void(void**)> bind(KernelFn<T> f) {
     return [f](void** a) {
         f(*(const T**)a[0], *(const T**)a[1], *(const long long**)a[2], *(const float**)a[3], *(long long*)a[4],
-          *(int*)a[5], *(float*)a[6], *(float*)a[7], *(float*)a[8], *(float*)a[9], *(int*)a[10], *(T**)a[11],
-          *(float**)a[12], *(signed char**)a[13]);
+          *(int*)a[5], *(float*)a[6], *(float*)a[7], *(float*)a[8], *(float*)a[9], *(int*)a[10], *(float*)a[11],
+          *(float*)a[12], *(T**)a[13], *(float**)a[14], *(signed char**)a[15]);
     };
 }
 
