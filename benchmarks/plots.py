@@ -8,16 +8,20 @@ from minikd.plots import new_figure, save_figure
 
 def benchmark_cpu(result, path):
     """Percent of the memory floor per shape (the copy bandwidth on the kernel's threads): the Numba
-    kernel, the NumPy reference, PyTorch eager, torch.compile (older results: ms per call)."""
+    kernel (float32, and bfloat16 against its own 6-byte floor), the NumPy reference, PyTorch eager,
+    torch.compile."""
     plt = new_figure()
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(9, 4))
     x = np.arange(len(rows))
-    impls = [("numba_ms", "Numba kernel"), ("numpy_ms", "NumPy reference"), ("torch_eager_ms", "PyTorch eager"),
-             ("torch_compile_ms", "torch.compile")]
-    for i, (key, name) in enumerate(impls):
-        ax.bar(x + (i - 1.5) * 0.2, [100 * r["floor_ms"] / r[key] if r.get(key) else 0 for r in rows], 0.2,
-               label=name)
+    impls = [("numba_ms", "floor_ms", "Numba kernel"), ("numba_bf16_ms", "bf16_floor_ms", "Numba kernel, bfloat16"),
+             ("numpy_ms", "floor_ms", "NumPy reference"), ("torch_eager_ms", "floor_ms", "PyTorch eager"),
+             ("torch_compile_ms", "floor_ms", "torch.compile")]
+    impls = [i for i in impls if any(r.get(i[0]) for r in rows)]
+    width = 0.8 / len(impls)
+    for i, (key, floor, name) in enumerate(impls):
+        ax.bar(x + (i - (len(impls) - 1) / 2) * width, [100 * r[floor] / r[key] if r.get(key) else 0 for r in rows],
+               width, label=name)
     ax.axhline(70, color="k", lw=0.8, ls="--", label="70%: the target at C >= 1000")
     ax.axhline(50, color="gray", lw=0.8, ls=":", label="50%: the target at C = 10, 100")
     ax.set_xticks(x, [f"({r['N']},{r['C']})" for r in rows])

@@ -2,6 +2,8 @@
 eager, torch.compile and the memory-bandwidth floor: 12 bytes per float32 element (read s, read t,
 write grad) over the copy bandwidth measured with as many threads as the kernel runs (Numba's prange
 copy; NumPy's single-thread copy reported beside it). Every implementation is given as % of that floor.
+The Numba kernel is also timed on bfloat16 logits (6 bytes an element: half the floor) and on the
+other divergences (reverse_kl, jsd at beta 0.5, tvd), each checked against the reference first.
 
     python benchmarks/softmax_kl.py                    # CPU: the Numba kernel (results in bench-out/)
     python benchmarks/softmax_kl.py --gpu              # GPU: the CuPy kernel (softmax_kl_gpu.py)
@@ -51,6 +53,19 @@ def torch_compiled(s, t, y):
     t0 = time.perf_counter()
     run()
     return run, time.perf_counter() - t0
+
+
+# the divergences other than forward KL, timed on the Numba kernel (jsd at the symmetric beta)
+OTHER_KINDS = (("reverse_kl", None), ("jsd", 0.5), ("tvd", None))
+
+
+def _bfloat16():
+    """ml_dtypes.bfloat16, or None without ml_dtypes (the bfloat16 timings are then skipped)."""
+    try:
+        import ml_dtypes  # noqa: PLC0415
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
 
 
 def build_parser():
@@ -127,6 +142,32 @@ def run_cpu(args):
         out = np.empty_like(s)
         r["numba_ms"] = 1e3 * median_time(lambda: softmax_kl(s, t, y, T=T, alpha=ALPHA, out=out, backend="numba"),
                                           repeats)
+    bf16 = _bfloat16()
+    for s, t, y, r in cases:   # bfloat16 logits (6 bytes an element: their own floor), a bfloat16 gradient
+        if bf16 is None:
+            break
+        sb, tb = s.astype(bf16), t.astype(bf16)
+        k = min(len(s), 256)
+        ref_l, ref_g = kd_loss_and_grad(sb[:k].astype(np.float64), tb[:k].astype(np.float64), y[:k], T=T, alpha=ALPHA)
+        kl, kg = softmax_kl(sb[:k], tb[:k], y[:k], T=T, alpha=ALPHA, backend="numba")
+        assert abs(kl - ref_l) <= 1e-5 * abs(ref_l)
+        assert np.abs(kg.astype(np.float64) - ref_g).max() <= 1e-2 * np.abs(ref_g).max()
+        out = np.empty_like(sb)
+        r["bf16_floor_ms"] = r["floor_ms"] / 2
+        r["numba_bf16_ms"] = 1e3 * median_time(lambda: softmax_kl(sb, tb, y, T=T, alpha=ALPHA, out=out,
+                                                                   backend="numba"), repeats)
+        r["numba_bf16_pct_floor"] = 100 * r["bf16_floor_ms"] / r["numba_bf16_ms"]
+    for s, t, y, r in cases:   # the other divergences (the general path: float64 logs per element)
+        out = np.empty_like(s)
+        for kind, beta in OTHER_KINDS:
+            kw = dict(T=T, alpha=ALPHA, kind=kind, beta=beta)
+            k = min(len(s), 64)
+            ref_l, ref_g = kd_loss_and_grad(s[:k].astype(np.float64), t[:k].astype(np.float64), y[:k], **kw)
+            kl, kg = softmax_kl(s[:k], t[:k], y[:k], backend="numba", **kw)
+            assert abs(kl - ref_l) <= 1e-5 * abs(ref_l) and np.abs(kg - ref_g).max() <= 1e-5 * np.abs(ref_g).max()
+            ms = 1e3 * median_time(lambda: softmax_kl(s, t, y, out=out, backend="numba", **kw), max(3, repeats // 2))
+            r[f"numba_{kind}_ms"] = ms
+            r[f"numba_{kind}_pct_floor"] = 100 * r["floor_ms"] / ms
     for s, t, y, r in cases:
         r["numpy_ms"] = 1e3 * median_time(lambda: kd_loss_and_grad(s, t, y, T=T, alpha=ALPHA), max(3, repeats // 2))
     if torch is not None:
@@ -151,6 +192,11 @@ def run_cpu(args):
               + "".join(f"{r.get(k, float('nan')):>11.2f}" for k, _ in impls)
               + "".join(f"{r.get(n + '_pct_floor', float('nan')):>9.1f}%" for _, n in impls)
               + f"{r.get('torch_compile_s', float('nan')):>10.1f}")
+    print("the Numba kernel, other inputs and kinds (ms, % of their floor):")
+    for r in rows:
+        others = [("bfloat16", "numba_bf16")] + [(kind, f"numba_{kind}") for kind, _ in OTHER_KINDS]
+        print(f"{f'({r[chr(78)]}, {r[chr(67)]})':>16} " + "  ".join(
+            f"{name} {r[key + '_ms']:.2f} ({r[key + '_pct_floor']:.1f}%)" for name, key in others if key + "_ms" in r))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine, "processor": platform.processor(), "copy_bandwidth_GBps": bw / 1e9,

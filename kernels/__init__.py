@@ -271,7 +271,7 @@ def _softmax_kl_numba(student, teacher, labels, *, T, alpha, kind, scale_t2, red
     fused = divergences._endpoint(kind, beta)   # jsd at beta 0 / 1: forward / reverse KL (the reference's rule)
     parallel = s.size >= SERIAL_BELOW
     n_threads = __import__("numba").get_num_threads() if parallel else 1
-    short = C <= SHORT_ROWS_UP_TO and fused in ("kl", "ce")
+    short = C <= SHORT_ROWS_UP_TO and fused in ("kl", "ce") and s.dtype != np.float64   # float32 arithmetic
     if short:   # blocks of rows transposed so that SIMD lanes run across rows
         rows_per_chunk = SHORT_BLOCK_ROWS
     else:       # several chunks of rows per thread balance the load

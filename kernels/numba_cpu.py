@@ -783,7 +783,8 @@ def _rows_serial(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, s
 def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard, out,
                  soft_a, soft_z, hard_z, hard_sy, flags, r0, nr, sT, tT, es, et, e1, ms, mt, bad_s, bad_t,
                  Zs, Zt, Z1, A, a_s, a_t, a_1):
-    """One block of R rows of the short-row kernel: a block of rows is transposed into (C, R)
+    """One block of R rows of the short-row kernel (float32 arithmetic: float32 and bfloat16 rows;
+    float64 rows take the general path): a block of rows is transposed into (C, R)
     buffers so that every loop runs along the R rows of one class, contiguous and full width (a
     loop over 10 classes would leave most of a vector idle): the maxima, the exponentials, the sums
     and the gradient; the gradient is transposed back at the end. Rows that count nowhere are
@@ -804,15 +805,16 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, sh
         A[r] = 0.0
     for r in range(R):   # transpose in; rows past the end and rows of weight 0 become zeros
         live = r < nr and weights[r0 + r] != 0.0
+        i = np.uint64(r0 + r)   # (unsigned: no wraparound; no row slices, each an atomic refcount pair)
         for c in range(C):
-            sT[c, r] = _ld(s[r0 + r], c) if live else dt(0)
-            tT[c, r] = _ld(t[r0 + r], c) if live else dt(0)
+            sT[c, r] = _ld2(s, i, np.uint64(c)) if live else dt(0)
+            tT[c, r] = _ld2(t, i, np.uint64(c)) if live else dt(0)
     for c in range(C):   # pass A along the rows
         for r in range(R):
             sc = sT[c, r]
             tc = tT[c, r]
-            ms[r] = max(ms[r], sc)
-            mt[r] = max(mt[r], tc)
+            ms[r] = maxnum_nnan(ms[r], sc)   # (vectorizes; NaN is counted just below)
+            mt[r] = maxnum_nnan(mt[r], tc)
             bad_s[r] += 0 if sc < np.inf else 1
             bad_t[r] += 0 if tc < np.inf else 1
     for r in range(nr):
@@ -829,20 +831,20 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, sh
         for r in range(R):
             zs = (sT[c, r] - ms[r]) * inv_T_x
             zt = (tT[c, r] - mt[r]) * inv_T_x
-            a = _exp(zs)
-            e = _exp(zt)
+            a = exp_neg_f32(zs)
+            e = exp_neg_f32(zt)
             es[c, r] = a
             et[c, r] = e
-            Zs[r] += np.float64(a)
-            Zt[r] += np.float64(e)
+            Zs[r] += a
+            Zt[r] += e
             d = -zs if kind_ce else zt - zs
-            A[r] += np.float64(e * d) if e > 0 else 0.0
+            A[r] += e * d if e > 0 else dt(0)
     if hard_coef != 0.0 and not share_hard:
         for c in range(C):
             for r in range(R):
-                e = _exp(sT[c, r] - ms[r])
+                e = exp_neg_f32(sT[c, r] - ms[r])
                 e1[c, r] = e
-                Z1[r] += np.float64(e)
+                Z1[r] += e
     elif hard_coef != 0.0:
         for r in range(R):
             Z1[r] = Zs[r]
@@ -851,14 +853,15 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, sh
         w = weights[i] if (r < nr and flags[i] == 0) else 0.0
         y = labels[i] if r < nr else -1
         hard_r = hard_coef if y >= 0 else 0.0   # -1: the soft term alone
+        zs, zt, z1 = np.float64(Zs[r]), np.float64(Zt[r]), np.float64(Z1[r])
         gs = w * soft_coef * inv_T
-        a_s[r] = dt(gs / Zs[r])
-        a_t[r] = dt(gs / Zt[r])
-        a_1[r] = dt(w * hard_r / Z1[r]) if hard_r != 0.0 else dt(0)
+        a_s[r] = dt(gs / zs)
+        a_t[r] = dt(gs / zt)
+        a_1[r] = dt(w * hard_r / z1) if hard_r != 0.0 else dt(0)
         if r < nr:
-            soft_a[i] = A[r] / Zt[r] if w != 0.0 else 0.0
-            soft_z[i] = (Zs[r] if kind_ce else Zs[r] / Zt[r]) if w != 0.0 else 1.0
-            hard_z[i] = Z1[r] if (hard_r != 0.0 and w != 0.0) else 1.0
+            soft_a[i] = np.float64(A[r]) / zt if w != 0.0 else 0.0
+            soft_z[i] = (zs if kind_ce else zs / zt) if w != 0.0 else 1.0
+            hard_z[i] = z1 if (hard_r != 0.0 and w != 0.0) else 1.0
             hard_sy[i] = np.float64(sT[y, r]) - ms[r] if (hard_r != 0.0 and w != 0.0) else 0.0
     if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
         for c in range(C):
@@ -870,13 +873,13 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, sh
                 es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r]
     for r in range(nr):  # transpose out, minus the one-hot of the label
         i = r0 + r
-        oi = out[i]
         y = labels[i]
+        ui = np.uint64(i)
         for c in range(C):
             v = es[c, r]
             if a_1[r] != 0 and c == y:   # only rows with a label and weight have a hard coefficient
                 v -= dt(weights[i] * hard_coef)
-            _st(oi, c, v)
+            _st2(out, ui, np.uint64(c), v)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -893,10 +896,10 @@ def _short_group(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, sh
     mt = np.empty(R, proto.dtype)
     bad_s = np.empty(R, np.int32)
     bad_t = np.empty(R, np.int32)
-    Zs = np.empty(R)
-    Zt = np.empty(R)
-    Z1 = np.empty(R)
-    A = np.empty(R)
+    Zs = np.empty(R, proto.dtype)   # float32 sums of at most SHORT_ROWS_UP_TO terms: (C - 1) u <= 9e-7
+    Zt = np.empty(R, proto.dtype)
+    Z1 = np.empty(R, proto.dtype)
+    A = np.empty(R, proto.dtype)
     a_s = np.empty(R, proto.dtype)
     a_t = np.empty(R, proto.dtype)
     a_1 = np.empty(R, proto.dtype)

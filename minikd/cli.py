@@ -106,7 +106,8 @@ OPTIONS = {
     "batch_size": (_TRAINING, dict(type=int, help="minibatch size (default %(default)s)")),
     "lr": (_TRAINING, dict(type=float, help="AdamW learning rate, cosine schedule (default %(default)s)")),
     "backend": (_TRAINING, dict(choices=["numpy", "numba", "auto"], help="implementation of the KD loss "
-                                "(default %(default)s, the reference; numba: the fused kernel, kl and ce only)")),
+                                "(default %(default)s: the fused Numba kernel where it has the kind, every kind "
+                                "but dkd, else the reference; numpy: the reference)")),
     "kind": (_TRAINING, dict(help="the distillation term's divergence: kl (KL(teacher||student), default), ce, "
                                   "reverse_kl, jsd (with --beta), tvd, dkd (decoupled KD, weights 1 and 8; needs "
                                   "--transfer-samples 0)")),

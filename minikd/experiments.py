@@ -48,6 +48,14 @@ def _fused_kinds(backend):
     from .kernels import FUSED_KINDS  # noqa: PLC0415  (the kernels package: imported where used)
     return FUSED_KINDS[backend]
 
+
+def _loss_backend(config) -> str:
+    """The KD loss's backend for a run: "auto" takes the fused kernel where it has the kind and the
+    reference otherwise (dkd), quietly (the kernels' own "auto" would warn that it falls back)."""
+    if config.backend == "auto" and config.kind not in _fused_kinds("numba"):
+        return "numpy"
+    return config.backend
+
 __all__ = ["DEFAULTS", "TeacherConfig", "StudentConfig", "DistillConfig", "SweepConfig", "MutualConfig", "Report",
            "run_teacher", "run_student", "run_distill", "run_sweep", "run_mutual", "write_soft_targets",
            "evaluate", "Evaluation", "predict", "feature_variants"]
@@ -63,7 +71,7 @@ DEFAULTS = {
     "student_hidden": 96,         # 4.9k parameters, 1/5 of the teacher
     "weight_decay": 5e-2,         # the student's AdamW decay; the teacher keeps TrainConfig's 1e-4
     "batch_size": 128, "lr": 1e-2,
-    "backend": "numpy",           # the KD loss's implementation: the reference
+    "backend": "auto",            # the KD loss's implementation: the fused kernel where it has the kind
     "out": "minikd-out", "cache_dir": ".minikd-cache",
 }
 
@@ -615,7 +623,7 @@ def run_student(config: StudentConfig, on_step=None) -> Report:
     div = _divergence(config)
     model, hist = train_student(data, cfg, teacher_logits=tl, teacher_logits_transfer=tt, T=config.T,
                                 alpha=config.alpha, **div, hidden=config.student_hidden, use_transfer=use_transfer,
-                                progress=config.progress, desc="student (KD)", backend=config.backend,
+                                progress=config.progress, desc="student (KD)", backend=_loss_backend(config),
                                 on_step=on_step, transfer=store)
     tp = teacher.num_parameters()
     label = f"student {_kd_name(config.T, config.alpha, div)}" + (
@@ -643,7 +651,8 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
     tl, tt = _targets(teacher, data, config.cache_dir)
     cfg = _student_cfg(config, config.epochs)
     kd_options = {"T": config.T, "alpha": config.alpha, **_divergence(config)}
-    common = dict(hidden=config.student_hidden, progress=config.progress, backend=config.backend, on_step=on_step)
+    common = dict(hidden=config.student_hidden, progress=config.progress, backend=_loss_backend(config),
+                  on_step=on_step)
     scratch, sh = train_student(data, cfg, desc="student (scratch)", **common)
     kd, kh = train_student(data, cfg, teacher_logits=tl, desc="student (KD)", **kd_options, **common)
     tp = teacher.num_parameters()
@@ -695,7 +704,7 @@ def run_sweep(config: SweepConfig, on_step=None) -> Report:
             div = {**_divergence(config), **({"beta": b} if b is not None else {})}
             grid, found = sweep(data, cfg, temperatures, alphas, teacher_logits=tl, teacher_logits_transfer=tt,
                                 hidden=config.student_hidden, use_transfer=use_transfer, progress=config.progress,
-                                backend=config.backend, on_step=on_step, client=client, **div)
+                                backend=_loss_backend(config), on_step=on_step, client=client, **div)
             grids.append(grid)
             if best is None or found[0] > best[0][0]:
                 best = (found, div, len(grids) - 1)
