@@ -111,6 +111,9 @@ OPTIONS = {
     "kind": (_TRAINING, dict(help="the distillation term's divergence: kl (KL(teacher||student), default), ce, "
                                   "reverse_kl, jsd (with --beta), tvd, dkd (decoupled KD, weights 1 and 8; needs "
                                   "--transfer-samples 0)")),
+    "seeds": (_TRAINING, dict(type=int, metavar="S", help="sweep: the students' seeds; each (T, alpha, beta) is "
+                               "trained once per seed and scored by the mean validation accuracy, every run a task "
+                               "on a cluster (default: --seed alone)")),
     "beta": (_TRAINING, dict(type=float, metavar="B", help="kind jsd: the mixture weight in [0, 1] (0: forward KL, "
                                                           "1: reverse KL, 0.5: symmetric JSD); sweep: several")),
     "dkd_weights": (_TRAINING, dict(type=float, metavar="W", help="kind dkd: the weights of TCKD and NCKD "
@@ -219,7 +222,8 @@ def cmd_sweep(args) -> int:
     panels = zip(grid["beta"], grid["val_accuracy"]) if "beta" in grid else [(None, grid["val_accuracy"])]
     for beta, rows in panels:
         title = "" if beta is None else f", beta={beta:g}"
-        print(f"\nvalidation accuracy (rows T, columns alpha{title}):\n{header:>10}"
+        over = f", mean over seeds {' '.join(map(str, grid['seeds']))}" if "seeds" in grid else ""
+        print(f"\nvalidation accuracy (rows T, columns alpha{title}{over}):\n{header:>10}"
               + "".join(f"{x:>8g}" for x in grid["alpha"]))
         for t, accuracies in zip(grid["T"], rows):
             print(f"{t:>10g}" + "".join(f"{v:>8.3f}" for v in accuracies))

@@ -22,7 +22,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -470,28 +470,37 @@ def sweep_student(T: float, alpha: float, *, data: Dataset, cfg: TrainConfig, **
 
 def sweep(data: Dataset, cfg: TrainConfig, temperatures, alphas, *, teacher_logits,
           teacher_logits_transfer=None, hidden=50, use_transfer=False, progress=True, backend="numpy",
-          on_step=None, kind="kl", beta=None, dkd_weights=None, client=None):
-    """Step 4. One student per (T, alpha); returns the grid of validation accuracies and
-    (val accuracy, T, alpha, model, history) of the best pair by validation accuracy (ties: first
-    in grid order). ``backend``, ``on_step``, ``kind`` and ``beta``: as ``train``'s (each run is
-    labeled "sweep T=..., alpha=..."). ``client``: a ``distributed.Client`` that runs each student
-    as a task (``minikd.scale``); the same grid and best, bit for bit, as without one."""
-    pairs = [(i, j) for i in range(len(temperatures)) for j in range(len(alphas))]
-    runs = [(float(temperatures[i]), float(alphas[j])) for i, j in pairs]
+          on_step=None, kind="kl", beta=None, dkd_weights=None, client=None, seeds=None):
+    """Step 4. One student per (T, alpha) and seed (``seeds``: the students' seeds; None: cfg.seed
+    alone); returns the grid of validation accuracies (the mean over the seeds) and (val accuracy,
+    T, alpha, model, history) of the best pair by that mean (ties: first in grid order), with the
+    model and history of its best seed (ties: the first seed). ``backend``, ``on_step``, ``kind``
+    and ``beta``: as ``train``'s (each run is labeled "sweep T=..., alpha=..."). ``client``: a
+    ``distributed.Client`` that runs each student as a task (``minikd.scale``); the same grid and
+    best, bit for bit, as without one. Returns (grid, best, the accuracies per seed: T x alpha x seed)."""
+    seeds = [cfg.seed] if seeds is None else [int(s) for s in seeds]
+    pairs = [(i, j, k) for i in range(len(temperatures)) for j in range(len(alphas)) for k in range(len(seeds))]
+    runs = [(float(temperatures[i]), float(alphas[j])) for i, j, _ in pairs]
+    cfgs = [replace(cfg, seed=seeds[k]) for *_, k in pairs]
     options = dict(hidden=hidden, use_transfer=use_transfer, backend=backend, on_step=on_step, kind=kind, beta=beta,
                    dkd_weights=dkd_weights)
     shared = dict(teacher_logits=teacher_logits, teacher_logits_transfer=teacher_logits_transfer)
     if client is None:
-        results = [sweep_student(T, a, data=data, cfg=cfg, **options, **shared)
-                   for T, a in tqdm(runs, desc="sweep", disable=not progress, unit="student")]
+        results = [sweep_student(T, a, data=data, cfg=c, **options, **shared)
+                   for (T, a), c in tqdm(list(zip(runs, cfgs)), desc="sweep", disable=not progress, unit="student")]
     else:
         from .scale import run_tasks  # noqa: PLC0415
-        results = run_tasks(client, sweep_student, [(run, {"cfg": cfg, **options}) for run in runs],
+        results = run_tasks(client, sweep_student, [(run, {"cfg": c, **options}) for run, c in zip(runs, cfgs)],
                             {"data": data, **shared}, "sweep", progress)
-    grid = np.zeros((len(temperatures), len(alphas)))
+    per_seed = np.zeros((len(temperatures), len(alphas), len(seeds)))
+    found = {}
+    for (i, j, k), (acc, model, hist) in zip(pairs, results):   # grid order, whatever finished first
+        per_seed[i, j, k] = acc
+        if (i, j) not in found or acc > found[i, j][0]:
+            found[i, j] = (acc, model, hist)   # the pair's best seed (ties: the first)
+    grid = per_seed.mean(axis=2)
     best = None
-    for (i, j), (T, a), (acc, model, hist) in zip(pairs, runs, results):   # grid order, whatever finished first
-        grid[i, j] = acc
-        if best is None or grid[i, j] > best[0]:
-            best = (grid[i, j], T, a, model, hist)
-    return grid, best
+    for i, j, k in pairs:
+        if k == 0 and (best is None or grid[i, j] > best[0]):
+            best = (grid[i, j], float(temperatures[i]), float(alphas[j]), *found[i, j][1:])
+    return grid, best, per_seed

@@ -160,6 +160,7 @@ class SweepConfig:
     alpha: tuple = (0.5, 0.9, 1.0)
     kind: str = "kl"
     beta: tuple = ()            # kind jsd: the betas to sweep (a third axis); empty for other kinds
+    seeds: tuple = ()           # the students' seeds, each (T, alpha, beta) scored by their mean; empty: seed
     dkd_weights: tuple = DKD_WEIGHTS
     epochs: int = DEFAULTS["epochs"]
     transfer_epochs: int = DEFAULTS["transfer_epochs"]
@@ -345,6 +346,7 @@ CHECKS = {
     "samples": _int(50, MAX_ROWS),
     "transfer_samples": _int(0, MAX_ROWS),
     "seed": _int(0, checks.MAX_SEED),
+    "seeds": _int(0, checks.MAX_SEED),
     "T": _real(*T_RANGE),
     "alpha": _real(0.0, 1.0),
     "epochs": _int(1, 100_000), "transfer_epochs": _int(1, 100_000), "teacher_epochs": _int(1, 100_000),
@@ -686,9 +688,10 @@ def run_distill(config: DistillConfig, on_step=None) -> Report:
 
 
 def run_sweep(config: SweepConfig, on_step=None) -> Report:
-    """Step 4: one student per (T, alpha) (and per beta for kind "jsd"), with the transfer set when
-    there is one; the best by validation accuracy (ties: the first in (beta, T, alpha) order) is
-    exported; writes student.npz/.json, sweep.png (a heatmap per beta) and report.json. With
+    """Step 4: one student per (T, alpha) (and per beta for kind "jsd", and per seed of ``seeds``:
+    then each is scored by its mean validation accuracy over the seeds and the best seed's student
+    is the one kept), with the transfer set when there is one; the best by validation accuracy
+    (ties: the first in (beta, T, alpha) order) is exported; writes student.npz/.json, sweep.png (a heatmap per beta) and report.json. With
     ``scheduler`` or ``workers`` each student is a Dask task (``minikd.scale``): the same report."""
     t0 = _start(config, ("student.npz", "student.json", "report.json", "sweep.png"))
     temperatures, alphas = [float(t) for t in config.T], [float(a) for a in config.alpha]
@@ -698,14 +701,17 @@ def run_sweep(config: SweepConfig, on_step=None) -> Report:
     tl, tt = _targets(teacher, data, config.cache_dir)
     use_transfer = tt is not None
     cfg = _student_cfg(config, config.transfer_epochs if use_transfer else config.epochs)
-    grids, best = [], None
+    grids, per_seed, best = [], [], None
+    seeds = list(config.seeds) or [config.seed]
     with scale.dask_client(config.scheduler, config.workers) as client:
         for b in betas or [None]:
             div = {**_divergence(config), **({"beta": b} if b is not None else {})}
-            grid, found = sweep(data, cfg, temperatures, alphas, teacher_logits=tl, teacher_logits_transfer=tt,
-                                hidden=config.student_hidden, use_transfer=use_transfer, progress=config.progress,
-                                backend=_loss_backend(config), on_step=on_step, client=client, **div)
+            grid, found, by_seed = sweep(data, cfg, temperatures, alphas, teacher_logits=tl, teacher_logits_transfer=tt,
+                                         hidden=config.student_hidden, use_transfer=use_transfer,
+                                         progress=config.progress, backend=_loss_backend(config), on_step=on_step,
+                                         client=client, seeds=seeds, **div)
             grids.append(grid)
+            per_seed.append(by_seed)
             if best is None or found[0] > best[0][0]:
                 best = (found, div, len(grids) - 1)
     (_, T, a, model, hist), div, k = best
@@ -720,6 +726,10 @@ def run_sweep(config: SweepConfig, on_step=None) -> Report:
                    "val_accuracy": [g.tolist() for g in grids] if betas else grids[0].tolist()}
     if betas:
         grid_report["beta"] = betas
+    if config.seeds:   # the mean over the seeds above; here each seed's
+        grid_report["seeds"] = seeds
+        grid_report["val_accuracy_per_seed"] = ([np.moveaxis(g, 2, 0).tolist() for g in per_seed] if betas
+                                                else np.moveaxis(per_seed[0], 2, 0).tolist())
     report = Report([_row("teacher (CNN)", teacher, data, tp), row], {"student_kd": row, "grid": grid_report},
                     {f"best {_kd_name(T, a, div)}": hist}, model, teacher, data.spec, time.perf_counter() - t0,
                     asdict(config), out)

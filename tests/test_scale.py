@@ -266,11 +266,20 @@ def test_tasks_results_come_in_call_order_not_completion_order(cluster):
 
 
 def test_sweep_on_the_cluster_equals_the_serial_sweep_with_a_worker_killed(cluster, tmp_path):
-    serial = _sweep(tmp_path / "serial")
+    # two seeds: each (T, alpha, seed) student is a task, each (T, alpha) scored by the mean
+    serial = _sweep(tmp_path / "serial", seeds=(0, 3))
     address = cluster.scheduler.address
-    on_cluster = _sweep(tmp_path / "cluster", scheduler=address, on_step=KillOnStep(tmp_path / "killed"))
+    on_cluster = _sweep(tmp_path / "cluster", seeds=(0, 3), scheduler=address, on_step=KillOnStep(tmp_path / "killed"))
     assert (tmp_path / "killed").exists()   # one worker died in the middle of a student
     _same_sweep(serial, on_cluster)
+    grid = serial.results["grid"]
+    per_seed = np.array(grid["val_accuracy_per_seed"])   # seed x T x alpha
+    assert grid["seeds"] == [0, 3] and per_seed.shape == (2, 2, 2)
+    np.testing.assert_allclose(grid["val_accuracy"], per_seed.mean(axis=0), rtol=0, atol=1e-15)
+    assert not np.array_equal(per_seed[0], per_seed[1])   # the seeds reached the students (init, batches)
+    # each seed's accuracies are those of a sweep of that seed alone (the data stay --seed's)
+    alone = _sweep(tmp_path / "alone", seeds=(3,))
+    np.testing.assert_array_equal(per_seed[1], alone.results["grid"]["val_accuracy"])
 
 
 # ---------------------------------------------------------------- without the extra, and the CLI's checks
