@@ -10,7 +10,6 @@ end) belongs to that run alone. Needs minikd[scale] and psutil (installed with d
 """
 import argparse
 import json
-import os
 import resource
 import shutil
 import signal

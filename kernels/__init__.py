@@ -28,9 +28,8 @@ from typing import NamedTuple
 import numpy as np
 
 from ..backend import check_float_array, check_logits, get_namespace, is_cupy_array
-from ..losses import conventions
 from ..checks import UserError
-from ..losses import divergences
+from ..losses import conventions, divergences
 from ..losses.divergences import check_beta
 from ..losses.kd import KINDS, check_kd_arguments, kd_loss_and_grad
 
