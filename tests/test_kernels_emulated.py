@@ -554,6 +554,8 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
     else:
         monkeypatch.setitem(sys.modules, "torch", None)   # import torch -> ImportError
     monkeypatch.setattr(bg, "SHAPES", [(70, 10), (3, 2048), (2, 1030)] if not with_torch else [(70, 10), (3, 2048)])
+    if with_torch:   # the other kinds' timings are checked once, without torch (the emulator is slow)
+        monkeypatch.setattr(bg, "KINDS", ())
     monkeypatch.setattr(bg, "GPU_EXTRA_SHAPES", [])
     monkeypatch.setattr(bg, "VARIANT_THREADS", (64,))   # every emulated CUDA thread is an OS thread
     monkeypatch.setattr(bg, "BLOCK_VARIANT_THREADS", (64,))
@@ -572,7 +574,8 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
     assert len(result["rows"]) == 2 * len(bg.SHAPES) and (tmp_path / "softmax_kl-gpu-CPU-emulator.png").exists()
     for r in result["rows"]:
         assert r["variants"] and all(v.get("ok") for v in r["variants"]), r["variants"]
-        assert [v["kind"] for v in r["kinds"]] == ["reverse_kl", "jsd", "tvd"] and all(v.get("ok") for v in r["kinds"])
+        assert [v["kind"] for v in r["kinds"]] == ([] if with_torch else ["reverse_kl", "jsd", "tvd"])
+        assert all(v.get("ok") for v in r["kinds"])
         assert r["kernel_ms"] > 0 and r["call_ms"] > 0
         assert ("torch_eager_ms" in r) == with_torch and "torch_compile_ms" not in r
     kernels = {v["kernel"].split("_")[2] for r in result["rows"] for v in r["variants"]}
