@@ -468,6 +468,15 @@ def _pass2_block(out, i, es, et, e1, bms, bmt, st, q, j, C, inv_T, p):
         _st2(out, i, yy, cs * e - ct * etq[yy] + ch * e_1 - f32(st[q, _WH]))
 
 
+@njit(inline="always")
+def _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy):
+    """Row i counts nowhere (weight 0): zero gradient, the neutral statistics; not inspected."""
+    oi = out[i]
+    for c in range(oi.size):
+        _st(oi, c, 0)
+    soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = 0.0, 1.0, 1.0, 0.0
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                 flags, r0, r1):
@@ -492,11 +501,8 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
         w = weights[i]
         y = labels[i]
         hard_i = hard if y >= 0 else 0.0   # -1: the soft term alone
-        if w == 0.0:   # a row that counts nowhere: zero gradient, neutral statistics, not inspected
-            oi = out[i]
-            for c in range(C):
-                _st(oi, c, 0)
-            soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = 0.0, 1.0, 1.0, 0.0
+        if w == 0.0:   # a row that counts nowhere
+            _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy)
             continue
         q = 1 - pq
         st[q, _MS] = -np.inf
@@ -747,11 +753,8 @@ def _chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a,
         w = weights[i]
         y = labels[i]
         hard_i = hard if y >= 0 else 0.0   # -1: the soft term alone
-        if w == 0.0:   # a row that counts nowhere: zero gradient, neutral statistics, not inspected
-            oi = out[i]
-            for c in range(C):
-                _st(oi, c, 0)
-            soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = 0.0, 1.0, 1.0, 0.0
+        if w == 0.0:   # a row that counts nowhere
+            _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy)
             continue
         flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es, et, e1, y, w, soft, hard_i, inv_T, kind, beta,
                                              p == 1)

@@ -74,6 +74,21 @@ def test_cluster_kernel(dtype, C, cluster):
 
 
 # a third of the profile's examples: each one launches a few thousand emulated threads
+def draw_family(data, C, itemsize):
+    """A kernel family that can take rows of C values (and its cluster size / block threads, kept
+    small for the emulator): (variant, options) for ``emulated``."""
+    vec = 16 // itemsize
+    families = ["auto", "block", "warp"] + (["rows", "rows_recompute"] if C <= 1024 else []) + \
+        (["cluster"] if C % vec == 0 else [])
+    variant = data.draw(st.sampled_from(families), label="variant")
+    options = {}
+    if variant == "cluster":
+        options["cluster"] = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="cluster")
+    if variant in ("block", "cluster") or (variant == "auto" and C > 1024):
+        options["threads"] = 32 if options.get("cluster") == 16 else 64
+    return variant, options
+
+
 @settings(max_examples=max(20, settings.default.max_examples // 3))
 @given(data=st.data(), C=st.integers(1, 3000), N=st.integers(1, 9), seed=st.integers(0, 2**32 - 1),
        dtype=st.sampled_from(["float32", "float16", "bfloat16"]), kind=st.sampled_from(["kl", "ce"]),
@@ -83,15 +98,7 @@ def test_property_every_kernel_family(data, C, N, seed, dtype, kind, reduction, 
     """Fresh shapes, options and inputs (x20 outliers, -inf classes, an ignored row, a mask) through
     every kernel family that can take the shape, against the float64 reference."""
     s, t, y, mask = make(N, C, seed, dtype)
-    vec = 16 // s.dtype.itemsize
-    families = ["auto", "block", "warp"] + (["rows", "rows_recompute"] if C <= 1024 else []) + \
-        (["cluster"] if C % vec == 0 else [])
-    variant = data.draw(st.sampled_from(families), label="variant")
-    options = {}
-    if variant == "cluster":
-        options["cluster"] = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="cluster")
-    if variant in ("block", "cluster") or (variant == "auto" and C > 1024):
-        options["threads"] = 32 if options.get("cluster") == 16 else 64
+    variant, options = draw_family(data, C, s.dtype.itemsize)
     kw = dict(T=T, alpha=alpha, kind=kind, reduction=reduction, mask=mask, unlabeled=unlabeled)
     loss, grad, flags, launch = emulated(s, t, y, variant=variant, **options, **kw)
     assert not flags.any()
@@ -147,15 +154,7 @@ def test_property_divergences_every_kernel_family(data, C, N, seed, dtype, kind,
     are tested there.)"""
     s, t, y, mask = make_divergences(N, C, seed, dtype, Ts=(T,))
     beta = data.draw(st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]), label="beta") if kind == "jsd" else None
-    vec = 16 // s.dtype.itemsize
-    families = ["auto", "block", "warp"] + (["rows", "rows_recompute"] if C <= 1024 else []) + \
-        (["cluster"] if C % vec == 0 else [])
-    variant = data.draw(st.sampled_from(families), label="variant")
-    options = {}
-    if variant == "cluster":
-        options["cluster"] = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="cluster")
-    if variant in ("block", "cluster") or (variant == "auto" and C > 1024):
-        options["threads"] = 32 if options.get("cluster") == 16 else 64
+    variant, options = draw_family(data, C, s.dtype.itemsize)
     kw = dict(T=T, alpha=alpha, kind=kind, beta=beta, reduction=reduction, mask=mask, unlabeled=unlabeled)
     loss, grad, flags, launch = emulated(s, t, y, variant=variant, sum_threads=64, **options, **kw)
     assert not flags.any()
