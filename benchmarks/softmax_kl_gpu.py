@@ -89,7 +89,7 @@ def run_gpu(args):
         import torch  # noqa: PLC0415
     except ImportError:
         torch = None
-    repeats = 5 if args.quick else 20
+    repeats = args.repeats or (5 if args.quick else 20)
     flush_buf = cupy.empty(FLUSH_BYTES, cupy.uint8)
 
     def flush():

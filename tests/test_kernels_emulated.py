@@ -569,7 +569,7 @@ def test_gpu_benchmark_runs_on_the_emulator(monkeypatch, tmp_path, with_torch):
     monkeypatch.setattr(bg, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(bg, "FLUSH_BYTES", 1 << 16)
     from softmax_kl import main
-    assert main(["--gpu", "--quick", "--compile-budget", "0", "--out", str(tmp_path)]) == 0
+    assert main(["--gpu", "--repeats", "1", "--compile-budget", "0", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("softmax_kl-gpu-CPU-emulator.json")
     result = json.loads(path.read_text())
     assert len(result["rows"]) == 2 * len(bg.SHAPES) and (tmp_path / "softmax_kl-gpu-CPU-emulator.png").exists()
