@@ -64,8 +64,8 @@ Numerics. float32 rows: exponentials by ``fastexp.exp2_fast`` (relative error <=
 general rows by ``exp_neg_f32``, 8e-8); the block sums in float32 and the row sums in float64. A
 float32 block sum of n <= BLOCK positive terms has a relative error below (n - 1) u = 3.0e-5
 (u = 2^-24) in any order; as compiled (LLVM sums each block in 4 x 16 lanes, then across the
-lanes) below (BLOCK/64 + 6) u = 8.3e-7; the short rows' float32 sums of C <= 16 terms below
-(C - 1) u = 9e-7. Measured on the tests' float32 rows (kl and ce, C = 10 to 5000, T = 0.05 to 50),
+lanes) below (BLOCK/64 + 6) u = 8.3e-7; the short rows' float32 sums of C <= 32 terms below
+(C - 1) u = 1.9e-6. Measured on the tests' float32 rows (kl and ce, C = 10 to 5000, T = 0.05 to 50),
 the loss is within 9.5e-7 (relative) and the gradient within 4.8e-7 of max |grad| of the float64
 reference (tests assert 1e-5).
 float64 rows: libm exp and float64 throughout (~1e-15 of the reference). bfloat16 rows are read
@@ -102,7 +102,8 @@ BAD_STUDENT, BAD_TEACHER = 1, 2
 KIND_CODES = {"kl": 0, "ce": 1, "reverse_kl": 2, "jsd": 3, "tvd": 4}
 BLOCK = 512                # values per block of the fast rows (4 KB of s and t: in L1)
 LOG2E = 1.4426950408889634
-SHORT_ROWS_UP_TO = 16      # C at or below this takes the row-transposed kernel (kl / ce)
+SHORT_ROWS_UP_TO = 32      # C at or below this takes the row-transposed kernel (kl / ce; measured faster than
+                           # the row kernel up to C = 48, even at 64, slower at 100: 2-core machine, 2026-11-28)
 SHORT_BLOCK_ROWS = 128     # rows per transposed block (64..128 measured best)
 
 
@@ -784,134 +785,173 @@ def _rows_serial(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, s
 
 # ---------------------------------------------------------------- kl / ce: short rows
 
-@njit(fastmath=FASTMATH, cache=True)
-def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard, out,
-                 soft_a, soft_z, hard_z, hard_sy, flags, r0, nr, sT, tT, es, et, e1, ms, mt, bad_s, bad_t,
-                 Zs, Zt, Z1, A, a_s, a_t, a_1):
-    """One block of R rows of the short-row kernel (float32 arithmetic: float32 and bfloat16 rows;
-    float64 rows take the general path): a block of rows is transposed into (C, R)
-    buffers so that every loop runs along the R rows of one class, contiguous and full width (a
-    loop over 10 classes would leave most of a vector idle): the maxima, the exponentials, the sums
-    and the gradient; the gradient is transposed back at the end. Rows that count nowhere are
-    copied as zeros (their statistics stay finite and their coefficients are 0, so their gradient
-    is exactly 0). Rows with the soft term alone (label -1) get a hard coefficient of 0."""
-    C = s.shape[1]
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True)
+def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, out, soft_a, soft_z, hard_z, hard_sy,
+                 flags, r0, nr, sT, tT, es, et, e1, rb, ms, mt, chk, Zs, Zt, Z1, A, w_, y_, done, cs, ct, ch, wh):
+    """One block of R rows of the short-row kernel (kl / ce, float32 arithmetic: float32 and
+    bfloat16 rows). The block is transposed into (C, R) buffers so that every loop runs along the
+    R rows of one class, contiguous and full width (a loop over 10 classes would leave most of a
+    vector idle), then the fast rows' algorithm on each column (one block per row, so no online
+    maxima): the maxima and the finiteness check (the sum of 0 x, as ``_block_max``), es, et by
+    ``exp2_fast`` with their float32 sums, e1 as es^p (``hard_power``; es at p = 1, a third
+    exponential at p = 0), the gradient's coefficients in float64 along the rows, the gradient
+    into es, the label's entry, and the transpose back. Rows that count nowhere (weight 0, past
+    the end) are zeros in the buffers: their coefficients are 0 and their gradient exactly 0, and
+    their values are not inspected. A row with -inf, NaN or +inf (its check is not 0) goes to
+    ``_row_general`` (which flags NaN and +inf) and is left out of the block from there."""
+    N, C = s.shape
     R = sT.shape[1]
-    dt = sT.dtype.type
-    inv_T_x = dt(inv_T)
-    for r in range(R):
+    f32 = np.float32
+    zero = f32(0)
+    kx = f32(inv_T * LOG2E)
+    l2e = f32(LOG2E)
+    kind_ce = kind == 1
+    has_hard = hard_coef != 0.0
+    last = N - 1
+    for r in range(R):          # the rows' weights and labels; past the end: weight 0
+        i = min(r0 + r, last)
+        w_[r] = weights[i] if r < nr else 0.0
+        y_[r] = labels[i] if r < nr else -1
+        done[r] = 0
         ms[r] = -np.inf
         mt[r] = -np.inf
-        bad_s[r] = 0
-        bad_t[r] = 0
-        Zs[r] = 0.0
-        Zt[r] = 0.0
-        Z1[r] = 0.0
-        A[r] = 0.0
-    for r in range(R):   # transpose in; rows past the end and rows of weight 0 become zeros
-        live = r < nr and weights[r0 + r] != 0.0
-        i = np.uint64(r0 + r)   # (unsigned: no wraparound; no row slices, each an atomic refcount pair)
+        chk[r] = zero
+        Zs[r] = Zt[r] = Z1[r] = A[r] = zero
+    for r in range(R):          # transpose in (unsigned indices: no wraparound, no row slices)
+        live = w_[r] != 0.0
+        i = np.uint64(min(r0 + r, last))
         for c in range(C):
-            sT[c, r] = _ld2(s, i, np.uint64(c)) if live else dt(0)
-            tT[c, r] = _ld2(t, i, np.uint64(c)) if live else dt(0)
-    for c in range(C):   # pass A along the rows
+            sT[c, r] = _ld2(s, i, np.uint64(c)) if live else zero
+            tT[c, r] = _ld2(t, i, np.uint64(c)) if live else zero
+    for c in range(C):          # maxima and the finiteness check, along the rows
         for r in range(R):
-            sc = sT[c, r]
-            tc = tT[c, r]
-            ms[r] = maxnum_nnan(ms[r], sc)   # (vectorizes; NaN is counted just below)
-            mt[r] = maxnum_nnan(mt[r], tc)
-            bad_s[r] += 0 if sc < np.inf else 1
-            bad_t[r] += 0 if tc < np.inf else 1
-    for r in range(nr):
-        flag = (BAD_STUDENT if (bad_s[r] or ms[r] == -np.inf) else 0) + \
-            (BAD_TEACHER if (bad_t[r] or mt[r] == -np.inf) else 0)
-        if flag:  # the caller raises; keep the arithmetic below finite
-            flags[r0 + r] = flag
-            ms[r] = 0
-            mt[r] = 0
-            for c in range(C):
-                sT[c, r] = 0
-                tT[c, r] = 0
-    for c in range(C):   # pass B along the rows
+            x = sT[c, r]
+            z = tT[c, r]
+            ms[r] = maxnum_nnan(ms[r], x)
+            mt[r] = maxnum_nnan(mt[r], z)
+            chk[r] += x * zero + z * zero
+    bad = zero
+    for r in range(R):
+        bad += chk[r]
+    if bad != 0:                # rare: rows with -inf, NaN or +inf, each by the general path
         for r in range(R):
-            zs = (sT[c, r] - ms[r]) * inv_T_x
-            zt = (tT[c, r] - mt[r]) * inv_T_x
-            a = exp_neg_f32(zs)
-            e = exp_neg_f32(zt)
+            if chk[r] != 0:
+                i = r0 + r
+                y = y_[r]
+                flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], rb[0], rb[1], rb[2], y, w_[r], soft_coef,
+                                                     hard_coef if y >= 0 else 0.0, inv_T, kind, 0.0, p == 1)
+                flags[i] = flag
+                soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = a_, z_, h_, sy_
+                done[r] = 1
+                w_[r] = 0.0
+                ms[r] = mt[r] = zero
+                for c in range(C):
+                    sT[c, r] = tT[c, r] = zero
+    for c in range(C):          # es, et and their sums along the rows; A in logit units
+        for r in range(R):
+            us = sT[c, r] - ms[r]
+            ut = tT[c, r] - mt[r]
+            a = exp2_fast(us * kx)
+            b = exp2_fast(ut * kx)
             es[c, r] = a
-            et[c, r] = e
+            et[c, r] = b
             Zs[r] += a
-            Zt[r] += e
-            d = -zs if kind_ce else zt - zs
-            A[r] += e * d if e > 0 else dt(0)
-    if hard_coef != 0.0 and not share_hard:
+            Zt[r] += b
+            A[r] += b * (-us if kind_ce else ut - us)
+    if has_hard and p == 0:     # the hard term's own exponential
         for c in range(C):
             for r in range(R):
-                e = exp_neg_f32(sT[c, r] - ms[r])
+                e = exp2_fast((sT[c, r] - ms[r]) * l2e)
                 e1[c, r] = e
                 Z1[r] += e
-    elif hard_coef != 0.0:
+    elif has_hard and p == 1:
         for r in range(R):
             Z1[r] = Zs[r]
-    for r in range(R):
-        i = r0 + r
-        w = weights[i] if (r < nr and flags[i] == 0) else 0.0
-        y = labels[i] if r < nr else -1
-        hard_r = hard_coef if y >= 0 else 0.0   # -1: the soft term alone
-        zs, zt, z1 = np.float64(Zs[r]), np.float64(Zt[r]), np.float64(Z1[r])
+    elif has_hard:
+        for c in range(C):
+            for r in range(R):
+                Z1[r] += _ipow(es[c, r], p)
+    for r in range(R):          # the coefficients (float64; no row has a zero sum: its maximum gives 1)
+        w = w_[r]
+        hr = hard_coef if y_[r] >= 0 else 0.0
+        zs = np.float64(Zs[r])
+        zt = np.float64(Zt[r])
+        z1 = np.float64(Z1[r]) if hr != 0.0 else 1.0
         gs = w * soft_coef * inv_T
-        a_s[r] = dt(gs / zs)
-        a_t[r] = dt(gs / zt)
-        a_1[r] = dt(w * hard_r / z1) if hard_r != 0.0 else dt(0)
-        if r < nr:
-            soft_a[i] = np.float64(A[r]) / zt if w != 0.0 else 0.0
-            soft_z[i] = (zs if kind_ce else zs / zt) if w != 0.0 else 1.0
-            hard_z[i] = z1 if (hard_r != 0.0 and w != 0.0) else 1.0
-            hard_sy[i] = np.float64(sT[y, r]) - ms[r] if (hard_r != 0.0 and w != 0.0) else 0.0
-    if hard_coef != 0.0:   # pass C along the rows, into es (no longer needed)
-        for c in range(C):
-            for r in range(R):
-                es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r] + a_1[r] * e1[c, r]
-    else:                  # (e1 was never filled: 0 * garbage could be NaN)
-        for c in range(C):
-            for r in range(R):
-                es[c, r] = a_s[r] * es[c, r] - a_t[r] * et[c, r]
-    for r in range(nr):  # transpose out, minus the one-hot of the label
+        cs[r] = f32(gs / zs)
+        ct[r] = f32(gs / zt)
+        ch[r] = f32(w * hr / z1)
+        wh[r] = f32(w * hr)
+    for r in range(nr):         # the statistics (rows that count nowhere: the neutral values)
+        if done[r]:
+            continue
         i = r0 + r
-        y = labels[i]
-        ui = np.uint64(i)
+        live = w_[r] != 0.0
+        hard_live = live and y_[r] >= 0 and has_hard
+        zs = np.float64(Zs[r])
+        zt = np.float64(Zt[r])
+        soft_a[i] = np.float64(A[r]) * inv_T / zt if live else 0.0
+        soft_z[i] = (zs if kind_ce else zs / zt) if live else 1.0
+        hard_z[i] = np.float64(Z1[r]) if hard_live else 1.0
+        hard_sy[i] = np.float64(sT[max(y_[r], 0), r]) - np.float64(ms[r]) if hard_live else 0.0
+    if not has_hard:            # the gradient into es, along the rows
         for c in range(C):
-            v = es[c, r]
-            if a_1[r] != 0 and c == y:   # only rows with a label and weight have a hard coefficient
-                v -= dt(weights[i] * hard_coef)
-            _st2(out, ui, np.uint64(c), v)
+            for r in range(R):
+                es[c, r] = cs[r] * es[c, r] - ct[r] * et[c, r]
+    elif p == 0:
+        for c in range(C):
+            for r in range(R):
+                es[c, r] = cs[r] * es[c, r] - ct[r] * et[c, r] + ch[r] * e1[c, r]
+    elif p == 1:
+        for c in range(C):
+            for r in range(R):
+                es[c, r] = (cs[r] + ch[r]) * es[c, r] - ct[r] * et[c, r]
+    else:
+        for c in range(C):
+            for r in range(R):
+                e = es[c, r]
+                es[c, r] = cs[r] * e + ch[r] * _ipow(e, p) - ct[r] * et[c, r]
+    for r in range(nr):         # minus w hard at the label (rows with a hard term)
+        if wh[r] != 0:
+            es[y_[r], r] -= wh[r]
+    for r in range(nr):         # transpose out
+        if done[r]:
+            continue
+        i = np.uint64(r0 + r)
+        for c in range(C):
+            _st2(out, i, np.uint64(c), es[c, r])
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def _short_group(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard, out,
-                 soft_a, soft_z, hard_z, hard_sy, flags, R, b0, b1, proto):
+def _short_group(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, out, soft_a, soft_z, hard_z, hard_sy,
+                 flags, R, b0, b1, proto):
     """Blocks [b0, b1) of R rows with one set of buffers."""
     N, C = s.shape
-    sT = np.empty((C, R), proto.dtype)
-    tT = np.empty((C, R), proto.dtype)
-    es = np.empty((C, R), proto.dtype)
-    et = np.empty((C, R), proto.dtype)
-    e1 = es if share_hard else np.empty((C, R), proto.dtype)
-    ms = np.empty(R, proto.dtype)
-    mt = np.empty(R, proto.dtype)
-    bad_s = np.empty(R, np.int32)
-    bad_t = np.empty(R, np.int32)
-    Zs = np.empty(R, proto.dtype)   # float32 sums of at most SHORT_ROWS_UP_TO terms: (C - 1) u <= 9e-7
-    Zt = np.empty(R, proto.dtype)
-    Z1 = np.empty(R, proto.dtype)
-    A = np.empty(R, proto.dtype)
-    a_s = np.empty(R, proto.dtype)
-    a_t = np.empty(R, proto.dtype)
-    a_1 = np.empty(R, proto.dtype)
+    f32 = np.float32
+    sT = np.empty((C, R), f32)
+    tT = np.empty((C, R), f32)
+    es = np.empty((C, R), f32)
+    et = np.empty((C, R), f32)
+    e1 = np.empty((C, R), f32)
+    rb = np.empty((3, C), f32)      # the general path's row buffers
+    ms = np.empty(R, f32)           # (one array each: rows of a 2-d array would be typed
+    mt = np.empty(R, f32)           # non-contiguous, and no loop over them would vectorize)
+    chk = np.empty(R, f32)
+    Zs = np.empty(R, f32)           # float32 sums of at most SHORT_ROWS_UP_TO terms: (C - 1) u <= 1.9e-6
+    Zt = np.empty(R, f32)
+    Z1 = np.empty(R, f32)
+    A = np.empty(R, f32)
+    cs = np.empty(R, f32)
+    ct = np.empty(R, f32)
+    ch = np.empty(R, f32)
+    wh = np.empty(R, f32)
+    w_ = np.empty(R)
+    y_ = np.empty(R, np.int64)
+    done = np.empty(R, np.int8)
     for b in range(b0, b1):
-        _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind_ce, share_hard, out,
-                     soft_a, soft_z, hard_z, hard_sy, flags, b * R, min(N, b * R + R) - b * R,
-                     sT, tT, es, et, e1, ms, mt, bad_s, bad_t, Zs, Zt, Z1, A, a_s, a_t, a_1)
+        _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, out, soft_a, soft_z, hard_z,
+                     hard_sy, flags, b * R, min(N, b * R + R) - b * R, sT, tT, es, et, e1, rb, ms, mt, chk,
+                     Zs, Zt, Z1, A, w_, y_, done, cs, ct, ch, wh)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -922,16 +962,16 @@ def _short_parallel(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out
     n_blocks = (N + R - 1) // R
     n_groups = min(n_blocks, 64)   # groups of consecutive blocks: buffers allocated once per group
     for g in prange(n_groups):
-        _short_group(s, t, labels, weights, inv_T, soft, hard, kind == 1, p == 1, out, soft_a, soft_z, hard_z,
-                     hard_sy, flags, R, g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups, proto)
+        _short_group(s, t, labels, weights, inv_T, soft, hard, kind, p, out, soft_a, soft_z, hard_z, hard_sy,
+                     flags, R, g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups, proto)
 
 
 @njit(fastmath=FASTMATH, cache=True)
 def _short_serial(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                   flags, rows_per_block, proto):
     R = rows_per_block
-    _short_group(s, t, labels, weights, inv_T, soft, hard, kind == 1, p == 1, out, soft_a, soft_z, hard_z,
-                 hard_sy, flags, R, 0, (s.shape[0] + R - 1) // R, proto)
+    _short_group(s, t, labels, weights, inv_T, soft, hard, kind, p, out, soft_a, soft_z, hard_z, hard_sy, flags,
+                 R, 0, (s.shape[0] + R - 1) // R, proto)
 
 
 _DRIVERS = {(False, False): _rows_serial, (True, False): _rows_parallel,

@@ -49,7 +49,7 @@ KIND_REDUCTIONS = [(k, b, r) for k, b in ALL_KINDS for r in (("batchmean", "sum"
                                                              ("batchmean", "none"))]
 
 
-@pytest.mark.parametrize("C", [3, 16, 700])           # the short-row kernel (C <= 16, kl / ce) and the row kernel
+@pytest.mark.parametrize("C", [3, 16, 700])           # the short-row kernel (C <= 32, kl / ce) and the row kernel
 @pytest.mark.parametrize("kind, beta, reduction", KIND_REDUCTIONS,
                          ids=[f"{k}{'' if b is None else b}-{r}" for k, b, r in KIND_REDUCTIONS])
 @pytest.mark.parametrize("unlabeled", ["ignore", "soft"])
@@ -105,6 +105,44 @@ def test_float32_matches_reference(C, T):
             scale = max(abs(ref), 0.6 * T * T * 1e-3)   # a KL of nearly equal rows cancels to ~0
             assert abs(l32 - ref) <= 1e-5 * scale, (kind, beta, l32, ref)
             assert grad_error(g32, gref) <= 1e-5, (kind, beta)
+
+
+@pytest.mark.parametrize("C", [2, 10, 32])
+@pytest.mark.parametrize("T", [1.0, 2.5, 3.0, 4.0])
+def test_short_rows_every_branch(C, T):
+    """C <= 32 (kl / ce, float32): the row-transposed kernel over blocks of 128 rows and a partial
+    last one (700 rows: parallel at C >= 6; 130 rows: serial), at hard powers 1 (T = 1), 0 (2.5: a
+    third exponential), 3 and 4; with alpha 1 (no hard term) and 0 (no soft term); unlabeled rows
+    soft or ignored; rows with -inf (leaving the block for the general path), the teacher's alone
+    too; a masked row holding NaN (counts nowhere: not inspected). Every entry of out= is written;
+    a NaN in a row that counts raises the reference's error with its row."""
+    for N in (700, 130):
+        s, t, y = finite_rows(N, C, C * N, T)
+        mask = np.random.default_rng(N).random(N) < 0.85
+        mask[[0, 1, 2, 3, 4, 5, 20, 21, 129]] = True
+        mask[200 % N] = False
+        s[200 % N, 0] = np.nan
+        s[20, 1] = t[20, 1] = -np.inf
+        t[21, 0] = -np.inf
+        s[129, C - 1] = t[129, C - 1] = -np.inf   # in the second block
+        y[[20, 129]] = 0                      # (a label on a -inf class would make the loss +inf)
+        for kind, alpha, unlabeled in (("kl", 0.6, "soft"), ("ce", 0.6, "ignore"), ("kl", 1.0, "ignore"),
+                                       ("ce", 0.0, "soft")):
+            kw = dict(T=T, alpha=alpha, kind=kind, mask=mask, unlabeled=unlabeled)
+            out = np.full_like(s, np.nan)
+            l32, g32 = softmax_kl(s, t, y, backend="numba", out=out, **kw)
+            ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+            assert abs(l32 - ref) <= 1e-5 * max(abs(ref), 1e-3), (N, kind, alpha, l32, ref)
+            assert not np.isnan(out).any() and grad_error(out, gref) <= 1e-5, (N, kind, alpha)
+            rows, ref_rows = (softmax_kl(s, t, y, backend="numba", reduction="none", **kw)[0],
+                              mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, reduction="none",
+                                                  **kw)[0])
+            assert np.allclose(rows, ref_rows, rtol=1e-5, atol=1e-5 * max(1.0, T * T)), (N, kind, alpha)
+        s[N - 3, C // 2] = np.nan
+        mask[N - 3] = True
+        y[N - 3] = 0                          # (a row that counts)
+        with pytest.raises(ValueError, match=f"student: row {N - 3} contains NaN"):
+            softmax_kl(s, t, y, T=T, alpha=0.5, mask=mask, backend="numba")
 
 
 @pytest.mark.parametrize("T", [2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0])
