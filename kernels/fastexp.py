@@ -27,7 +27,7 @@ from numba import config, njit, types
 from numba.extending import intrinsic
 
 __all__ = ["exp_f32", "exp_neg_f32", "exp2_fast", "exp_f32_array", "exp2_fast_array", "maxnum_nnan", "EXP_MIN",
-           "EXP_MAX", "EXP2_MIN", "float32_bits", "bf16_to_f32", "f32_to_bf16"]
+           "EXP_MAX", "EXP2_MIN", "EXP2_PROPAGATES", "float32_bits", "bf16_to_f32", "f32_to_bf16"]
 
 LOG2E = np.float32(1.4426950408889634)
 LN2_HI = np.float32(0.693359375)           # 0x3f318000: ln 2 rounded to 12 significant bits
@@ -157,6 +157,10 @@ def _has_avx512() -> bool:
 
 
 SCALEF = _has_avx512() and not config.DISABLE_JIT
+# whether exp2_fast gives NaN for every non-finite argument (NaN, +-inf: n = rint(v) is v and r = v - n
+# NaN), so that a sum of its results is non-finite where an argument was: the AVX-512 form; the
+# portable form clamps its argument (-inf gives 2^-126) and a caller checks its inputs itself
+EXP2_PROPAGATES = SCALEF
 
 
 if SCALEF:

@@ -10,7 +10,8 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
     One pass over the row in blocks of BLOCK values (the block in L1):
       (a) the block maxima bs, bt (maxnum: vectorized) and a finiteness check: the sum of 0 x is 0
           unless some x is NaN or +-inf (then the row leaves for the general path below; not x - x,
-          which reassociation may cancel to 0). The first block is scanned for them first; later
+          which reassociation may cancel to 0); on AVX-512, where exp2_fast is NaN at every
+          non-finite argument, 0 times the sums of (c) instead (``EXP2_PROPAGATES``). The first block is scanned for them first; later
           blocks in the same loop as their exponentials, which are then measured from the running
           maxima and may exceed 1, up to a reach (41 min(T, 1) logits: every exponential, es^T
           included, stays below 2^60); a block that jumps further is recomputed from its maxima;
@@ -92,7 +93,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .fastexp import bf16_to_f32, exp2_fast, exp_neg_f32, f32_to_bf16, maxnum_nnan
+from .fastexp import EXP2_PROPAGATES, bf16_to_f32, exp2_fast, exp_neg_f32, f32_to_bf16, maxnum_nnan
 
 __all__ = ["FASTMATH", "get_kernel", "RowStats", "BAD_STUDENT", "BAD_TEACHER", "KIND_CODES", "BLOCK",
            "SHORT_ROWS_UP_TO", "SHORT_BLOCK_ROWS", "hard_power"]
@@ -319,9 +320,10 @@ def _block_exps(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
 
 @njit(inline="always", fastmath=FASTMATH)
 def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
-    """``_block_exps`` that also returns the block's maxima and finiteness check (the sum of 0 x:
-    NaN where some x is NaN or +-inf; not x - x, which reassociation may cancel to 0) in the same
-    loop; the exponents may be > 0 where the block exceeds (msx, mtx) (the caller bounds that)."""
+    """``_block_exps`` that also returns the block's maxima and finiteness check in the same loop
+    (the sum of 0 x: NaN where some x is NaN or +-inf; not x - x, which reassociation may cancel to
+    0; with ``EXP2_PROPAGATES``, 0 times the block's sums instead: two multiply-adds a value fewer);
+    the exponents may be > 0 where the block exceeds (msx, mtx) (the caller bounds that)."""
     zs_b = np.float32(0)
     zt_b = np.float32(0)
     a_b = np.float32(0)
@@ -335,7 +337,8 @@ def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
         z = _ld2(t, i, k)
         bs = maxnum_nnan(bs, x)
         bt = maxnum_nnan(bt, z)
-        chk += x * zero + z * zero
+        if not EXP2_PROPAGATES:
+            chk += x * zero + z * zero
         us = x - msx
         ut = z - mtx
         a = exp2_fast(us * kx)
@@ -345,7 +348,16 @@ def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
         zs_b += a
         zt_b += b
         a_b += b * (-us if kind_ce else ut - us)
+    if EXP2_PROPAGATES:   # the sums are NaN where some x or z is NaN or +-inf (and +-inf - x is)
+        chk = _sums_check(zs_b, zt_b, a_b)
     return zs_b, zt_b, a_b, bs, bt, chk
+
+
+@njit(inline="always")
+def _sums_check(zs_b, zt_b, a_b):
+    """0 where the block's sums are finite, else NaN (``EXP2_PROPAGATES``: NaN where an input was
+    NaN or +-inf; no "nnan" flag here, so 0 x is not folded to 0)."""
+    return np.float32(0) * (zs_b + zt_b + a_b)
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -360,7 +372,8 @@ def _block_max(s, t, i, c0, n):
         z = _ld2(t, i, c0 + c)
         bs = maxnum_nnan(bs, x)
         bt = maxnum_nnan(bt, z)
-        chk += x * zero + z * zero
+        if not EXP2_PROPAGATES:   # (else the caller checks the sums of the block's exponentials)
+            chk += x * zero + z * zero
     return bs, bt, chk
 
 
@@ -408,6 +421,8 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv
         ms = ns
         mt = nt
         zs_b, zt_b, a_b = _block_exps(s, t, i, esq, etq, c0, n, f32(ms), f32(mt), kx, kind_ce)
+        if EXP2_PROPAGATES and _sums_check(zs_b, zt_b, a_b) != 0:
+            return False
     bms[q, j] = ms
     bmt[q, j] = mt
     Zs += np.float64(zs_b)

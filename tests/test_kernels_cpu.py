@@ -433,6 +433,37 @@ def test_interpreted_logic_without_jit():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
+def test_portable_form_without_avx512(tmp_path):
+    """The kernel compiled for a CPU without AVX-512 (NUMBA_CPU_NAME=haswell): exp2_fast's portable
+    form, which clamps its argument, so the fast rows check their inputs themselves (the sum of
+    0 x). NaN and +inf in a later block still raise, -inf still takes the general path, and the
+    float32 results still match the reference, on long and short rows."""
+    code = """if True:
+        import numpy as np, minikd as mk, pytest
+        from minikd.kernels import fastexp, softmax_kl
+        assert not fastexp.SCALEF and not fastexp.EXP2_PROPAGATES
+        r = np.random.default_rng(0)
+        for C in (1200, 10):
+            s = (r.standard_normal((40, C)) * 3).astype(np.float32)
+            t = (r.standard_normal((40, C)) * 3).astype(np.float32)
+            y = r.integers(0, C, 40)
+            s[3, C - 2] = t[3, C - 2] = -np.inf
+            y[3] = 0
+            l, g = softmax_kl(s, t, y, T=2.0, alpha=0.6, backend="numba")
+            ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, T=2.0, alpha=0.6)
+            assert abs(l - ref) <= 1e-5 * abs(ref) and np.abs(g - gref).max() <= 1e-5 * np.abs(gref).max()
+            for bad, who in ((np.nan, "student"), (np.inf, "teacher")):
+                x, z = s.copy(), t.copy()
+                (x if who == "student" else z)[7, C - 1] = bad
+                with pytest.raises(ValueError, match=f"{who}: row 7 contains"):
+                    softmax_kl(x, z, y, T=2.0, alpha=0.6, backend="numba")
+        print("ok")
+    """
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
 @pytest.mark.parametrize("C", [2, 10, 1000, 128256])
 def test_sum_of_logs_by_products(C):
     from minikd.kernels import sum_of_logs
