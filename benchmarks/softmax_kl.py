@@ -78,8 +78,8 @@ def _positive_int(text):
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (CPU 3 instead of 7, GPU 5 instead of 20)")
-    ap.add_argument("--repeats", type=_positive_int, metavar="N", help="timed repeats per measurement (after a warm-up; "
-                    "overrides the defaults and --quick)")
+    ap.add_argument("--repeats", type=_positive_int, metavar="N",
+                    help="timed repeats per measurement (after a warm-up; overrides the defaults and --quick)")
     ap.add_argument("--no-compile", action="store_true", help="CPU: skip torch.compile (minutes of compilation)")
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark: CuPy kernel, PyTorch eager and "
                     "torch.compile, float32 and bfloat16, full-size shapes (needs CuPy and a CUDA GPU)")
@@ -120,6 +120,7 @@ def main(argv=None):
 
 def run_cpu(args):
     repeats = args.repeats or (3 if args.quick else 7)
+    fewer = max(min(3, repeats), repeats // 2)   # for the slow implementations
     try:
         import torch  # noqa: PLC0415
         torch_threads = torch.get_num_threads()
@@ -174,11 +175,11 @@ def run_cpu(args):
             ref_l, ref_g = kd_loss_and_grad(s[:k].astype(np.float64), t[:k].astype(np.float64), y[:k], **kw)
             kl, kg = softmax_kl(s[:k], t[:k], y[:k], backend="numba", **kw)
             assert abs(kl - ref_l) <= 1e-5 * abs(ref_l) and np.abs(kg - ref_g).max() <= 1e-5 * np.abs(ref_g).max()
-            ms = 1e3 * median_time(lambda: softmax_kl(s, t, y, out=out, backend="numba", **kw), max(min(3, repeats), repeats // 2))
+            ms = 1e3 * median_time(lambda: softmax_kl(s, t, y, out=out, backend="numba", **kw), fewer)
             r[f"numba_{kind}_ms"] = ms
             r[f"numba_{kind}_pct_floor"] = 100 * r["floor_ms"] / ms
     for s, t, y, r in cases:
-        r["numpy_ms"] = 1e3 * median_time(lambda: kd_loss_and_grad(s, t, y, T=T, alpha=ALPHA), max(min(3, repeats), repeats // 2))
+        r["numpy_ms"] = 1e3 * median_time(lambda: kd_loss_and_grad(s, t, y, T=T, alpha=ALPHA), fewer)
     if torch is not None:
         for s, t, y, r in cases:
             r["torch_eager_ms"] = 1e3 * median_time(torch_eager(s, t, y), repeats)

@@ -10,11 +10,12 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
     One pass over the row in blocks of BLOCK values (the block in L1):
       (a) the block maxima bs, bt (maxnum: vectorized) and a finiteness check: the sum of 0 x is 0
           unless some x is NaN or +-inf (then the row leaves for the general path below; not x - x,
-          which reassociation may cancel to 0); on AVX-512, where exp2_fast is NaN at every
-          non-finite argument, 0 times the sums of (c) instead (``EXP2_PROPAGATES``). The first block is scanned for them first; later
-          blocks in the same loop as their exponentials, which are then measured from the running
-          maxima and may exceed 1, up to a reach (41 min(T, 1) logits: every exponential, es^T
-          included, stays below 2^60); a block that jumps further is recomputed from its maxima;
+          which reassociation may cancel to 0; on AVX-512, where exp2_fast is NaN at every
+          non-finite argument, 0 times the sums of (c) instead: ``EXP2_PROPAGATES``). The first
+          block is scanned for them first; later blocks in the same loop as their exponentials,
+          which are then measured from the running maxima and may exceed 1, up to a reach
+          (41 min(T, 1) logits: every exponential, es^T included, stays below 2^60); a block that
+          jumps further is recomputed from its maxima;
       (b) online softmax (Milakov & Gimelshein 2018): where a block raises the running maxima
           (ms, mt) -> (ns, nt), the sums so far are brought to the new maxima,
               Zs *= e^((ms - ns)/T),  Zt *= f = e^((mt - nt)/T),  Z1 *= e^(ms - ns),
