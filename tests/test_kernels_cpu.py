@@ -145,6 +145,27 @@ def test_short_rows_every_branch(C, T):
             softmax_kl(s, t, y, T=T, alpha=0.5, mask=mask, backend="numba")
 
 
+@pytest.mark.parametrize("N", [130, 700])
+def test_short_rows_touch_no_row_past_the_end(N):
+    """The short-row kernel's last block is partial (130 rows: serial, 700: parallel, blocks of
+    128): the rows past N are neither read nor written. student, teacher and out= are views of
+    larger buffers: the rows after the student's and teacher's are NaN (read, they would raise or
+    spoil the loss), and the rows after out's hold a sentinel; the last row holds -inf (the general path)."""
+    C, T = 10, 2.0
+    s, t, y = finite_rows(N, C, N, T)
+    s[N - 1, 3] = t[N - 1, 3] = -np.inf
+    y[N - 1] = 0
+    sb, tb = np.full((N + 128, C), np.nan, np.float32), np.full((N + 128, C), np.nan, np.float32)
+    sb[:N], tb[:N] = s, t
+    for kind, alpha in (("kl", 0.6), ("ce", 0.6), ("kl", 1.0)):
+        kw = dict(T=T, alpha=alpha, kind=kind, unlabeled="soft")
+        ob = np.full((N + 128, C), 7.0, np.float32)
+        loss, g = softmax_kl(sb[:N], tb[:N], y, backend="numba", out=ob[:N], **kw)
+        ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+        assert np.all(ob[N:] == 7.0), (kind, alpha)
+        assert abs(loss - ref) <= 1e-5 * abs(ref) and grad_error(ob[:N], gref) <= 1e-5, (kind, alpha)
+
+
 @pytest.mark.parametrize("T", [2.0, 3.0, 5.0, 6.0, 7.0, 8.0, 9.0])
 def test_float32_hard_term_from_powers_of_the_tempered_exponentials(T):
     """At an integer T in 2..8 the fast path takes e^(s - ms) = es^T by multiplications (9: a third
