@@ -940,8 +940,8 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, ou
 
 @njit(fastmath=FASTMATH, cache=True)
 def _short_group(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, out, soft_a, soft_z, hard_z, hard_sy,
-                 flags, R, b0, b1, proto):
-    """Blocks [b0, b1) of R rows with one set of buffers."""
+                 flags, R, b0, b1):
+    """Blocks [b0, b1) of R rows with one set of buffers (float32: the short rows' arithmetic)."""
     N, C = s.shape
     f32 = np.float32
     sT = np.empty((C, R), f32)
@@ -979,7 +979,7 @@ def _short_parallel(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out
     n_groups = min(n_blocks, 64)   # groups of consecutive blocks: buffers allocated once per group
     for g in prange(n_groups):
         _short_group(s, t, labels, weights, inv_T, soft, hard, kind, p, out, soft_a, soft_z, hard_z, hard_sy,
-                     flags, R, g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups, proto)
+                     flags, R, g * n_blocks // n_groups, (g + 1) * n_blocks // n_groups)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -987,7 +987,7 @@ def _short_serial(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, 
                   flags, rows_per_block, proto):
     R = rows_per_block
     _short_group(s, t, labels, weights, inv_T, soft, hard, kind, p, out, soft_a, soft_z, hard_z, hard_sy, flags,
-                 R, 0, (s.shape[0] + R - 1) // R, proto)
+                 R, 0, (s.shape[0] + R - 1) // R)
 
 
 _DRIVERS = {(False, False): _rows_serial, (True, False): _rows_parallel,
