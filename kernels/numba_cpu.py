@@ -299,6 +299,15 @@ def _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce):
 
 
 @njit(inline="always", fastmath=FASTMATH)
+def _exps_at(x, z, msx, mtx, kx, kind_ce):
+    """One class: (es, et, d) = (2^((x - msx) k), 2^((z - mtx) k), ut - us (kl) or -us (ce)), with
+    us = x - msx, ut = z - mtx in logit units (A sums et d)."""
+    us = x - msx
+    ut = z - mtx
+    return exp2_fast(us * kx), exp2_fast(ut * kx), (-us if kind_ce else ut - us)
+
+
+@njit(inline="always", fastmath=FASTMATH)
 def _block_exps(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
     """es = 2^((s - msx) k), et = 2^((t - mtx) k) over the block [c0, c0 + n) of row i; returns the
     block's float32 sums (Zs, Zt, A / inv_T), d = ut - us (kl) or -us (ce) in logit units."""
@@ -307,15 +316,12 @@ def _block_exps(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
     a_b = np.float32(0)
     for c in range(n):
         k = c0 + c
-        us = _ld2(s, i, k) - msx
-        ut = _ld2(t, i, k) - mtx
-        a = exp2_fast(us * kx)
-        b = exp2_fast(ut * kx)
+        a, b, d = _exps_at(_ld2(s, i, k), _ld2(t, i, k), msx, mtx, kx, kind_ce)
         es[k] = a
         et[k] = b
         zs_b += a
         zt_b += b
-        a_b += b * (-us if kind_ce else ut - us)
+        a_b += b * d
     return zs_b, zt_b, a_b
 
 
@@ -340,15 +346,12 @@ def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
         bt = maxnum_nnan(bt, z)
         if not EXP2_PROPAGATES:
             chk += x * zero + z * zero
-        us = x - msx
-        ut = z - mtx
-        a = exp2_fast(us * kx)
-        b = exp2_fast(ut * kx)
+        a, b, d = _exps_at(x, z, msx, mtx, kx, kind_ce)
         es[k] = a
         et[k] = b
         zs_b += a
         zt_b += b
-        a_b += b * (-us if kind_ce else ut - us)
+        a_b += b * d
     if EXP2_PROPAGATES:   # the sums are NaN where some x or z is NaN or +-inf (and +-inf - x is)
         chk = _sums_check(zs_b, zt_b, a_b)
     return zs_b, zt_b, a_b, bs, bt, chk
@@ -865,15 +868,12 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, ou
                     sT[c, r] = tT[c, r] = zero
     for c in range(C):          # es, et and their sums along the rows; A in logit units
         for r in range(R):
-            us = sT[c, r] - ms[r]
-            ut = tT[c, r] - mt[r]
-            a = exp2_fast(us * kx)
-            b = exp2_fast(ut * kx)
+            a, b, d = _exps_at(sT[c, r], tT[c, r], ms[r], mt[r], kx, kind_ce)
             es[c, r] = a
             et[c, r] = b
             Zs[r] += a
             Zt[r] += b
-            A[r] += b * (-us if kind_ce else ut - us)
+            A[r] += b * d
     if has_hard and p == 0:     # the hard term's own exponential
         for c in range(C):
             for r in range(R):
