@@ -500,17 +500,30 @@ def _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy):
 @njit(fastmath=FASTMATH, cache=True)
 def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                 flags, r0, r1):
+    """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): the slot
+    buffers, then ``_chunk_fast_rows``."""
+    C = s.shape[1]
+    nb = (C + BLOCK - 1) // BLOCK
+    _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                     flags, r0, r1, np.empty((2, C), np.float32), np.empty((2, C), np.float32),
+                     np.empty((2, C), np.float32), np.empty((2, nb)), np.empty((2, nb)), np.zeros((2, 16)))
+
+
+# Compiled without Numba's reference counting (``_nrt=False``: it allocates nothing, and its
+# caller holds every array). With it, LLVM kept about a dozen reference-count updates of the
+# arrays in the row loop (the slot buffers' rows, ``out`` in the inlined helpers): each an atomic
+# add, a locked instruction, which on x86 waits until the store buffer has drained, so every row
+# waited for its gradient's stores to reach the cache. Measured on the 2-core machine, one thread:
+# C = 100 12.6 -> 8.3 ms for 65536 rows, in cache 187 -> 125 ns a row; C = 1000 8.8 -> 7.4 ms.
+@njit(fastmath=FASTMATH, cache=True, _nrt=False)
+def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
+                     flags, r0, r1, es, et, e1, bms, bmt, st):
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows
-    two at a time (see above), the others by _row_general."""
+    two at a time (see above), the others by _row_general. es, et, e1: (2, C) float32 slot
+    buffers; bms, bmt: (2, blocks) float64; st: (2, 16) float64 zeros."""
     C = s.shape[1]
     nb = (C + BLOCK - 1) // BLOCK
     f32 = np.float32
-    es = np.empty((2, C), f32)
-    et = np.empty((2, C), f32)
-    e1 = np.empty((2, C), f32)
-    bms = np.empty((2, nb))
-    bmt = np.empty((2, nb))
-    st = np.zeros((2, 16))
     kind_ce = kind == 1
     kx = f32(inv_T * LOG2E)
     l2e = f32(LOG2E)
