@@ -30,7 +30,8 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
         cs_j = w soft e^((ms_j - ms)/T) / (T Zs),  ct_j = w soft e^((mt_j - mt)/T) / (T Zt),
         ch_j = w hard e^(ms_j - ms) / Z1.
     Memory: s and t are read once from memory (a block's second read hits L1), the gradient is
-    written once; the row buffers stay in L2 for C up to ~32k. The gradient pass of one row runs
+    written once (from C = STREAM_FROM on, computed into a scratch block and streamed past the
+    caches by non-temporal stores: ``stream``); the row buffers stay in L2 for C up to ~32k. The gradient pass of one row runs
     interleaved, block by block, with the first pass of the next (``_chunk_fast``).
     Statistics per row (``RowStats``): soft_a = A / Zt, soft_z = Zs / Zt (kl) or Zs (ce),
     hard_z = Z1, hard_sy = s_y - ms, so that
@@ -95,9 +96,10 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .fastexp import EXP2_PROPAGATES, bf16_to_f32, exp2_fast, exp_neg_f32, f32_to_bf16, maxnum_nnan
+from .stream import store_fence, stream_row
 
 __all__ = ["FASTMATH", "get_kernel", "RowStats", "BAD_STUDENT", "BAD_TEACHER", "KIND_CODES", "BLOCK",
-           "SHORT_ROWS_UP_TO", "SHORT_BLOCK_ROWS", "hard_power"]
+           "SHORT_ROWS_UP_TO", "SHORT_BLOCK_ROWS", "STREAM_FROM", "hard_power"]
 
 FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
 BAD_STUDENT, BAD_TEACHER = 1, 2
@@ -107,6 +109,9 @@ LOG2E = 1.4426950408889634
 SHORT_ROWS_UP_TO = 32      # C at or below this takes the row-transposed kernel (kl / ce; measured faster than
                            # the row kernel up to C = 48, even at 64, slower at 100: 2-core machine, 2026-11-28)
 SHORT_BLOCK_ROWS = 128     # rows per transposed block (64..128 measured best)
+STREAM_FROM = 1024         # C at or above which the row kernel streams its gradient past the caches
+                           # (``stream``; measured: even at C = 1000, 0.95 of the plain stores' time at
+                           # 1500, 0.82-0.92 from 2000 to 128256, 1.13 at 512: 2-core machine, 2026-11-28)
 
 
 class RowStats(NamedTuple):
@@ -237,37 +242,38 @@ def _pow_sum(es, c0, n, p):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _grad_block(out, i, es, et, e1, c0, n, cs, ct, ch, p, has_hard):
-    """out[i, block] = cs es - ct et + ch e1, e1 = es^p (p >= 2), es (p = 1), the buffer (p = 0)."""
+def _grad_block(out, i, off, es, et, e1, c0, n, cs, ct, ch, p, has_hard):
+    """out[i, block - off] = cs es - ct et + ch e1 over the block [c0, c0 + n), e1 = es^p (p >= 2),
+    es (p = 1), the buffer (p = 0); off = 0 (into the gradient) or c0 (into a block's scratch row)."""
     if not has_hard:
         for c in range(n):
             k = c0 + c
-            _st2(out, i, k, cs * es[k] - ct * et[k])
+            _st2(out, i, k - off, cs * es[k] - ct * et[k])
     elif p == 1:
         cs1 = cs + ch
         for c in range(n):
             k = c0 + c
-            _st2(out, i, k, cs1 * es[k] - ct * et[k])
+            _st2(out, i, k - off, cs1 * es[k] - ct * et[k])
     elif p == 0:
         for c in range(n):
             k = c0 + c
-            _st2(out, i, k, cs * es[k] - ct * et[k] + ch * e1[k])
+            _st2(out, i, k - off, cs * es[k] - ct * et[k] + ch * e1[k])
     elif p == 2:
         for c in range(n):
             k = c0 + c
             e = es[k]
-            _st2(out, i, k, (cs + ch * e) * e - ct * et[k])
+            _st2(out, i, k - off, (cs + ch * e) * e - ct * et[k])
     elif p == 4:
         for c in range(n):
             k = c0 + c
             e = es[k]
             e2 = e * e
-            _st2(out, i, k, cs * e + ch * (e2 * e2) - ct * et[k])
+            _st2(out, i, k - off, cs * e + ch * (e2 * e2) - ct * et[k])
     else:
         for c in range(n):
             k = c0 + c
             e = es[k]
-            _st2(out, i, k, cs * e + ch * _ipow(e, p) - ct * et[k])
+            _st2(out, i, k - off, cs * e + ch * _ipow(e, p) - ct * et[k])
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -457,8 +463,10 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _pass2_block(out, i, es, et, e1, bms, bmt, st, q, j, C, inv_T, p):
-    """The gradient of row i on block j from slot q (its pass 1 complete)."""
+def _pass2_block(out, i, es, et, e1, bms, bmt, st, q, j, C, inv_T, p, gb):
+    """The gradient of row i on block j from slot q (its pass 1 complete): stored plainly, or,
+    where gb (a (1, BLOCK) scratch row of out's dtype) is not empty, computed into gb and streamed
+    to out (``stream``)."""
     f32 = np.float32
     c0 = np.uint64(j * BLOCK)
     n = np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
@@ -479,13 +487,19 @@ def _pass2_block(out, i, es, et, e1, bms, bmt, st, q, j, C, inv_T, p):
     esq = es[q]
     etq = et[q]
     e1q = e1[q]
-    _grad_block(out, i, esq, etq, e1q, c0, n, cs, ct, ch, p, has_hard)
+    streamed = gb.shape[1] != 0
+    dst = gb if streamed else out
+    di = np.uint64(0) if streamed else i
+    off = c0 if streamed else np.uint64(0)
+    _grad_block(dst, di, off, esq, etq, e1q, c0, n, cs, ct, ch, p, has_hard)
     y = np.int64(st[q, _Y])
     if has_hard and j * BLOCK <= y < j * BLOCK + BLOCK:   # the label's entry, rounded once
         yy = np.uint64(y)
         e = esq[yy]
         e_1 = e1q[yy] if p == 0 else e if p == 1 else _ipow(e, p)
-        _st2(out, i, yy, cs * e - ct * etq[yy] + ch * e_1 - f32(st[q, _WH]))
+        _st2(dst, di, yy - off, cs * e - ct * etq[yy] + ch * e_1 - f32(st[q, _WH]))
+    if streamed:
+        stream_row(out, i, c0, n, gb[0])
 
 
 @njit(inline="always")
@@ -501,12 +515,14 @@ def _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy):
 def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                 flags, r0, r1):
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): the slot
-    buffers, then ``_chunk_fast_rows``."""
+    buffers and, where C >= STREAM_FROM, the scratch row of the streamed gradient; then
+    ``_chunk_fast_rows``."""
     C = s.shape[1]
     nb = (C + BLOCK - 1) // BLOCK
+    gb = np.empty((1, BLOCK if C >= STREAM_FROM else 0), out.dtype)
     _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, r1, np.empty((2, C), np.float32), np.empty((2, C), np.float32),
-                     np.empty((2, C), np.float32), np.empty((2, nb)), np.empty((2, nb)), np.zeros((2, 16)))
+                     np.empty((2, C), np.float32), np.empty((2, nb)), np.empty((2, nb)), np.zeros((2, 16)), gb)
 
 
 # Compiled without Numba's reference counting (``_nrt=False``: it allocates nothing, and its
@@ -517,10 +533,11 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
 # C = 100 12.6 -> 8.3 ms for 65536 rows, in cache 187 -> 125 ns a row; C = 1000 8.8 -> 7.4 ms.
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
-                     flags, r0, r1, es, et, e1, bms, bmt, st):
+                     flags, r0, r1, es, et, e1, bms, bmt, st, gb):
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows
     two at a time (see above), the others by _row_general. es, et, e1: (2, C) float32 slot
-    buffers; bms, bmt: (2, blocks) float64; st: (2, 16) float64 zeros."""
+    buffers; bms, bmt: (2, blocks) float64; st: (2, 16) float64 zeros; gb: the streamed gradient's
+    (1, BLOCK) scratch row, or (1, 0) for plain stores."""
     C = s.shape[1]
     nb = (C + BLOCK - 1) // BLOCK
     f32 = np.float32
@@ -549,7 +566,7 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
                 ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv_T, kind_ce, p,
                                   hard_i != 0.0)
             if prev >= 0:
-                _pass2_block(out, up, es, et, e1, bms, bmt, st, pq, j, C, inv_T, p)
+                _pass2_block(out, up, es, et, e1, bms, bmt, st, pq, j, C, inv_T, p, gb)
         prev = -1
         if not ok:     # NaN or +-inf somewhere in the row: the general path (it flags bad rows)
             flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es[q], et[q], e1[q], y, w, soft, hard_i, inv_T,
@@ -572,7 +589,8 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
         pq = q
     if prev >= 0:      # the last row's gradient
         for j in range(nb):
-            _pass2_block(out, np.uint64(prev), es, et, e1, bms, bmt, st, pq, j, C, inv_T, p)
+            _pass2_block(out, np.uint64(prev), es, et, e1, bms, bmt, st, pq, j, C, inv_T, p, gb)
+    store_fence()      # the streamed stores are visible before the chunk reports completion
 
 
 # ---------------------------------------------------------------- every kind: the general rows

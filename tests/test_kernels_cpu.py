@@ -264,6 +264,71 @@ def test_bfloat16_logits(C, kind, beta):
     np.testing.assert_array_equal(grad.view(np.uint16), out.astype(ml_dtypes.bfloat16).view(np.uint16))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("C", [1024, 2600])
+def test_streamed_gradient_at_every_alignment(C, dtype):
+    """From C = STREAM_FROM on, the gradient is streamed (non-temporal stores from each block's first
+    64-byte boundary, plain stores around them). Into out= views of a larger NaN-filled buffer that
+    start 0..31 elements past a 64-byte boundary (float32 and bfloat16 out): the gradient equals the
+    reference, every element of it is written, nothing before or after it; the label's entry in
+    every block position; a row with -inf (the general path) between streamed rows."""
+    from minikd.kernels.numba_cpu import BLOCK, STREAM_FROM
+    assert C >= STREAM_FROM
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    s, t, y = finite_rows(12, C, C, 2.0)
+    y[:6] = [0, BLOCK - 1, BLOCK, C - 1, C - 7, C // 2 + 1]   # the label at the blocks' edges
+    s[8, 5] = t[8, 5] = -np.inf
+    if dtype == "bfloat16":
+        s, t = s.astype(ml_dtypes.bfloat16), t.astype(ml_dtypes.bfloat16)
+    kw = dict(T=2.0, alpha=0.7)
+    ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+    loss0, g0 = softmax_kl(s, t, y, backend="numba", **kw)
+    for out_dtype in (np.float32, s.dtype):
+        size = np.dtype(out_dtype).itemsize
+        for lead in range(64 // size):
+            buf = np.full(s.size + 64 + 2 * 64 // size, np.nan, np.float32).astype(out_dtype)
+            start = (-buf.ctypes.data % 64) // size + lead
+            out = buf[start:start + s.size].reshape(s.shape)
+            loss, g = softmax_kl(s, t, y, backend="numba", out=out, **kw)
+            assert g is out and loss == loss0
+            assert np.isnan(buf[:start].astype(np.float32)).all() and np.isnan(buf[start + s.size:].astype(np.float32)).all()
+            tol = 1e-5 if out_dtype == np.float32 else 1e-2
+            assert grad_error(out.astype(np.float64), gref) <= tol, (lead, out_dtype)
+            if out_dtype == g0.dtype:
+                np.testing.assert_array_equal(out.view(np.uint8), g0.view(np.uint8))
+
+
+def test_stream_row_against_plain_stores():
+    """stream_row, the streamed stores themselves, against plain assignment: every destination
+    alignment (0..15 elements past a 64-byte boundary), block starts and lengths around the vector
+    width (0, 1, 15, 16, 17, 31, 32, 33, 64, 500), float32 and uint16 (bfloat16 bits); nothing
+    outside out[i, c0:c0 + n] is touched."""
+    from minikd.kernels.stream import store_fence, stream_row
+    from numba import njit
+
+    @njit
+    def run(out, i, c0, n, g):
+        stream_row(out, i, c0, n, g)
+        store_fence()
+
+    rng = np.random.default_rng(5)
+    for dtype, fill in ((np.float32, np.float32(-7.5)), (np.uint16, np.uint16(0xBEEF))):
+        C = 600
+        for lead in range(16):
+            buf = np.full(3 * C + 64, fill, dtype)
+            start = (-buf.ctypes.data % 64) // buf.itemsize + lead
+            out = buf[start:start + 3 * C].reshape(3, C)
+            for c0 in (0, 1, 13, 16, 64):
+                for n in (0, 1, 15, 16, 17, 31, 32, 33, 64, 500):
+                    out[...] = fill
+                    g = rng.integers(0, 1000, n).astype(dtype)
+                    run(out, np.uint64(1), np.uint64(c0), n, g)
+                    want = np.full((3, C), fill, dtype)
+                    want[1, c0:c0 + n] = g
+                    np.testing.assert_array_equal(out, want, err_msg=f"{dtype} lead {lead} c0 {c0} n {n}")
+                    assert (buf[:start] == fill).all() and (buf[start + 3 * C:] == fill).all()
+
+
 def test_same_input_same_bits():
     """Deterministic: the same input gives the same bits (for a given thread count), in loss and
     gradient, on both paths."""
