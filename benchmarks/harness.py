@@ -50,20 +50,44 @@ def copy_bandwidth(repeats=7, nbytes=512 << 20):
 
 
 def parallel_copy_bandwidth(repeats=7, nbytes=512 << 20):
-    """(bytes per second, threads): a copy (read + write) by Numba's prange on as many threads as the
-    fused kernel runs (``numba.get_num_threads()``), on a buffer far larger than the caches: the floor a
-    multi-threaded kernel is measured against (the single-thread ``copy_bandwidth`` beside it)."""
+    """(bytes per second, threads, {"plain": ..., "streamed": ...}): a copy (read + write) by Numba's
+    prange on as many threads as the fused kernel runs (``numba.get_num_threads()``), on a buffer far
+    larger than the caches, twice: with plain stores, and with the non-temporal stores the fused
+    kernel streams its gradient with (``minikd.kernels.stream``; no read for ownership). The faster
+    of the two is the floor a multi-threaded kernel is measured against (the single-thread
+    ``copy_bandwidth`` beside it): a kernel that streams must be measured against a copy that may
+    stream too. The two runs alternate, median of ``repeats`` each."""
     import numba  # noqa: PLC0415
+    from minikd.kernels.stream import store_fence, stream_row  # noqa: PLC0415
 
     @numba.njit(parallel=True, cache=False)
-    def pcopy(a, b):
+    def plain(a, b):
         for i in numba.prange(a.size):
             b[i] = a[i]
+
+    @numba.njit(parallel=True, cache=False)
+    def streamed(a2, b2):   # rows of 1 MiB, each by stream_row, a fence after each thread's rows
+        per = -(-a2.shape[0] // numba.get_num_threads())
+        for k in numba.prange(numba.get_num_threads()):
+            for i in range(k * per, min(a2.shape[0], (k + 1) * per)):
+                stream_row(b2, np.uint64(i), 0, a2.shape[1], a2[i])
+            store_fence()
     a = np.ones(nbytes // 4, np.float32)
     b = np.empty_like(a)
-    t = median_time(lambda: pcopy(a, b), repeats)
-    assert np.array_equal(a, b)
-    return 2 * a.nbytes / t, numba.get_num_threads()
+    a2, b2 = a.reshape(-1, 1 << 18), b.reshape(-1, 1 << 18)
+    times = {"plain": [], "streamed": []}
+    runs = {"plain": lambda: plain(a, b), "streamed": lambda: streamed(a2, b2)}
+    for name, fn in runs.items():   # compile and warm up; each copies exactly
+        b[:] = 0
+        fn()
+        assert np.array_equal(a, b), name
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    each = {name: 2 * a.nbytes / statistics.median(ts) for name, ts in times.items()}
+    return max(each.values()), numba.get_num_threads(), each
 
 
 def torch_kd_loss(torch, T, alpha):

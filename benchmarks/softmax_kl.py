@@ -127,9 +127,10 @@ def run_cpu(args):
     except ImportError:
         torch = None
     bw1 = copy_bandwidth()
-    bw, threads = parallel_copy_bandwidth()
+    bw, threads, each = parallel_copy_bandwidth()
     machine = cpu_machine()
-    print(f"machine {machine}; copy bandwidth {bw / 1e9:.2f} GB/s on {threads} threads (the floor), "
+    print(f"machine {machine}; copy bandwidth {bw / 1e9:.2f} GB/s on {threads} threads (the floor: the faster "
+          f"of plain stores {each['plain'] / 1e9:.2f} and streaming stores {each['streamed'] / 1e9:.2f}), "
           f"{bw1 / 1e9:.2f} GB/s on one" + (f"; torch threads {torch_threads}" if torch else ""))
     cases = []
     for _, C in SHAPES:
@@ -211,6 +212,7 @@ def run_cpu(args):
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine, "processor": platform.processor(), "copy_bandwidth_GBps": bw / 1e9,
               "copy_threads": threads, "copy_bandwidth_1thread_GBps": bw1 / 1e9,
+              "copy_bandwidth_plain_GBps": each["plain"] / 1e9, "copy_bandwidth_streamed_GBps": each["streamed"] / 1e9,
               "T": T, "alpha": ALPHA, "rows": rows, "date": time.strftime("%Y-%m-%d")}
     json_path = out_dir / f"softmax_kl-{machine}.json"
     json_path.write_text(json.dumps(result, indent=1))
