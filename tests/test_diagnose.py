@@ -265,3 +265,25 @@ def test_keyword_roles_module_instances_and_framework():
         diagnose(kd, names={"student": "logits", "teacher": "targets"}, framework="numpy")
     with pytest.raises(UserError, match="names: unknown roles"):
         diagnose(kd, names={"pupil": "logits"})
+
+
+# ---------------------------------------------------------------- the fit's shortcuts change no number
+
+@pytest.mark.parametrize("gufunc", [True, False])
+def test_lstsq_many_is_lstsq(gufunc, monkeypatch):
+    """The fit's stacked least squares give np.linalg.lstsq's solutions bitwise, rank-deficient and
+    badly scaled systems included (and so does its fallback, a loop over lstsq)."""
+    import importlib
+    fit = importlib.import_module("minikd.diagnose.fit")
+    if not gufunc:
+        monkeypatch.setattr(fit, "_GELSD", None)
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        K, m, n = int(rng.integers(1, 10)), int(rng.choice([8, 46])), int(rng.integers(1, 4))
+        A = rng.standard_normal((K, m, n)) * 10.0 ** rng.integers(-6, 6, (K, 1, n))
+        if trial % 3 == 0:
+            A[..., -1] = 2 * A[..., 0]
+        L = rng.standard_normal(m)
+        got = fit._lstsq_many(A, L)
+        for k in range(K):
+            assert np.array_equal(got[k], np.linalg.lstsq(A[k], L, rcond=None)[0])

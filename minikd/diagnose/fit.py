@@ -140,10 +140,15 @@ def simplest(A, L):
     """The fit with the fewest hard-term columns (none; CE; CE and U) that explains L as well as all
     of them (within 1.5x the residual): noise in an approximate fit does not invent a hard term or
     label smoothing. A negative hard weight is no fit."""
+    return _simplest([_solve(A[:, :k], L) for k in range(1, A.shape[1] + 1)])
+
+
+def _simplest(solutions):
+    """``simplest`` from the least-squares solutions on the first 1, 2, ... columns: [(x, residual)]."""
+    n = len(solutions)
     fits = []
-    for k in range(1, A.shape[1] + 1):
-        x, res = _solve(A[:, :k], L)
-        x = np.concatenate([x, np.zeros(A.shape[1] - k)])
+    for x, res in solutions:
+        x = np.concatenate([x, np.zeros(n - len(x))])
         tiny = 1e-9 * max(np.max(np.abs(x)), 1e-300)
         if np.any(x[1:] < -tiny) or (len(x) > 2 and x[2] > tiny and x[1] <= tiny):   # weights >= 0, smoothing < 1
             res = math.inf
@@ -155,12 +160,45 @@ def simplest(A, L):
     return fits[-1]
 
 
-def _solve(A, L):
-    """Least squares A x = L; (x, relative residual)."""
-    x, *_ = np.linalg.lstsq(A, L, rcond=None)
-    r = A @ x - L
-    scale = max(float(np.linalg.norm(L)), 1e-300)
-    return x, float(np.linalg.norm(r)) / scale
+def _solve(A, L, scale=None):
+    """Least squares A x = L; (x, relative residual). ``scale``: ``_norm(L)`` (or 1e-300), if known."""
+    return _solution(A, _lstsq_many(A[None], L)[0], L, scale)
+
+
+def _solution(A, x, L, scale=None):
+    """(x, the relative residual ||A x - L|| / ||L|| of x)."""
+    scale = max(_norm(L), 1e-300) if scale is None else scale
+    return x, _norm(A @ x - L) / scale
+
+
+def _norm(v) -> float:
+    """||v|| of a real vector, as np.linalg.norm computes it (sqrt(v . v)), without its checks."""
+    return math.sqrt(float(v.dot(v)))
+
+
+try:   # the gufunc np.linalg.lstsq calls (LAPACK gelsd); it takes a stack of systems in one call
+    from numpy.linalg import _umath_linalg
+    _GELSD = _umath_linalg.lstsq
+except (ImportError, AttributeError):   # (a numpy without it: one lstsq call per system)
+    _GELSD = None
+
+
+def _no_convergence(err, flag):
+    raise np.linalg.LinAlgError("SVD did not converge in Linear Least Squares")
+
+
+def _lstsq_many(A, b) -> np.ndarray:
+    """x_k = np.linalg.lstsq(A[k], b, rcond=None)[0] for a stack A (K, m, n) of float64 systems, b (m,):
+    (K, n), bitwise the same numbers (the same gelsd call, the same rcond, on the same values), in one
+    call of the gufunc that lstsq calls once per system. A fit solves up to 13 systems of 8 x 3, where
+    lstsq's checks and conversions cost ~4x its LAPACK call; ``_lstsq_many`` pays them once."""
+    K, m, n = A.shape
+    if _GELSD is None:
+        return np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a in A])
+    with np.errstate(call=_no_convergence, invalid="call", over="ignore", divide="ignore", under="ignore"):
+        x = _GELSD(A, np.broadcast_to(b[:, None], (K, m, 1)), np.finfo(np.float64).eps * max(m, n),
+                   signature="ddd->ddid")[0]
+    return x[..., 0]
 
 
 def stack(probes) -> Probe:
@@ -192,47 +230,61 @@ class Problem:
         if has_labels:
             self.H = np.array([[h[0].sum(), h[1].sum()] for h in self.hard])
         self.L = np.array([float(v.reshape(-1)[0]) if v.size == 1 else np.nan for v in self.values])
+        # what every fit's least squares share (none of it depends on the hypothesis)
+        self.dens = ("sum", "rows", "elements") + (("leading_axis",) if probes[0].s.ndim > 2 else ())
+        self.pairs = list(itertools.product(self.dens, self.dens if has_labels else ("rows",)))
+        self.soft_den = np.array([self.den[ds] for ds, _ in self.pairs])              # (pairs, probes)
+        if has_labels:   # the hard columns of each pair, H / n_h
+            self.hard_cols = np.array([self.H / self.den[dh][:, None] for _, dh in self.pairs])
+        self.L_scale = max(_norm(self.L), 1e-300)
+        if self.per_row:   # the per-row fit's hard columns and values
+            self.row_cols = [np.concatenate([h[0] for h in self.hard]),
+                             np.concatenate([h[1] for h in self.hard])] if has_labels else []
+            self.row_values = np.concatenate([v.reshape(-1) for v in self.values])
 
     def fit(self, divergence, temp_on, T, beta=None) -> Fit:
-        """The best coefficients and denominators for one (divergence, temp_on, T, beta)."""
+        """The best coefficients and denominators for one (divergence, temp_on, T, beta): for every
+        pair of denominators (soft, hard) the least-squares coefficients (all pairs solved in one
+        ``_lstsq_many`` call), then for the two best pairs the simplest fit (``simplest``)."""
         try:
             rows = soft_rows(self.all, divergence, temp_on, T, beta)
         except (ValueError, FloatingPointError):
             return Fit(math.inf, None)
         if not np.all(np.isfinite(rows)):
             return Fit(math.inf, None)
-        D = np.split(rows, self.starts[1:]) if self.per_row else None
-        base = Convention(divergence=divergence, T=float(T), temp_on=temp_on, beta=beta, per_row=self.per_row,
-                          has_labels=self.has_labels)
+        base = dict(divergence=divergence, T=float(T), temp_on=temp_on, beta=beta, per_row=self.per_row,
+                    has_labels=self.has_labels)
         if self.per_row:
-            cols = [np.concatenate(D)]
-            if self.has_labels:
-                cols += [np.concatenate([h[0] for h in self.hard]), np.concatenate([h[1] for h in self.hard])]
-            x, res = _solve(np.stack(cols, 1), np.concatenate([v.reshape(-1) for v in self.values]))
-            return Fit(res, clean(replace(base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
-                                           b2=float(x[2]) if self.has_labels else 0.0, soft_den="none",
-                                           hard_den="none")))
-        L = self.L
+            x, res = _solve(np.stack([rows] + self.row_cols, 1), self.row_values)
+            return Fit(res, clean(Convention(**base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
+                                             b2=float(x[2]) if self.has_labels else 0.0, soft_den="none",
+                                             hard_den="none")))
+        L, scale = self.L, self.L_scale
         Dsum = np.add.reduceat(rows, self.starts)
-        best = Fit(math.inf, None)
-        dens = ("sum", "rows", "elements") + (("leading_axis",) if self.probes[0].s.ndim > 2 else ())
-        full = []
-        for ds, dh in itertools.product(dens, dens if self.has_labels else ("rows",)):
-            A = (Dsum / self.den[ds])[:, None]
-            if self.has_labels:
-                A = np.concatenate([A, self.H / self.den[dh][:, None]], axis=1)
-            full.append((_solve(A, L)[1], ds, dh, A))
-        full.sort(key=lambda e: e[0])
-        for _, ds, dh, A in full[:2]:   # the two best pairs of denominators, then their simplest fit
-            x, res = simplest(A, L)
-            if res < best.residual:
-                # every core row is labeled: "rows" and "labeled_rows" agree; rows labeled -100 are
-                # probed later (minikd.diagnose), the labeled count is the first guess
-                best = Fit(res, replace(base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
-                                        b2=float(x[2]) if self.has_labels else 0.0,
-                                        soft_den=LABELED.get(ds, ds) if self.has_labels else ds,
-                                        hard_den=LABELED.get(dh, dh) if self.has_labels else dh))
-        return Fit(best.residual, clean(best.convention)) if best.convention is not None else best
+        A = np.empty((len(self.pairs), len(L), 3 if self.has_labels else 1))   # one system per pair
+        A[:, :, 0] = Dsum / self.soft_den
+        if self.has_labels:
+            A[:, :, 1:] = self.hard_cols
+        full = [_solution(a, x, L, scale) for a, x in zip(A, _lstsq_many(A, L))]
+        # the two best pairs of denominators (ties: the first), then their simplest fit
+        top = sorted(range(len(full)), key=lambda i: full[i][1])[:2]
+        fewer = [_lstsq_many(A[top, :, :k], L) for k in range(1, A.shape[2])]   # the top pairs, fewer columns
+        best, best_res = None, math.inf
+        for j, i in enumerate(top):
+            x, res = _simplest([_solution(A[i][:, :k + 1], sol[j], L, scale) for k, sol in enumerate(fewer)]
+                               + [full[i]])
+            if res < best_res:
+                best, best_res = (i, x), res
+        if best is None:
+            return Fit(math.inf, None)
+        i, x = best
+        ds, dh = self.pairs[i]
+        # every core row is labeled: "rows" and "labeled_rows" agree; rows labeled -100 are
+        # probed later (minikd.diagnose), the labeled count is the first guess
+        return Fit(best_res, clean(Convention(**base, a=float(x[0]), b1=float(x[1]) if self.has_labels else 0.0,
+                                              b2=float(x[2]) if self.has_labels else 0.0,
+                                              soft_den=LABELED.get(ds, ds) if self.has_labels else ds,
+                                              hard_den=LABELED.get(dh, dh) if self.has_labels else dh)))
 
     def search(self, refine: int = 4) -> list[Fit]:
         """Every (divergence, temp_on) at its best T (and beta) on a grid; the ``refine`` best of them
