@@ -237,15 +237,25 @@ class Problem:
         if has_labels:   # the hard columns of each pair, H / n_h
             self.hard_cols = np.array([self.H / self.den[dh][:, None] for _, dh in self.pairs])
         self.L_scale = max(_norm(self.L), 1e-300)
+        self._fits = {}   # (divergence, temp_on, T, beta) -> Fit (``fit``)
         if self.per_row:   # the per-row fit's hard columns and values
             self.row_cols = [np.concatenate([h[0] for h in self.hard]),
                              np.concatenate([h[1] for h in self.hard])] if has_labels else []
             self.row_values = np.concatenate([v.reshape(-1) for v in self.values])
 
     def fit(self, divergence, temp_on, T, beta=None) -> Fit:
-        """The best coefficients and denominators for one (divergence, temp_on, T, beta): for every
-        pair of denominators (soft, hard) the least-squares coefficients (all pairs solved in one
-        ``_lstsq_many`` call), then for the two best pairs the simplest fit (``simplest``)."""
+        """The best coefficients and denominators for one (divergence, temp_on, T, beta), computed once:
+        the search asks for some hypotheses again (the grid points around a coarse best, the
+        roundest T after a golden-section search, the eps stage), ~15% of its fits."""
+        key = (divergence, temp_on, float(T), beta)
+        fit = self._fits.get(key)
+        if fit is None:
+            fit = self._fits[key] = self._fit(divergence, temp_on, T, beta)
+        return fit
+
+    def _fit(self, divergence, temp_on, T, beta) -> Fit:
+        """``fit``: for every pair of denominators (soft, hard) the least-squares coefficients (all pairs
+        solved in one ``_lstsq_many`` call), then for the two best pairs the simplest fit (``simplest``)."""
         try:
             rows = soft_rows(self.all, divergence, temp_on, T, beta)
         except (ValueError, FloatingPointError):
