@@ -287,3 +287,27 @@ def test_lstsq_many_is_lstsq(gufunc, monkeypatch):
         got = fit._lstsq_many(A, L)
         for k in range(K):
             assert np.array_equal(got[k], np.linalg.lstsq(A[k], L, rcond=None)[0])
+
+
+def test_soft_rows_cache_is_kd_forward():
+    """The fit's soft rows (p, q and their logs kept per (temp_on, T)) are kd_forward's bitwise, in any
+    order of the hypotheses, cache hits included; a T or beta kd_forward refuses is refused."""
+    import importlib
+    fit = importlib.import_module("minikd.diagnose.fit")
+    from minikd.diagnose.model import DIVERGENCES, TEMP_ON
+    rng = np.random.default_rng(1)
+    probe = fit.stack(fit.core_probes(rng, True) + fit.neg_inf_probes(rng, True))
+    rows = fit.SoftRows(probe, size=8)
+    hyps = [(d, o, T, 0.3 if d == "jsd" else None) for d in DIVERGENCES for o in TEMP_ON
+            for T in (0.05, 1.0, 3.7, 200.0)]
+    order = sorted(range(len(hyps)), key=lambda i: hyps[i][2]) + list(rng.permutation(len(hyps)))   # hits, misses
+    for i in order:
+        got, want = rows(*hyps[i]), fit.soft_rows(probe, *hyps[i])
+        assert np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want)), hyps[i]
+    assert len(rows.cache) == 8
+    for args in (("forward_kl", "both", 0.0, None), ("tvd", "student_only", 0.0, None),
+                 ("reverse_kl", "both", np.inf, None), ("jsd", "both", 2.0, 1.5), ("forward_kl", "both", 2.0, 0.5)):
+        with pytest.raises(ValueError):
+            fit.soft_rows(probe, *args)
+        with pytest.raises(ValueError):
+            rows(*args)

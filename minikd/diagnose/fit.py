@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 
 from ..losses import kd_forward
-from .model import DIVERGENCES, IGNORE, TEMP_ON, Convention, count
+from ..losses.divergences import check_beta
+from ..losses.kd import check_kd_arguments, soft_term_rows, tempered
+from .model import DIVERGENCES, IGNORE, KIND, TEMP_ON, Convention, count
 
 CORE_SHAPES = ((4, 5), (7, 5), (4, 9), (6, 3), (9, 9), (5, 7), (3, 4), (8, 6))
 BETA_GRID = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2)) + (0.01, 0.99)
@@ -114,11 +117,51 @@ def peaked_probes(rng, T: float, has_labels: bool) -> list[Probe]:
 
 # ---------------------------------------------------------------- per-row terms (minikd's values)
 
+def soft_call(p: Probe, divergence, temp_on, T, beta):
+    """The minikd call whose rows are D_i of probe p: (teacher input, kd_forward kwargs)."""
+    c = Convention(divergence=divergence, T=T, temp_on=temp_on, beta=beta, a=1.0, per_row=True, has_labels=False)
+    return c.parts(p.s, p.t, None)[0]
+
+
 def soft_rows(p: Probe, divergence, temp_on, T, beta) -> np.ndarray:
     """D_i of every row (flattened), the divergence with the temperature on the given side."""
-    c = Convention(divergence=divergence, T=T, temp_on=temp_on, beta=beta, a=1.0, per_row=True, has_labels=False)
-    teacher, kw = c.parts(p.s, p.t, None)[0]
+    teacher, kw = soft_call(p, divergence, temp_on, T, beta)
     return np.asarray(kd_forward(p.s, teacher, None, **kw)[0], dtype=np.float64).reshape(-1)
+
+
+class SoftRows:
+    """``soft_rows`` of one 2-D probe for many hypotheses, the work they share done once: kd_forward
+    computes its soft term from p, q and their logs at T (``minikd.losses.kd.tempered``), which
+    depend on the side the temperature is on and T, not on the divergence or beta; here they are
+    kept for the ``size`` most recent (temp_on, T) (both precisions: the kl and ce kinds use plain
+    logs, the others precise ones) and each D_i is ``kd.soft_term_rows`` on them -- the functions
+    kd_forward calls, on the same values, so the same numbers (its soft term at alpha = 1 without
+    T^2 is 0 + 1 * D_i). A new (temp_on, T) is checked as kd_forward checks it (``check_kd_arguments``,
+    the teacher in ``tempered``); each call checks its beta."""
+
+    def __init__(self, p: Probe, size: int = 512):
+        self.p, self.size = p, size
+        self.cache = OrderedDict()   # (temp_on, T, precise) -> (Tempered, teacher_as)
+
+    def __call__(self, divergence, temp_on, T, beta) -> np.ndarray:
+        kind = KIND[divergence]
+        key = (temp_on, float(T), kind not in ("kl", "ce"))
+        hit = self.cache.get(key)
+        if hit is None:
+            teacher, kw = soft_call(self.p, divergence, temp_on, T, beta)
+            checked = check_kd_arguments(self.p.s, teacher, None, ignore_index=IGNORE, mask=None,
+                                         **{k: v for k, v in kw.items() if k != "scale_t2"})
+            hit = (tempered(self.p.s, teacher, kw["teacher_as"], checked.T, checked.roles.valid, key[2]),
+                   kw["teacher_as"])
+            beta = checked.beta
+            self.cache[key] = hit
+            if len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(key)
+            beta = check_beta(kind, beta)
+        d, teacher_as = hit
+        return soft_term_rows(kind, d, beta, teacher_as) + 0.0   # kd_forward's rows, 0 + 1 * D_i (no -0.0)
 
 
 def hard_rows(p: Probe) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +267,7 @@ class Problem:
         self.per_row = all(v.shape == p.s.shape[:-1] and v.ndim > 0 for v, p in zip(self.values, probes))
         self.hard = [hard_rows(p) for p in probes] if has_labels else None
         self.all = stack(probes)
+        self.soft_rows = SoftRows(self.all)
         self.starts = np.cumsum([0] + [int(np.prod(p.s.shape[:-1])) for p in probes])[:-1]
         self.den = {d: np.array([count(d, p.s, p.y) for p in probes])
                     for d in ("sum", "rows", "elements", "leading_axis")}
@@ -257,7 +301,7 @@ class Problem:
         """``fit``: for every pair of denominators (soft, hard) the least-squares coefficients (all pairs
         solved in one ``_lstsq_many`` call), then for the two best pairs the simplest fit (``simplest``)."""
         try:
-            rows = soft_rows(self.all, divergence, temp_on, T, beta)
+            rows = self.soft_rows(divergence, temp_on, T, beta)
         except (ValueError, FloatingPointError):
             return Fit(math.inf, None)
         if not np.all(np.isfinite(rows)):

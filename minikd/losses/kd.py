@@ -58,7 +58,7 @@ from . import conventions, divergences, dkd, topk
 from .conventions import SIMPLEX_TOL
 
 __all__ = ["check_kd_arguments", "KDArguments", "kd_forward", "kd_backward", "kd_loss", "kd_loss_and_grad", "cross_entropy_and_grad",
-           "KDCache", "KINDS", "TEACHER_FORMS"]
+           "KDCache", "KINDS", "TEACHER_FORMS", "Tempered", "tempered", "soft_term_rows"]
 
 # "kl", "ce", "reverse_kl", "jsd" (with beta), "tvd": minikd.losses.divergences; "dkd" (with
 # dkd_weights): minikd.losses.dkd, which splits each row at its label
@@ -167,6 +167,40 @@ def check_kd_arguments(student, teacher, labels, *, T, alpha, kind, teacher_as, 
     return KDArguments(xp, T, alpha, roles, beta, normalizer, label_smoothing)
 
 
+class Tempered(NamedTuple):
+    """Student and teacher at the temperature, as the soft term uses them (``tempered``)."""
+    p: object              # (N, C) softmax(s / T)
+    q: object              # (N, C) teacher probabilities at T
+    log_p: object          # (N, C) log p, 0 where q == 0
+    log_q: object          # (N, C) log q, 0 where q == 0
+    log_p_full: object     # (N, C) precise log p and log q, -inf where 0 (``precise``), else None
+    log_q_full: object
+
+
+def tempered(s, t, teacher_as: str, T: float, valid, precise: bool) -> Tempered:
+    """p, q and their logs at T for rows s, t (N, C) (rows outside V already replaced), the other
+    arguments already checked (``check_kd_arguments``); the teacher is checked here
+    (``_teacher_log_probs``). ``precise``: logs accurate in every entry, which the kinds of
+    ``minikd.losses.divergences`` need (``_log_softmax_precise``). ``kd_forward``'s first step, apart
+    so that a caller evaluating several kinds at one T (``minikd diagnose``) computes it once."""
+    xp = get_namespace(s)
+    q, log_q_all = _teacher_log_probs(t, teacher_as, T, valid, precise)
+    log_p_all = (_log_softmax_precise if precise else _log_softmax)(s, T)
+    has_mass = q > 0
+    return Tempered(xp.exp(log_p_all), q, xp.where(has_mass, log_p_all, 0), xp.where(has_mass, log_q_all, 0),
+                    *((log_p_all, log_q_all) if precise else (None, None)))
+
+
+def soft_term_rows(kind: str, d: Tempered, beta=None, teacher_as: str = "logits"):
+    """D_i, the soft term's divergence per row (N,), for the kinds of ``minikd.losses.divergences``
+    (not "dkd"): KL(q || p) and H(q, p) on the logs masked where q = 0, the others from
+    ``divergences.divergence_rows`` (``d`` computed with ``precise``)."""
+    xp = get_namespace(d.p)
+    if kind in ("kl", "ce"):
+        return xp.sum(d.q * (d.log_q - d.log_p), axis=-1) if kind == "kl" else -xp.sum(d.q * d.log_p, axis=-1)
+    return divergences.divergence_rows(kind, d.p, d.log_p_full, d.q, d.log_q_full, beta, teacher_as)
+
+
 class KDCache(NamedTuple):
     p: object              # (N, C) softmax(s / T)
     q: object              # (N, C) teacher probabilities at T
@@ -255,13 +289,8 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
                  (-xp.log(xp.asarray(C, dtype=t.dtype)) if teacher_as == "log_probs" else 0))
     # the kinds of minikd.losses.divergences need logs accurate in every entry, and unmasked
     precise = kind not in ("kl", "ce")
-    q, log_q_all = _teacher_log_probs(t, teacher_as, T, valid, precise)
-    log_p_all = (_log_softmax_precise if precise else _log_softmax)(s, T)
-    p = xp.exp(log_p_all)
-    has_mass = q > 0
-    log_p = xp.where(has_mass, log_p_all, 0)
-    log_q = xp.where(has_mass, log_q_all, 0)
-    log_p_full, log_q_full = (log_p_all, log_q_all) if precise else (None, None)
+    soft = tempered(s, t, teacher_as, T, valid, precise)
+    p, q, log_p, log_q, log_p_full, log_q_full = soft
 
     tau = conventions.soft_scale(T, scale_t2)
     soft_weight, hard_weight = conventions.term_weights(alpha, T, scale_t2, hard_weight)
@@ -281,11 +310,7 @@ def kd_forward(student, teacher, labels=None, *, T, alpha, kind="kl", scale_t2=T
                                               ignore_index=ignore_index, mask=valid)
         rows = rows + alpha * dkd_rows
     elif soft_weight > 0.0:
-        if kind in ("kl", "ce"):
-            kd_rows = xp.sum(q * (log_q - log_p), axis=-1) if kind == "kl" else -xp.sum(q * log_p, axis=-1)
-        else:
-            kd_rows = divergences.divergence_rows(kind, p, log_p_full, q, log_q_full, beta, teacher_as)
-        rows = rows + soft_weight * kd_rows
+        rows = rows + soft_weight * soft_term_rows(kind, soft, beta, teacher_as)
     p1 = None
     labels_safe = None
     if hard_weight > 0.0:
