@@ -239,8 +239,7 @@ def _lstsq_many(A, b) -> np.ndarray:
     if _GELSD is None:
         return np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a in A])
     with np.errstate(call=_no_convergence, invalid="call", over="ignore", divide="ignore", under="ignore"):
-        x = _GELSD(A, np.broadcast_to(b[:, None], (K, m, 1)), np.finfo(np.float64).eps * max(m, n),
-                   signature="ddd->ddid")[0]
+        x = _GELSD(A, b[:, None], np.finfo(np.float64).eps * max(m, n), signature="ddd->ddid")[0]   # b broadcast
     return x[..., 0]
 
 
