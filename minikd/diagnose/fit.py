@@ -243,6 +243,26 @@ def _lstsq_many(A, b) -> np.ndarray:
     return x[..., 0]
 
 
+def _gelsd_agrees() -> bool:
+    """Whether the private gufunc, as ``_lstsq_many`` calls it, gives np.linalg.lstsq's numbers on a
+    small full-rank and a rank-deficient stack (checked once at import: a numpy whose private
+    signature differs falls back to the public call instead of failing or drifting)."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((2, 8, 3))
+    A[1, :, 2] = A[1, :, 0]                 # rank 2
+    b = rng.standard_normal(8)
+    try:
+        got = _lstsq_many(A, b)
+    except Exception:  # noqa: BLE001  (any failure of the private call: use the public one)
+        return False
+    want = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a in A])
+    return got.shape == want.shape and np.array_equal(got, want)
+
+
+if _GELSD is not None and not _gelsd_agrees():
+    _GELSD = None
+
+
 def stack(probes) -> Probe:
     """2-D probes as one batch: rows padded to the widest C with -inf classes on both sides (which
     change no divergence: minikd gives them probability 0 exactly), labels kept."""
