@@ -31,8 +31,9 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
         ch_j = w hard e^(ms_j - ms) / Z1.
     Memory: s and t are read once from memory (a block's second read hits L1), the gradient is
     written once (from C = STREAM_FROM on, computed into a scratch block and streamed past the
-    caches by non-temporal stores: ``stream``); the row buffers stay in L2 for C up to ~32k. The gradient pass of one row runs
-    interleaved, block by block, with the first pass of the next (``_chunk_fast``).
+    caches by non-temporal stores: ``stream``); the row buffers stay in L2 for C up to ~32k. The
+    gradient pass of one row runs interleaved, block by block, with the first pass of the next
+    (``_chunk_fast_rows``).
     Statistics per row (``RowStats``): soft_a = A / Zt, soft_z = Zs / Zt (kl) or Zs (ce),
     hard_z = Z1, hard_sy = s_y - ms, so that
         KL(q || p) = soft_a + log soft_z,  H(q, p) = soft_a + log soft_z,  CE = log hard_z - hard_sy;
