@@ -219,6 +219,22 @@ def _st2_jit(o, i, c, v):
     return st
 
 
+@njit(inline="always")
+def _row_hard(hard, y):
+    """The hard term's weight on a row whose kernel label is y: -1 (``conventions.kernel_labels``:
+    no label, or a row without the hard term) gives the soft term alone."""
+    return hard if y >= 0 else 0.0
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _nonfinite(x, z):
+    """One class's term of the finiteness check: 0 where x and z are finite, NaN where either is NaN
+    or +-inf (0 x, not x - x, which reassociation may cancel to 0); a row or block is finite where
+    the sum of its terms is 0."""
+    zero = np.float32(0)
+    return x * zero + z * zero
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def _pow_sum(es, c0, n, p):
     """sum es^p over the block [c0, c0 + n) (p in 2..8, by multiplications)."""
@@ -344,7 +360,6 @@ def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
     bs = np.float32(-np.inf)
     bt = np.float32(-np.inf)
     chk = np.float32(0)
-    zero = np.float32(0)
     for c in range(n):
         k = c0 + c
         x = _ld2(s, i, k)
@@ -352,7 +367,7 @@ def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
         bs = maxnum_nnan(bs, x)
         bt = maxnum_nnan(bt, z)
         if not EXP2_PROPAGATES:
-            chk += x * zero + z * zero
+            chk += _nonfinite(x, z)
         a, b, d = _exps_at(x, z, msx, mtx, kx, kind_ce)
         es[k] = a
         et[k] = b
@@ -377,14 +392,13 @@ def _block_max(s, t, i, c0, n):
     bs = np.float32(-np.inf)
     bt = np.float32(-np.inf)
     chk = np.float32(0)
-    zero = np.float32(0)
     for c in range(n):
         x = _ld2(s, i, c0 + c)
         z = _ld2(t, i, c0 + c)
         bs = maxnum_nnan(bs, x)
         bt = maxnum_nnan(bt, z)
         if not EXP2_PROPAGATES:   # (else the caller checks the sums of the block's exponentials)
-            chk += x * zero + z * zero
+            chk += _nonfinite(x, z)
     return bs, bt, chk
 
 
@@ -551,7 +565,7 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
     for i in range(r0, r1):
         w = weights[i]
         y = labels[i]
-        hard_i = hard if y >= 0 else 0.0   # -1: the soft term alone
+        hard_i = _row_hard(hard, y)
         if w == 0.0:   # a row that counts nowhere
             _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy)
             continue
@@ -804,7 +818,7 @@ def _chunk(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a,
     for i in range(r0, r1):
         w = weights[i]
         y = labels[i]
-        hard_i = hard if y >= 0 else 0.0   # -1: the soft term alone
+        hard_i = _row_hard(hard, y)
         if w == 0.0:   # a row that counts nowhere
             _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy)
             continue
@@ -880,7 +894,7 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, ou
             z = tT[c, r]
             ms[r] = maxnum_nnan(ms[r], x)
             mt[r] = maxnum_nnan(mt[r], z)
-            chk[r] += x * zero + z * zero
+            chk[r] += _nonfinite(x, z)
     bad = zero
     for r in range(R):
         bad += chk[r]
@@ -890,7 +904,7 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, ou
                 i = r0 + r
                 y = y_[r]
                 flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], rb[0], rb[1], rb[2], y, w_[r], soft_coef,
-                                                     hard_coef if y >= 0 else 0.0, inv_T, kind, 0.0, p == 1)
+                                                     _row_hard(hard_coef, y), inv_T, kind, 0.0, p == 1)
                 flags[i] = flag
                 soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = a_, z_, h_, sy_
                 done[r] = 1
@@ -921,7 +935,7 @@ def _short_block(s, t, labels, weights, inv_T, soft_coef, hard_coef, kind, p, ou
                 Z1[r] += _ipow(es[c, r], p)
     for r in range(R):          # the coefficients (float64; no row has a zero sum: its maximum gives 1)
         w = w_[r]
-        hr = hard_coef if y_[r] >= 0 else 0.0
+        hr = _row_hard(hard_coef, y_[r])
         zs = np.float64(Zs[r])
         zt = np.float64(Zt[r])
         z1 = np.float64(Z1[r]) if hr != 0.0 else 1.0
