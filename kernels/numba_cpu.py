@@ -31,9 +31,8 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
         ch_j = w hard e^(ms_j - ms) / Z1.
     Memory: s and t are read once from memory (a block's second read hits L1), the gradient is
     written once (from C = STREAM_FROM on, computed into a scratch block and streamed past the
-    caches by non-temporal stores: ``stream``); the row buffers stay in L2 for C up to ~32k. The
-    gradient pass of one row runs interleaved, block by block, with the first pass of the next
-    (``_chunk_fast_rows``).
+    caches by non-temporal stores: ``stream``); the row buffers stay in L2 for C up to ~64k. The
+    gradient pass of a row follows its first pass (``_chunk_fast_rows``).
     Statistics per row (``RowStats``): soft_a = A / Zt, soft_z = Zs / Zt (kl) or Zs (ce),
     hard_z = Z1, hard_sy = s_y - ms, so that
         KL(q || p) = soft_a + log soft_z,  H(q, p) = soft_a + log soft_z,  CE = log hard_z - hard_sy;
@@ -402,33 +401,25 @@ def _block_max(s, t, i, c0, n):
     return bs, bt, chk
 
 
-# ---------------------------------------------------------------- kl / ce: fast rows, two at a time
+# ---------------------------------------------------------------- kl / ce: fast rows
 
-# Pass 1 of a row (its exponentials into row buffers, steps (a)-(d) of the module doc) is bound by
-# the exponentials, pass 2 (the gradient, written to memory) by memory. ``_chunk_fast``
-# interleaves them across rows, block by block: pass 1 of row i on block j, then pass 2 of the
-# previous row on block j, with two sets of row buffers (slots). Measured on the 2-core machine,
-# one thread, from memory: C = 128256 1.42 -> 1.09 ns a value, C = 100 2.5 -> 2.1; C = 1000 and
-# 32000 within the noise (1.2-1.5): pass 2's writes do not yet overlap pass 1's arithmetic there.
-# Row state per slot (float64): ms, mt, Zs, Zt, Z1, A, then the gradient's coefficients
-# a_s, a_t, a_1, w hard, y, and the block factors cached for the maxima last seen.
+# Row state (float64): ms, mt, Zs, Zt, Z1, A, then the gradient's coefficients a_s, a_t, a_1,
+# w hard, y, and the block factors cached for the maxima last seen.
 _MS, _MT, _ZS, _ZT, _Z1, _A, _AS, _AT, _A1, _WH, _Y, _LS, _LT, _CS, _CT, _CH = range(16)
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard):
-    """Block j of row i into slot q: steps (a)-(d) of the module doc on one block; False where the
+def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard):
+    """Block j of row i into the row buffers: steps (a)-(d) of the module doc on one block; False where the
     block holds NaN or +-inf (nothing of the row is written yet: it goes to the general path)."""
     f32 = np.float32
     c0 = np.uint64(j * BLOCK)
     n = np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
-    esq = es[q]
-    etq = et[q]
-    ms = st[q, _MS]
-    mt = st[q, _MT]
-    A, Zs, Zt, Z1 = st[q, _A], st[q, _ZS], st[q, _ZT], st[q, _Z1]
+    ms = st[_MS]
+    mt = st[_MT]
+    A, Zs, Zt, Z1 = st[_A], st[_ZS], st[_ZT], st[_Z1]
     if j > 0:
-        zs_b, zt_b, a_b, bs, bt, chk = _block_exps_max(s, t, i, esq, etq, c0, n, f32(ms), f32(mt), kx, kind_ce)
+        zs_b, zt_b, a_b, bs, bt, chk = _block_exps_max(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce)
         if chk != 0:
             return False
         redo = bs > ms + reach or bt > mt + reach
@@ -445,11 +436,11 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv
             A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
         ms = ns
         mt = nt
-        zs_b, zt_b, a_b = _block_exps(s, t, i, esq, etq, c0, n, f32(ms), f32(mt), kx, kind_ce)
+        zs_b, zt_b, a_b = _block_exps(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce)
         if EXP2_PROPAGATES and _sums_check(zs_b, zt_b, a_b) != 0:
             return False
-    bms[q, j] = ms
-    bmt[q, j] = mt
+    bms[j] = ms
+    bmt[j] = mt
     Zs += np.float64(zs_b)
     Zt += np.float64(zt_b)
     A += np.float64(a_b) * inv_T
@@ -457,62 +448,58 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv
         if p == 1:
             Z1 += np.float64(zs_b)
         elif p >= 2:
-            Z1 += np.float64(_pow_sum(esq, c0, n, p))
+            Z1 += np.float64(_pow_sum(es, c0, n, p))
         else:
-            e1q = e1[q]
             msx = f32(ms)
             z1_b = f32(0)
             for c in range(n):
                 e = exp2_fast((_ld2(s, i, c0 + c) - msx) * l2e)
-                e1q[c0 + c] = e
+                e1[c0 + c] = e
                 z1_b += e
             Z1 += np.float64(z1_b)
     if ns > ms or nt > mt:
         A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
         ms = ns
         mt = nt
-    st[q, _MS] = ms
-    st[q, _MT] = mt
-    st[q, _A], st[q, _ZS], st[q, _ZT], st[q, _Z1] = A, Zs, Zt, Z1
+    st[_MS] = ms
+    st[_MT] = mt
+    st[_A], st[_ZS], st[_ZT], st[_Z1] = A, Zs, Zt, Z1
     return True
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _pass2_block(out, i, es, et, e1, bms, bmt, st, q, j, C, inv_T, p, gb):
-    """The gradient of row i on block j from slot q (its pass 1 complete): stored plainly, or,
+def _pass2_block(out, i, es, et, e1, bms, bmt, st, j, C, inv_T, p, gb):
+    """The gradient of row i on block j from the row buffers (its pass 1 complete): stored plainly, or,
     where gb (a (1, BLOCK) scratch row of out's dtype) is not empty, computed into gb and streamed
     to out (``stream``)."""
     f32 = np.float32
     c0 = np.uint64(j * BLOCK)
     n = np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
-    ms = st[q, _MS]
-    mt = st[q, _MT]
-    if j == 0 or bms[q, j] != st[q, _LS] or bmt[q, j] != st[q, _LT]:   # the maxima change rarely
-        bs = bms[q, j]
-        bt = bmt[q, j]
-        st[q, _LS] = bs
-        st[q, _LT] = bt
-        st[q, _CS] = st[q, _AS] * (1.0 if bs == ms else math.exp((bs - ms) * inv_T))
-        st[q, _CT] = st[q, _AT] * (1.0 if bt == mt else math.exp((bt - mt) * inv_T))
-        st[q, _CH] = st[q, _A1] * (1.0 if bs == ms else math.exp(bs - ms))
-    cs = f32(st[q, _CS])
-    ct = f32(st[q, _CT])
-    ch = f32(st[q, _CH])
-    has_hard = st[q, _WH] != 0.0
-    esq = es[q]
-    etq = et[q]
-    e1q = e1[q]
+    ms = st[_MS]
+    mt = st[_MT]
+    if j == 0 or bms[j] != st[_LS] or bmt[j] != st[_LT]:   # the maxima change rarely
+        bs = bms[j]
+        bt = bmt[j]
+        st[_LS] = bs
+        st[_LT] = bt
+        st[_CS] = st[_AS] * (1.0 if bs == ms else math.exp((bs - ms) * inv_T))
+        st[_CT] = st[_AT] * (1.0 if bt == mt else math.exp((bt - mt) * inv_T))
+        st[_CH] = st[_A1] * (1.0 if bs == ms else math.exp(bs - ms))
+    cs = f32(st[_CS])
+    ct = f32(st[_CT])
+    ch = f32(st[_CH])
+    has_hard = st[_WH] != 0.0
     streamed = gb.shape[1] != 0
     dst = gb if streamed else out
     di = np.uint64(0) if streamed else i
     off = c0 if streamed else np.uint64(0)
-    _grad_block(dst, di, off, esq, etq, e1q, c0, n, cs, ct, ch, p, has_hard)
-    y = np.int64(st[q, _Y])
+    _grad_block(dst, di, off, es, et, e1, c0, n, cs, ct, ch, p, has_hard)
+    y = np.int64(st[_Y])
     if has_hard and j * BLOCK <= y < j * BLOCK + BLOCK:   # the label's entry, rounded once
         yy = np.uint64(y)
-        e = esq[yy]
-        e_1 = e1q[yy] if p == 0 else e if p == 1 else _ipow(e, p)
-        _st2(dst, di, yy - off, cs * e - ct * etq[yy] + ch * e_1 - f32(st[q, _WH]))
+        e = es[yy]
+        e_1 = e1[yy] if p == 0 else e if p == 1 else _ipow(e, p)
+        _st2(dst, di, yy - off, cs * e - ct * et[yy] + ch * e_1 - f32(st[_WH]))
     if streamed:
         stream_row(out, i, c0, n, gb[0])
 
@@ -529,30 +516,41 @@ def _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy):
 @njit(fastmath=FASTMATH, cache=True)
 def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                 flags, r0, r1):
-    """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): the slot
+    """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): the row
     buffers and, where C >= STREAM_FROM, the scratch row of the streamed gradient; then
     ``_chunk_fast_rows``."""
     C = s.shape[1]
     nb = (C + BLOCK - 1) // BLOCK
     gb = np.empty((1, BLOCK if C >= STREAM_FROM else 0), out.dtype)
     _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
-                     flags, r0, r1, np.empty((2, C), np.float32), np.empty((2, C), np.float32),
-                     np.empty((2, C), np.float32), np.empty((2, nb)), np.empty((2, nb)), np.zeros((2, 16)), gb)
+                     flags, r0, r1, np.empty(C, np.float32), np.empty(C, np.float32), np.empty(C, np.float32),
+                     np.empty(nb), np.empty(nb), np.zeros(16), gb)
 
 
 # Compiled without Numba's reference counting (``_nrt=False``: it allocates nothing, and its
 # caller holds every array). With it, LLVM kept about a dozen reference-count updates of the
-# arrays in the row loop (the slot buffers' rows, ``out`` in the inlined helpers): each an atomic
-# add, a locked instruction, which on x86 waits until the store buffer has drained, so every row
-# waited for its gradient's stores to reach the cache. Measured on the 2-core machine, one thread:
+# arrays in the row loop (the row buffers, ``out`` in the inlined helpers): each an atomic add, a
+# locked instruction, which on x86 waits until the store buffer has drained, so every row waited
+# for its gradient's stores to reach the cache. Measured on the 2-core machine, one thread:
 # C = 100 12.6 -> 8.3 ms for 65536 rows, in cache 187 -> 125 ns a row; C = 1000 8.8 -> 7.4 ms.
+#
+# One set of row buffers, each row's gradient right after its first pass. The rows used to run
+# interleaved (pass 1 of row i on block j, then the gradient of row i - 1 on block j) with two sets
+# of buffers: that had hidden the reference-count updates above, and without them it only costs.
+# Two sets of buffers take twice the L1 that the exponentials' stores need (16 KB at C = 1000 with
+# s and t streaming through a 32 KB L1): the stores to buffers evicted since their last use miss
+# L1 and wait behind the loads of s and t from memory, so reading the logits no longer overlapped
+# the arithmetic. C = 1000, one thread: the first pass alone 5.5 ms from memory against 3.9 from
+# cache with two sets, 4.3 against 4.0 with one. Whole kernel, two threads, median of 21 calls
+# alternating in one process (2-core machine, 2026-11-28), one set over two: C = 100 0.91,
+# 200 0.93, 512 0.80, 1000 0.85, 2000 0.95, 4000 0.97-1.06, 32000 0.91-0.95, 128256 0.84-0.93.
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, r1, es, et, e1, bms, bmt, st, gb):
-    """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows
-    two at a time (see above), the others by _row_general. es, et, e1: (2, C) float32 slot
-    buffers; bms, bmt: (2, blocks) float64; st: (2, 16) float64 zeros; gb: the streamed gradient's
-    (1, BLOCK) scratch row, or (1, 0) for plain stores."""
+    """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows by
+    the two passes above, the others by _row_general. es, et, e1: (C,) float32 row buffers; bms,
+    bmt: (blocks,) float64; st: (16,) float64; gb: the streamed gradient's (1, BLOCK) scratch row,
+    or (1, 0) for plain stores."""
     C = s.shape[1]
     nb = (C + BLOCK - 1) // BLOCK
     f32 = np.float32
@@ -560,8 +558,6 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
     kx = f32(inv_T * LOG2E)
     l2e = f32(LOG2E)
     reach = 41.0 * min(1.0 / inv_T, 1.0)
-    prev = -1       # the fast row whose gradient is pending, in slot pq
-    pq = 1
     for i in range(r0, r1):
         w = weights[i]
         y = labels[i]
@@ -569,42 +565,35 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
         if w == 0.0:   # a row that counts nowhere
             _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy)
             continue
-        q = 1 - pq
-        st[q, _MS] = -np.inf
-        st[q, _MT] = -np.inf
-        st[q, _ZS] = st[q, _ZT] = st[q, _Z1] = st[q, _A] = 0.0
+        st[_MS] = -np.inf
+        st[_MT] = -np.inf
+        st[_ZS] = st[_ZT] = st[_Z1] = st[_A] = 0.0
         ui = np.uint64(i)
-        up = np.uint64(max(prev, 0))
         ok = True
         for j in range(nb):
-            if ok:
-                ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, q, j, C, kx, l2e, reach, inv_T, kind_ce, p,
-                                  hard_i != 0.0)
-            if prev >= 0:
-                _pass2_block(out, up, es, et, e1, bms, bmt, st, pq, j, C, inv_T, p, gb)
-        prev = -1
+            ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p,
+                              hard_i != 0.0)
+            if not ok:
+                break
         if not ok:     # NaN or +-inf somewhere in the row: the general path (it flags bad rows)
-            flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es[q], et[q], e1[q], y, w, soft, hard_i, inv_T,
+            flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es, et, e1, y, w, soft, hard_i, inv_T,
                                                  kind, beta, p == 1)
             flags[i] = flag
             soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = a_, z_, h_, sy_
             continue
-        Zs, Zt, Z1, A, ms = st[q, _ZS], st[q, _ZT], st[q, _Z1], st[q, _A], st[q, _MS]
+        Zs, Zt, Z1, A, ms = st[_ZS], st[_ZT], st[_Z1], st[_A], st[_MS]
         soft_a[i] = A / Zt
         soft_z[i] = Zs if kind_ce else Zs / Zt
         hard_z[i] = Z1 if hard_i != 0.0 else 1.0
         hard_sy[i] = np.float64(_ld2(s, ui, np.uint64(y))) - ms if hard_i != 0.0 else 0.0   # before any write
         gs = w * soft * inv_T
-        st[q, _AS] = gs / Zs
-        st[q, _AT] = gs / Zt
-        st[q, _A1] = w * hard_i / Z1 if hard_i != 0.0 else 0.0
-        st[q, _WH] = w * hard_i
-        st[q, _Y] = y
-        prev = i
-        pq = q
-    if prev >= 0:      # the last row's gradient
+        st[_AS] = gs / Zs
+        st[_AT] = gs / Zt
+        st[_A1] = w * hard_i / Z1 if hard_i != 0.0 else 0.0
+        st[_WH] = w * hard_i
+        st[_Y] = y
         for j in range(nb):
-            _pass2_block(out, np.uint64(prev), es, et, e1, bms, bmt, st, pq, j, C, inv_T, p, gb)
+            _pass2_block(out, ui, es, et, e1, bms, bmt, st, j, C, inv_T, p, gb)
     store_fence()      # the streamed stores are visible before the chunk reports completion
 
 

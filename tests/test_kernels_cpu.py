@@ -191,10 +191,10 @@ def test_float32_bad_values_in_any_block_raise_the_reference_error(where, value,
 
 def test_float32_neg_inf_in_a_later_block_takes_the_general_path():
     """-inf classes are legal: a row whose -inf appears after the fast path has measured blocks
-    leaves it for the general path, with the reference's result (and the gradient of the row
-    before it, interleaved with it block by block, is still completed)."""
-    s, t, y = finite_rows(64, 1500, 4, 3.0)   # 4 rows a chunk: the rows of a chunk are interleaved
-    y[y < 0] = 7               # every row counts: each fast row's gradient pass meets the next row
+    leaves it for the general path, with the reference's result (the general path reuses the row
+    buffers the fast path had filled; the fast rows before and after it are complete)."""
+    s, t, y = finite_rows(64, 1500, 4, 3.0)   # 4 rows a chunk: fast and general rows in one chunk
+    y[y < 0] = 7               # every row counts
     s[2, 1200] = t[2, 1200] = -np.inf
     t[3, 1300] = -np.inf       # the teacher alone: kl is fine, the student keeps mass there
     for kind, beta in ALL_KINDS:
