@@ -93,7 +93,7 @@ def finite_rows(N, C, seed, T):
 def test_float32_matches_reference(C, T):
     """float32 against the float64 reference on the float32 inputs: the loss within 1e-5 of the size
     of its terms, the gradient within 1e-5 of max |grad|; rows with -inf classes (the general
-    path) and rows without (the fast path, online maxima over blocks of 512) for every kind."""
+    path) and rows without (the fast path, online maxima over blocks of BLOCK values) for every kind."""
     s64, t64, y, _ = make(64, C, C, "float64", unlabeled_fraction=0.2)
     cases = [(s64.astype(np.float32), t64.astype(np.float32), y), finite_rows(64, C, C + 1, T)]
     for s, t, yy in cases:
@@ -276,7 +276,8 @@ def test_streamed_gradient_at_every_alignment(C, dtype):
     assert C >= STREAM_FROM
     ml_dtypes = pytest.importorskip("ml_dtypes")
     s, t, y = finite_rows(12, C, C, 2.0)
-    y[:6] = [0, BLOCK - 1, BLOCK, C - 1, C - 7, C // 2 + 1]   # the label at the blocks' edges
+    edges = [BLOCK - 1, BLOCK] if C > BLOCK else [C - 2, 1]
+    y[:6] = [0, *edges, C - 1, C - 7, C // 2 + 1]   # the label at the blocks' edges
     s[8, 5] = t[8, 5] = -np.inf
     if dtype == "bfloat16":
         s, t = s.astype(ml_dtypes.bfloat16), t.astype(ml_dtypes.bfloat16)
