@@ -363,20 +363,22 @@ BACKENDS_CPU = ("numpy", "numba", "auto")
 
 @pytest.mark.parametrize("backend", BACKENDS_CPU)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_exactly_in_place_matches_reference(backend, dtype):
+@pytest.mark.parametrize("C", [12, 100, 1500])   # float32: the short-row kernel, the row kernel (two blocks)
+def test_exactly_in_place_matches_reference(backend, dtype, C):
     """out=student (the same array, or a view with its data pointer, shape and strides) is the
-    one overlap allowed, also for a student that is not contiguous."""
+    one overlap allowed, also for a student that is not contiguous: each row's student entries
+    (the label's among them) are read before its gradient is written."""
     rng = np.random.default_rng(2)
-    wide = rng.standard_normal((300, 24)).astype(dtype)
-    t = rng.standard_normal((300, 12)).astype(dtype)
-    y = rng.integers(0, 12, 300)
-    ref_loss, ref_grad = mk.kd_loss_and_grad(wide[:, :12].astype(np.float64), t.astype(np.float64), y,
+    wide = (3 * rng.standard_normal((300, 2 * C))).astype(dtype)
+    t = (3 * rng.standard_normal((300, C))).astype(dtype)
+    y = rng.integers(0, C, 300)
+    ref_loss, ref_grad = mk.kd_loss_and_grad(wide[:, :C].astype(np.float64), t.astype(np.float64), y,
                                              T=2.0, alpha=0.5)
     tol = 1e-12 if dtype == np.float64 else 1e-5
-    for make_student in (lambda: wide[:, :12].copy(), lambda: wide.copy()[:, :12]):
+    for make_student in (lambda: wide[:, :C].copy(), lambda: wide.copy()[:, :C]):
         s = make_student()
         for out in (s, s[:]):
-            s[...] = wide[:, :12]
+            s[...] = wide[:, :C]
             loss, g = softmax_kl(s, t, y, T=2.0, alpha=0.5, out=out, backend=backend)
             assert g is out and np.max(np.abs(s - ref_grad)) <= tol * np.max(np.abs(ref_grad))
             assert abs(loss - ref_loss) <= tol * abs(ref_loss)
