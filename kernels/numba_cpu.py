@@ -409,13 +409,18 @@ def _block_max(s, t, i, c0, n):
 _MS, _MT, _ZS, _ZT, _Z1, _A, _AS, _AT, _A1, _WH, _Y, _LS, _LT, _CS, _CT, _CH = range(16)
 
 
+@njit(inline="always")
+def _block_span(j, C):
+    """(c0, n): block j of a row of C values is [c0, c0 + n), n = BLOCK but for the last block."""
+    return np.uint64(j * BLOCK), np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard):
     """Block j of row i into the row buffers: steps (a)-(d) of the module doc on one block; False where the
     block holds NaN or +-inf (nothing of the row is written yet: it goes to the general path)."""
     f32 = np.float32
-    c0 = np.uint64(j * BLOCK)
-    n = np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
+    c0, n = _block_span(j, C)
     ms = st[_MS]
     mt = st[_MT]
     A, Zs, Zt, Z1 = st[_A], st[_ZS], st[_ZT], st[_Z1]
@@ -474,8 +479,7 @@ def _pass2_block(out, i, es, et, e1, bms, bmt, st, j, C, inv_T, p, gb):
     where gb (a (1, BLOCK) scratch row of out's dtype) is not empty, computed into gb and streamed
     to out (``stream``)."""
     f32 = np.float32
-    c0 = np.uint64(j * BLOCK)
-    n = np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
+    c0, n = _block_span(j, C)
     ms = st[_MS]
     mt = st[_MT]
     if j == 0 or bms[j] != st[_LS] or bmt[j] != st[_LT]:   # the maxima change rarely
@@ -553,7 +557,7 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
     bmt: (blocks,) float64; st: (16,) float64; gb: the streamed gradient's (1, BLOCK) scratch row,
     or (1, 0) for plain stores."""
     C = s.shape[1]
-    nb = (C + BLOCK - 1) // BLOCK
+    nb = bms.shape[0]   # the row's blocks (_chunk_fast sized bms)
     f32 = np.float32
     kind_ce = kind == 1
     kx = f32(inv_T * LOG2E)
