@@ -11,11 +11,14 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
       (a) the block maxima bs, bt (maxnum: vectorized) and a finiteness check: the sum of 0 x is 0
           unless some x is NaN or +-inf (then the row leaves for the general path below; not x - x,
           which reassociation may cancel to 0; on AVX-512, where exp2_fast is NaN at every
-          non-finite argument, 0 times the sums of (c) instead: ``EXP2_PROPAGATES``). The first
-          block is scanned for them first; later blocks in the same loop as their exponentials,
-          which are then measured from the running maxima and may exceed 1, up to a reach
-          (41 min(T, 1) logits: every exponential, es^T included, stays below 2^60); a block that
-          jumps further is recomputed from its maxima;
+          non-finite argument, 0 times the sums of (c) instead: ``EXP2_PROPAGATES``), in the
+          same loop as the block's exponentials, which are then measured from the running maxima
+          and may exceed 1, up to a reach of min(REACH_E T, 41 min(T, 1)) logits: every
+          exponential, es^T included, stays below 2^60, and the exponent's rounding (u |s - m| / T
+          relative, u = 2^-24) stays within about twice exp2_fast's own error; a block that jumps
+          further is recomputed from its maxima. The running maxima start from the maxima of the
+          row's first ANCHOR classes (so the row's reads start in the loop that computes: see
+          Memory). Rows with C < FUSE_FROM take their maxima first (one block: exact);
       (b) online softmax (Milakov & Gimelshein 2018): where a block raises the running maxima
           (ms, mt) -> (ns, nt), the sums so far are brought to the new maxima,
               Zs *= e^((ms - ns)/T),  Zt *= f = e^((mt - nt)/T),  Z1 *= e^(ms - ns),
@@ -29,10 +32,14 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
     by its own factor:  grad = cs_j es - ct_j et + ch_j e1 - [c = y] w hard,
         cs_j = w soft e^((ms_j - ms)/T) / (T Zs),  ct_j = w soft e^((mt_j - mt)/T) / (T Zt),
         ch_j = w hard e^(ms_j - ms) / Z1.
-    Memory: s and t are read once from memory (a block's second read hits L1), the gradient is
-    written once (from C = STREAM_FROM on, computed into a scratch block and streamed past the
-    caches by non-temporal stores: ``stream``); the row buffers stay in L2 for C up to ~64k. The
-    gradient pass of a row follows its first pass (``_chunk_fast_rows``).
+    Memory: s and t are read once from memory (a redone block's second read hits L1), the
+    gradient is written once (from C = STREAM_FROM on, computed into a scratch block and streamed
+    past the caches by non-temporal stores: ``stream``); the row buffers stay in L2 for C up to
+    ~64k. From C = FUSE_FROM on, the gradient of row i - 1 is written in row i's first pass: each
+    class of a block takes row i - 1's gradient from the buffers, then overwrites them with row
+    i's exponentials (``_exps_loop``), so the gradient's stores and the logits' reads from memory
+    both spread through the arithmetic instead of waiting at the row's ends
+    (``_chunk_fast_rows``). Shorter rows write their gradient right after their first pass.
     Statistics per row (``RowStats``): soft_a = A / Zt, soft_z = Zs / Zt (kl) or Zs (ce),
     hard_z = Z1, hard_sy = s_y - ms, so that
         KL(q || p) = soft_a + log soft_z,  H(q, p) = soft_a + log soft_z,  CE = log hard_z - hard_sy;
@@ -110,6 +117,9 @@ LOG2E = 1.4426950408889634
 SHORT_ROWS_UP_TO = 32      # C at or below this takes the row-transposed kernel (kl / ce; measured faster than
                            # the row kernel up to C = 48, even at 64, slower at 100: 2-core machine, 2026-11-28)
 SHORT_BLOCK_ROWS = 128     # rows per transposed block (64..128 measured best)
+REACH_E = 4.0             # a block measured from maxima up to REACH_E T below its own is not redone
+ANCHOR = 32               # the fused rows' first block is measured from the maxima of this many first classes
+FUSE_FROM = 256           # C at or above which a row's gradient is written inside the next row's first pass
 STREAM_FROM = 1024         # C at or above which the row kernel streams its gradient past the caches
                            # (``stream``; measured: even at C = 1000, 0.95 of the plain stores' time at
                            # 1500, 0.82-0.92 from 2000 to 128256, 1.13 at 512: 2-core machine, 2026-11-28)
@@ -236,8 +246,9 @@ def _nonfinite(x, z):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _pow_sum(es, c0, n, p):
-    """sum es^p over the block [c0, c0 + n) (p in 2..8, by multiplications)."""
+def _pow_sum(es, e1, c0, n, p):
+    """sum es^p over the block [c0, c0 + n) (p in 2..8, by multiplications); es^p into e1 but for p = 2
+    and 4 (``_grad_form``)."""
     z = np.float32(0)
     if p == 2:
         for c in range(n):
@@ -247,50 +258,62 @@ def _pow_sum(es, c0, n, p):
         for c in range(n):
             e = es[c0 + c] * es[c0 + c]
             z += e * e
-    elif p == 8:
-        for c in range(n):
-            e = es[c0 + c] * es[c0 + c]
-            e = e * e
-            z += e * e
     else:
         for c in range(n):
-            z += _ipow(es[c0 + c], p)
+            e = _ipow(es[c0 + c], p)
+            e1[c0 + c] = e
+            z += e
     return z
 
 
-@njit(inline="always", fastmath=FASTMATH)
-def _grad_block(out, i, off, es, et, e1, c0, n, cs, ct, ch, p, has_hard):
-    """out[i, block - off] = cs es - ct et + ch e1 over the block [c0, c0 + n), e1 = es^p (p >= 2),
-    es (p = 1), the buffer (p = 0); off = 0 (into the gradient) or c0 (into a block's scratch row)."""
+# The gradient's form on a row, gp (``_grad_form``): SOFT_ONLY (-1, no hard term), 0 with e1 from its
+# buffer, 1 with e1 = es (the caller passes cs + ch as cs), 2 and 4 with e1 = es^2, es^4; NOTHING (-2)
+# where no row's gradient is pending. Four forms, each a loop of its own in ``_grad_block`` and
+# ``_block_exps``: the other powers p = 3, 5..8 are written into e1's buffer by the first pass.
+NOTHING, SOFT_ONLY = -2, -1
+
+
+@njit(inline="always")
+def _grad_form(p, has_hard):
+    """The form of a row's gradient (above) for the hard power p (``hard_power``)."""
     if not has_hard:
-        for c in range(n):
-            k = c0 + c
-            _st2(out, i, k - off, cs * es[k] - ct * et[k])
-    elif p == 1:
-        cs1 = cs + ch
-        for c in range(n):
-            k = c0 + c
-            _st2(out, i, k - off, cs1 * es[k] - ct * et[k])
-    elif p == 0:
-        for c in range(n):
-            k = c0 + c
-            _st2(out, i, k - off, cs * es[k] - ct * et[k] + ch * e1[k])
-    elif p == 2:
-        for c in range(n):
-            k = c0 + c
-            e = es[k]
-            _st2(out, i, k - off, (cs + ch * e) * e - ct * et[k])
-    elif p == 4:
-        for c in range(n):
-            k = c0 + c
-            e = es[k]
-            e2 = e * e
-            _st2(out, i, k - off, cs * e + ch * (e2 * e2) - ct * et[k])
+        return SOFT_ONLY
+    return p if p == 1 or p == 2 or p == 4 else 0
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _grad_at(es, et, e1, k, cs, ct, ch, gp):
+    """One class of a row's gradient from the row buffers: cs es - ct et + ch e1 (gp: the form)."""
+    e = es[k]
+    if gp == SOFT_ONLY or gp == 1:
+        return cs * e - ct * et[k]
+    if gp == 0:
+        return cs * e - ct * et[k] + ch * e1[k]
+    if gp == 2:
+        return (cs + ch * e) * e - ct * et[k]
+    e2 = e * e    # gp = 4
+    return cs * e + ch * (e2 * e2) - ct * et[k]
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, gp):
+    for c in range(n):
+        k = c0 + c
+        _st2(out, i, k - off, _grad_at(es, et, e1, k, cs, ct, ch, gp))
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _grad_block(out, i, off, es, et, e1, c0, n, cs, ct, ch, gp):
+    """out[i, block - off] = the gradient over the block [c0, c0 + n) (``_grad_at``; each form its own
+    loop); off = 0 (into the gradient) or c0 (into a block's scratch row)."""
+    if gp == SOFT_ONLY or gp == 1:
+        _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, SOFT_ONLY)
+    elif gp == 0:
+        _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, 0)
+    elif gp == 2:
+        _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, 2)
     else:
-        for c in range(n):
-            k = c0 + c
-            e = es[k]
-            _st2(out, i, k - off, cs * e + ch * _ipow(e, p) - ct * et[k])
+        _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, 4)
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -331,29 +354,15 @@ def _exps_at(x, z, msx, mtx, kx, kind_ce):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _block_exps(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
+def _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch, gp):
     """es = 2^((s - msx) k), et = 2^((t - mtx) k) over the block [c0, c0 + n) of row i; returns the
-    block's float32 sums (Zs, Zt, A / inv_T), d = ut - us (kl) or -us (ce) in logit units."""
-    zs_b = np.float32(0)
-    zt_b = np.float32(0)
-    a_b = np.float32(0)
-    for c in range(n):
-        k = c0 + c
-        a, b, d = _exps_at(_ld2(s, i, k), _ld2(t, i, k), msx, mtx, kx, kind_ce)
-        es[k] = a
-        et[k] = b
-        zs_b += a
-        zt_b += b
-        a_b += b * d
-    return zs_b, zt_b, a_b
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
-    """``_block_exps`` that also returns the block's maxima and finiteness check in the same loop
-    (the sum of 0 x: NaN where some x is NaN or +-inf; not x - x, which reassociation may cancel to
-    0; with ``EXP2_PROPAGATES``, 0 times the block's sums instead: two multiply-adds a value fewer);
-    the exponents may be > 0 where the block exceeds (msx, mtx) (the caller bounds that)."""
+    block's float32 sums (Zs, Zt, A / inv_T; d = ut - us (kl) or -us (ce) in logit units), and with_max,
+    the block's maxima and finiteness check from the same loop (the sum of 0 x: NaN where some x is
+    NaN or +-inf; not x - x, which reassociation may cancel to 0; with ``EXP2_PROPAGATES``, 0 times
+    the block's sums instead: two multiply-adds a value fewer; the exponents may then be > 0 where the
+    block exceeds (msx, mtx): the caller bounds that). Where gp is not NOTHING, each class first takes
+    the pending row's gradient from the buffers' old values (``_grad_at``, coefficients cs, ct, ch)
+    into g[gi, k - off], then overwrites them."""
     zs_b = np.float32(0)
     zt_b = np.float32(0)
     a_b = np.float32(0)
@@ -364,19 +373,38 @@ def _block_exps_max(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce):
         k = c0 + c
         x = _ld2(s, i, k)
         z = _ld2(t, i, k)
-        bs = maxnum_nnan(bs, x)
-        bt = maxnum_nnan(bt, z)
-        if not EXP2_PROPAGATES:
-            chk += _nonfinite(x, z)
+        if with_max:
+            bs = maxnum_nnan(bs, x)
+            bt = maxnum_nnan(bt, z)
+            if not EXP2_PROPAGATES:
+                chk += _nonfinite(x, z)
         a, b, d = _exps_at(x, z, msx, mtx, kx, kind_ce)
+        if gp != NOTHING:
+            _st2(g, gi, k - off, _grad_at(es, et, e1, k, cs, ct, ch, gp))
         es[k] = a
         et[k] = b
         zs_b += a
         zt_b += b
         a_b += b * d
-    if EXP2_PROPAGATES:   # the sums are NaN where some x or z is NaN or +-inf (and +-inf - x is)
+    if with_max and EXP2_PROPAGATES:   # the sums are NaN where some x or z is NaN or +-inf (and +-inf - x is)
         chk = _sums_check(zs_b, zt_b, a_b)
     return zs_b, zt_b, a_b, bs, bt, chk
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _block_exps(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch, gp):
+    """``_exps_loop``, each form of the pending row's gradient its own loop."""
+    if gp == NOTHING:
+        return _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch,
+                          NOTHING)
+    if gp == SOFT_ONLY or gp == 1:
+        return _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch,
+                          SOFT_ONLY)
+    if gp == 0:
+        return _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch, 0)
+    if gp == 2:
+        return _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch, 2)
+    return _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch, 4)
 
 
 @njit(inline="always")
@@ -404,9 +432,10 @@ def _block_max(s, t, i, c0, n):
 
 # ---------------------------------------------------------------- kl / ce: fast rows
 
-# Row state (float64): ms, mt, Zs, Zt, Z1, A, then the gradient's coefficients a_s, a_t, a_1,
-# w hard, y, and the block factors cached for the maxima last seen.
-_MS, _MT, _ZS, _ZT, _Z1, _A, _AS, _AT, _A1, _WH, _Y, _LS, _LT, _CS, _CT, _CH = range(16)
+# Row state (float64, ``st``): the row being read, ms, mt, Zs, Zt, Z1, A; then the row whose gradient
+# is pending (its first pass done; its gradient is written during the next row's first pass): its
+# index, form (``_grad_at``; NOTHING: no row pending), label, w hard, and its blocks written so far.
+_MS, _MT, _ZS, _ZT, _Z1, _A, _PI, _PG, _PY, _PW, _PD = range(11)
 
 
 @njit(inline="always")
@@ -415,34 +444,127 @@ def _block_span(j, C):
     return np.uint64(j * BLOCK), np.uint64(min(C, j * BLOCK + BLOCK) - j * BLOCK)
 
 
+@njit(inline="always")
+def _pending_block(out, es, et, e1, st, gc, gb, j, C):
+    """What the pending row's gradient needs on block j: (c0, n, gp, cs, ct, ch, dst, di, off, lab, yy, v):
+    its coefficients (float32; at gp = 1, cs + ch as cs), where it goes (out[row], or gb's scratch row
+    where streamed: ``dst[di, k - off]``), and whether the row's label lies in the block, with the
+    label's entry (the hard term's - w hard rounded once with the rest), taken from the buffers
+    before the block's loop overwrites them."""
+    c0, n = _block_span(j, C)
+    gp = np.int64(st[_PG])
+    cs = gc[0, j]
+    ct = gc[1, j]
+    ch = gc[2, j]
+    if gp == 1:
+        cs = cs + ch
+    streamed = gb.shape[1] != 0
+    dst = gb if streamed else out
+    di = np.uint64(0) if streamed else np.uint64(st[_PI])
+    off = c0 if streamed else np.uint64(0)
+    y = st[_PY]
+    lab = gp >= 0 and c0 <= y < c0 + n
+    yy = np.uint64(y) if lab else np.uint64(0)
+    v = _grad_at(es, et, e1, yy, cs, ct, ch, gp) - np.float32(st[_PW]) if lab else np.float32(0)
+    return c0, n, gp, cs, ct, ch, dst, di, off, lab, yy, v
+
+
+@njit(inline="always")
+def _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v):
+    """The pending row's block j has its gradient in dst: the label's entry over it, streamed to out
+    where dst is the scratch row; block j counted as written."""
+    ip = np.uint64(st[_PI])
+    if gb.shape[1] != 0:
+        if lab:
+            _st2(gb, np.uint64(0), yy - c0, v)
+        stream_row(out, ip, c0, n, gb[0])
+    elif lab:
+        _st2(out, ip, yy, v)
+    st[_PD] = j + 1
+
+
 @njit(inline="always", fastmath=FASTMATH)
-def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard):
-    """Block j of row i into the row buffers: steps (a)-(d) of the module doc on one block; False where the
-    block holds NaN or +-inf (nothing of the row is written yet: it goes to the general path)."""
+def _finish_pending(out, es, et, e1, st, gc, gb, C, nb):
+    """The pending row's blocks not yet written, from the row buffers (before anything else overwrites
+    them: the end of the chunk, a row that leaves for the general path)."""
+    if np.int64(st[_PG]) == NOTHING:
+        return
+    for j in range(np.int64(st[_PD]), nb):
+        c0, n, gp, cs, ct, ch, dst, di, off, lab, yy, v = _pending_block(out, es, et, e1, st, gc, gb, j, C)
+        _grad_block(dst, di, off, es, et, e1, c0, n, cs, ct, ch, gp)
+        _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v)
+    st[_PG] = NOTHING
+
+
+@njit(inline="always")
+def _set_pending(st, gc, bms, bmt, i, y, w, soft, hard_i, inv_T, p):
+    """Row i (its first pass done) becomes the pending row: its form and the per-block coefficients of
+    the module doc, cs_j = w soft e^((ms_j - ms)/T) / (T Zs), ct_j = w soft e^((mt_j - mt)/T) / (T Zt),
+    ch_j = w hard e^(ms_j - ms) / Z1, from the maxima each block was measured from (the factors
+    recomputed only where those change)."""
+    ms, mt, Zs, Zt, Z1 = st[_MS], st[_MT], st[_ZS], st[_ZT], st[_Z1]
+    gs = w * soft * inv_T
+    a_s = gs / Zs
+    a_t = gs / Zt
+    a_1 = w * hard_i / Z1 if hard_i != 0.0 else 0.0
+    fs = ft = f1 = 1.0
+    for j in range(bms.shape[0]):
+        bs = bms[j]
+        bt = bmt[j]
+        if j == 0 or bs != bms[j - 1]:   # the maxima change rarely
+            fs = 1.0 if bs == ms else math.exp((bs - ms) * inv_T)
+            f1 = 1.0 if bs == ms else math.exp(bs - ms)
+        if j == 0 or bt != bmt[j - 1]:
+            ft = 1.0 if bt == mt else math.exp((bt - mt) * inv_T)
+        gc[0, j] = a_s * fs
+        gc[1, j] = a_t * ft
+        gc[2, j] = a_1 * f1
+    st[_PI] = i
+    st[_PG] = _grad_form(p, hard_i != 0.0)
+    st[_PY] = y
+    st[_PW] = w * hard_i
+    st[_PD] = 0
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard, out, gc, gb,
+                 fused):
+    """Block j of row i into the row buffers: steps (a)-(d) of the module doc on one block, and the
+    pending row's gradient on the block, in the loop that first overwrites the block's buffers (each
+    class: the pending row's gradient from the old values, then the new ones); False where the block
+    holds NaN or +-inf (nothing of row i is written yet: it goes to the general path)."""
     f32 = np.float32
     c0, n = _block_span(j, C)
+    u0 = np.uint64(0)
     ms = st[_MS]
     mt = st[_MT]
     A, Zs, Zt, Z1 = st[_A], st[_ZS], st[_ZT], st[_Z1]
-    if j > 0:
-        zs_b, zt_b, a_b, bs, bt, chk = _block_exps_max(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce)
-        if chk != 0:
-            return False
-        redo = bs > ms + reach or bt > mt + reach
-    else:
+    if j == 0 and not fused:   # a short row: its maxima first (nothing pending: see _chunk_fast_rows)
         bs, bt, chk = _block_max(s, t, i, c0, n)
         if chk != 0:
             return False
-        redo = True
-        zs_b = zt_b = a_b = f32(0)
-    ns = max(ms, np.float64(bs))
-    nt = max(mt, np.float64(bt))
-    if redo:
-        if j > 0:
-            A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
+        ms = ns = np.float64(bs)
+        mt = nt = np.float64(bt)
+        zs_b, zt_b, a_b, _, _, _ = _exps_loop(s, t, i, es, et, c0, n, bs, bt, kx, kind_ce, False,
+                                              out, u0, u0, e1, bs, bs, bs, NOTHING)
+        if EXP2_PROPAGATES and _sums_check(zs_b, zt_b, a_b) != 0:
+            return False
+    else:
+        _, _, gp, cs, ct, ch, dst, di, off, lab, yy, v = _pending_block(out, es, et, e1, st, gc, gb, j, C)
+        zs_b, zt_b, a_b, bs, bt, chk = _block_exps(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce, True,
+                                                   dst, di, off, e1, cs, ct, ch, gp)
+        if gp != NOTHING:
+            _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v)
+        if chk != 0:
+            return False
+        ns = max(ms, np.float64(bs))
+        nt = max(mt, np.float64(bt))
+    if bs > ms + reach or bt > mt + reach:   # too far above the running maxima: the block again from its own
+        A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
         ms = ns
         mt = nt
-        zs_b, zt_b, a_b = _block_exps(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce)
+        zs_b, zt_b, a_b, _, _, _ = _exps_loop(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce, False,
+                                              out, u0, u0, e1, bs, bs, bs, NOTHING)
         if EXP2_PROPAGATES and _sums_check(zs_b, zt_b, a_b) != 0:
             return False
     bms[j] = ms
@@ -454,7 +576,7 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T,
         if p == 1:
             Z1 += np.float64(zs_b)
         elif p >= 2:
-            Z1 += np.float64(_pow_sum(es, c0, n, p))
+            Z1 += np.float64(_pow_sum(es, e1, c0, n, p))
         else:
             msx = f32(ms)
             z1_b = f32(0)
@@ -471,42 +593,6 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T,
     st[_MT] = mt
     st[_A], st[_ZS], st[_ZT], st[_Z1] = A, Zs, Zt, Z1
     return True
-
-
-@njit(inline="always", fastmath=FASTMATH)
-def _pass2_block(out, i, es, et, e1, bms, bmt, st, j, C, inv_T, p, gb):
-    """The gradient of row i on block j from the row buffers (its pass 1 complete): stored plainly, or,
-    where gb (a (1, BLOCK) scratch row of out's dtype) is not empty, computed into gb and streamed
-    to out (``stream``)."""
-    f32 = np.float32
-    c0, n = _block_span(j, C)
-    ms = st[_MS]
-    mt = st[_MT]
-    if j == 0 or bms[j] != st[_LS] or bmt[j] != st[_LT]:   # the maxima change rarely
-        bs = bms[j]
-        bt = bmt[j]
-        st[_LS] = bs
-        st[_LT] = bt
-        st[_CS] = st[_AS] * (1.0 if bs == ms else math.exp((bs - ms) * inv_T))
-        st[_CT] = st[_AT] * (1.0 if bt == mt else math.exp((bt - mt) * inv_T))
-        st[_CH] = st[_A1] * (1.0 if bs == ms else math.exp(bs - ms))
-    cs = f32(st[_CS])
-    ct = f32(st[_CT])
-    ch = f32(st[_CH])
-    has_hard = st[_WH] != 0.0
-    streamed = gb.shape[1] != 0
-    dst = gb if streamed else out
-    di = np.uint64(0) if streamed else i
-    off = c0 if streamed else np.uint64(0)
-    _grad_block(dst, di, off, es, et, e1, c0, n, cs, ct, ch, p, has_hard)
-    y = np.int64(st[_Y])
-    if has_hard and j * BLOCK <= y < j * BLOCK + BLOCK:   # the label's entry, rounded once
-        yy = np.uint64(y)
-        e = es[yy]
-        e_1 = e1[yy] if p == 0 else e if p == 1 else _ipow(e, p)
-        _st2(dst, di, yy - off, cs * e - ct * et[yy] + ch * e_1 - f32(st[_WH]))
-    if streamed:
-        stream_row(out, i, c0, n, gb[0])
 
 
 @njit(inline="always")
@@ -529,7 +615,7 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
     gb = np.empty((1, BLOCK if C >= STREAM_FROM else 0), out.dtype)
     _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, r1, np.empty(C, np.float32), np.empty(C, np.float32), np.empty(C, np.float32),
-                     np.empty(nb), np.empty(nb), np.zeros(16), gb)
+                     np.empty(nb), np.empty(nb), np.empty((3, nb), np.float32), np.zeros(11), gb)
 
 
 # Compiled without Numba's reference counting (``_nrt=False``: it allocates nothing, and its
@@ -539,48 +625,59 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
 # for its gradient's stores to reach the cache. Measured on the 2-core machine, one thread:
 # C = 100 12.6 -> 8.3 ms for 65536 rows, in cache 187 -> 125 ns a row; C = 1000 8.8 -> 7.4 ms.
 #
-# One set of row buffers, each row's gradient right after its first pass. The rows used to run
-# interleaved (pass 1 of row i on block j, then the gradient of row i - 1 on block j) with two sets
-# of buffers: that had hidden the reference-count updates above, and without them it only costs.
-# Two sets of buffers take twice the L1 that the exponentials' stores need (16 KB at C = 1000 with
-# s and t streaming through a 32 KB L1): the stores to buffers evicted since their last use miss
-# L1 and wait behind the loads of s and t from memory, so reading the logits no longer overlapped
-# the arithmetic. C = 1000, one thread: the first pass alone 5.5 ms from memory against 3.9 from
-# cache with two sets, 4.3 against 4.0 with one. Whole kernel, two threads, median of 21 calls
-# alternating in one process (2-core machine, 2026-11-28), one set over two: C = 100 0.91,
-# 200 0.93, 512 0.80, 1000 0.85, 2000 0.95, 4000 0.97-1.06, 32000 0.91-0.95, 128256 0.84-0.93.
+# One set of row buffers (two sets, with rows interleaved block by block, take twice the L1 the
+# exponentials' stores need: at C = 1000 the stores then miss L1 behind the logits' loads; one set
+# measured 0.80-0.95 of two's time over C = 100..128256).
+#
+# The gradient of row i - 1 inside row i's first pass (C >= FUSE_FROM). Each row used to read its
+# logits in a loop of maxima alone, compute, and write its gradient in a burst at its end: the
+# reads and the stores each waited on memory while the arithmetic did not run (C = 1000, one
+# thread: 0.94 ns a value from memory against 0.57 in cache). Now the first block's exponentials
+# are measured from the maxima of the row's first ANCHOR classes, so the reads happen in the loop
+# that computes, and the stores spread through it. Two threads, the kernel alone, median of 21
+# calls alternating in one process (2-core machine, 2026-11-28), new over old: C = 1000 0.76-0.78,
+# 400 0.82-0.97, 32000 0.93-0.96, 128256 0.96-1.02 (noisy); shorter rows (C = 100, 200) lose: their
+# fixed cost per row (the rescale's exponentials) is a large part of a row, and the with-maxima loop
+# keeps fewer values in flight; they keep the old order (1.00-1.05 of the old time).
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
-                     flags, r0, r1, es, et, e1, bms, bmt, st, gb):
+                     flags, r0, r1, es, et, e1, bms, bmt, gc, st, gb):
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows by
-    the two passes above, the others by _row_general. es, et, e1: (C,) float32 row buffers; bms,
-    bmt: (blocks,) float64; st: (16,) float64; gb: the streamed gradient's (1, BLOCK) scratch row,
-    or (1, 0) for plain stores."""
+    the two passes above, the second (the gradient) inside the next row's first, the others by
+    _row_general. es, et, e1: (C,) float32 row buffers; bms, bmt: (blocks,) float64; gc: (3, blocks)
+    float32, the pending row's coefficients; st: (11,) float64; gb: the streamed gradient's
+    (1, BLOCK) scratch row, or (1, 0) for plain stores."""
     C = s.shape[1]
     nb = bms.shape[0]   # the row's blocks (_chunk_fast sized bms)
     f32 = np.float32
     kind_ce = kind == 1
     kx = f32(inv_T * LOG2E)
     l2e = f32(LOG2E)
-    reach = 41.0 * min(1.0 / inv_T, 1.0)
+    reach = min(REACH_E / inv_T, 41.0 * min(1.0 / inv_T, 1.0))
+    fused = C >= FUSE_FROM
+    st[_PI] = 0
+    st[_PG] = NOTHING
     for i in range(r0, r1):
         w = weights[i]
         y = labels[i]
         hard_i = _row_hard(hard, y)
-        if w == 0.0:   # a row that counts nowhere
+        if w == 0.0:   # a row that counts nowhere (it touches no buffer: a pending row stays pending)
             _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy)
             continue
-        st[_MS] = -np.inf
-        st[_MT] = -np.inf
-        st[_ZS] = st[_ZT] = st[_Z1] = st[_A] = 0.0
         ui = np.uint64(i)
+        if fused:   # the running maxima start from the first classes' (see the module doc)
+            bs, bt, _ = _block_max(s, t, ui, np.uint64(0), np.uint64(min(C, ANCHOR)))
+            st[_MS] = np.float64(bs)
+            st[_MT] = np.float64(bt)
+        st[_ZS] = st[_ZT] = st[_Z1] = st[_A] = 0.0
         ok = True
         for j in range(nb):
             ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p,
-                              hard_i != 0.0)
+                              hard_i != 0.0, out, gc, gb, fused)
             if not ok:
                 break
         if not ok:     # NaN or +-inf somewhere in the row: the general path (it flags bad rows)
+            _finish_pending(out, es, et, e1, st, gc, gb, C, nb)
             flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es, et, e1, y, w, soft, hard_i, inv_T,
                                                  kind, beta, p == 1)
             flags[i] = flag
@@ -591,14 +688,10 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
         soft_z[i] = Zs if kind_ce else Zs / Zt
         hard_z[i] = Z1 if hard_i != 0.0 else 1.0
         hard_sy[i] = np.float64(_ld2(s, ui, np.uint64(y))) - ms if hard_i != 0.0 else 0.0   # before any write
-        gs = w * soft * inv_T
-        st[_AS] = gs / Zs
-        st[_AT] = gs / Zt
-        st[_A1] = w * hard_i / Z1 if hard_i != 0.0 else 0.0
-        st[_WH] = w * hard_i
-        st[_Y] = y
-        for j in range(nb):
-            _pass2_block(out, ui, es, et, e1, bms, bmt, st, j, C, inv_T, p, gb)
+        _set_pending(st, gc, bms, bmt, i, y, w, soft, hard_i, inv_T, p)
+        if not fused:
+            _finish_pending(out, es, et, e1, st, gc, gb, C, nb)
+    _finish_pending(out, es, et, e1, st, gc, gb, C, nb)
     store_fence()      # the streamed stores are visible before the chunk reports completion
 
 

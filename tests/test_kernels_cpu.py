@@ -189,18 +189,25 @@ def test_float32_bad_values_in_any_block_raise_the_reference_error(where, value,
         softmax_kl(s, t, y, T=2.0, alpha=0.5, backend="numba")
 
 
-def test_float32_neg_inf_in_a_later_block_takes_the_general_path():
+@pytest.mark.parametrize("C", [300, 1500, 2600])   # one block, two, three (C >= FUSE_FROM)
+def test_float32_neg_inf_in_a_later_block_takes_the_general_path(C):
     """-inf classes are legal: a row whose -inf appears after the fast path has measured blocks
     leaves it for the general path, with the reference's result (the general path reuses the row
-    buffers the fast path had filled; the fast rows before and after it are complete)."""
-    s, t, y = finite_rows(64, 1500, 4, 3.0)   # 4 rows a chunk: fast and general rows in one chunk
+    buffers the fast path had filled; the fast rows before and after it are complete: the previous
+    row's gradient, written inside this row's first pass, is finished from the buffers first, from
+    whichever block this row left at; rows that count nowhere leave it pending)."""
+    s, t, y = finite_rows(64, C, 4, 3.0)   # 4 rows a chunk: fast and general rows in one chunk
     y[y < 0] = 7               # every row counts
-    s[2, 1200] = t[2, 1200] = -np.inf
-    t[3, 1300] = -np.inf       # the teacher alone: kl is fine, the student keeps mass there
+    s[2, C - 300] = t[2, C - 300] = -np.inf   # the last block
+    t[3, C - 200] = -np.inf    # the teacher alone: kl is fine, the student keeps mass there
+    s[6, 40] = t[6, 40] = -np.inf   # the first block, past the classes the running maxima start from
+    t[9, 0] = -np.inf          # the first class (the teacher alone)
+    mask = np.ones(64, bool)
+    mask[[12, 13, 14]] = False   # rows that count nowhere between a pending row and the next
     for kind, beta in ALL_KINDS:
         if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
             continue           # +inf where the teacher has no mass: test_reverse_kl_of_a_teacher_without_mass
-        kw = dict(T=3.0, alpha=0.5, kind=kind, beta=beta)
+        kw = dict(T=3.0, alpha=0.5, kind=kind, beta=beta, mask=mask)
         out = np.full_like(s, np.nan)   # every entry must be written (the previous row's gradient too)
         l32, g32 = softmax_kl(s, t, y, backend="numba", out=out, **kw)
         ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
