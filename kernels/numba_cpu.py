@@ -335,13 +335,30 @@ def _ipow(e, p):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce):
+def _factors(m, n, inv_T, p):
+    """(e^((m - n)/T), e^(m - n)) for maxima m <= n: 1 where they are equal, the second as the first's
+    p-th power where T = p is an integer (``hard_power``)."""
+    if m == n:
+        return 1.0, 1.0
+    f = math.exp((m - n) * inv_T)
+    if p == 1:
+        return f, f
+    return f, (_ipow(f, p) if p >= 2 else math.exp(m - n))
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce, p, st):
     """The sums measured from the maxima (ms, mt) brought to (ns, nt) >= them (online softmax):
     Z *= e^((m - n)/T) (Z1: e^(ms - ns)), and A <- f (A + Zt delta), f = e^((mt - nt)/T),
-    delta = ((ns - ms) - [kl] (nt - mt)) / T (d = zt - zs, or -zs, shifts by delta)."""
-    ft = math.exp((mt - nt) * inv_T)
+    delta = ((ns - ms) - [kl] (nt - mt)) / T (d = zt - zs, or -zs, shifts by delta). The factors
+    are kept in st for ``_set_pending`` (a block measured from (ms, mt) needs the same ones where
+    (ns, nt) are the row's maxima)."""
+    fs, f1 = _factors(ms, ns, inv_T, p)
+    ft, _ = _factors(mt, nt, inv_T, 1)
+    st[_RS], st[_RSN], st[_RFS], st[_RF1] = ms, ns, fs, f1
+    st[_RT], st[_RTN], st[_RFT] = mt, nt, ft
     A = (A + Zt * ((ns - ms) - (0.0 if kind_ce else (nt - mt))) * inv_T) * ft
-    return A, Zs * math.exp((ms - ns) * inv_T), Zt * ft, Z1 * math.exp(ms - ns)
+    return A, Zs * fs, Zt * ft, Z1 * f1
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -434,8 +451,9 @@ def _block_max(s, t, i, c0, n):
 
 # Row state (float64, ``st``): the row being read, ms, mt, Zs, Zt, Z1, A; then the row whose gradient
 # is pending (its first pass done; its gradient is written during the next row's first pass): its
-# index, form (``_grad_at``; NOTHING: no row pending), label, w hard, and its blocks written so far.
-_MS, _MT, _ZS, _ZT, _Z1, _A, _PI, _PG, _PY, _PW, _PD = range(11)
+# index, form (``_grad_at``; NOTHING: no row pending), label, w hard, and its blocks written so far;
+# then the last rescale's maxima and factors (``_rescale``).
+_MS, _MT, _ZS, _ZT, _Z1, _A, _PI, _PG, _PY, _PW, _PD, _RS, _RSN, _RFS, _RF1, _RT, _RTN, _RFT = range(18)
 
 
 @njit(inline="always")
@@ -501,7 +519,8 @@ def _set_pending(st, gc, bms, bmt, i, y, w, soft, hard_i, inv_T, p):
     """Row i (its first pass done) becomes the pending row: its form and the per-block coefficients of
     the module doc, cs_j = w soft e^((ms_j - ms)/T) / (T Zs), ct_j = w soft e^((mt_j - mt)/T) / (T Zt),
     ch_j = w hard e^(ms_j - ms) / Z1, from the maxima each block was measured from (the factors
-    recomputed only where those change)."""
+    computed only where those change, and taken from the last rescale where it went from them to
+    the row's maxima)."""
     ms, mt, Zs, Zt, Z1 = st[_MS], st[_MT], st[_ZS], st[_ZT], st[_Z1]
     gs = w * soft * inv_T
     a_s = gs / Zs
@@ -512,10 +531,15 @@ def _set_pending(st, gc, bms, bmt, i, y, w, soft, hard_i, inv_T, p):
         bs = bms[j]
         bt = bmt[j]
         if j == 0 or bs != bms[j - 1]:   # the maxima change rarely
-            fs = 1.0 if bs == ms else math.exp((bs - ms) * inv_T)
-            f1 = 1.0 if bs == ms else math.exp(bs - ms)
+            if bs == st[_RS] and ms == st[_RSN]:
+                fs, f1 = st[_RFS], st[_RF1]
+            else:
+                fs, f1 = _factors(bs, ms, inv_T, p)
         if j == 0 or bt != bmt[j - 1]:
-            ft = 1.0 if bt == mt else math.exp((bt - mt) * inv_T)
+            if bt == st[_RT] and mt == st[_RTN]:
+                ft = st[_RFT]
+            else:
+                ft, _ = _factors(bt, mt, inv_T, 1)
         gc[0, j] = a_s * fs
         gc[1, j] = a_t * ft
         gc[2, j] = a_1 * f1
@@ -560,7 +584,7 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T,
         ns = max(ms, np.float64(bs))
         nt = max(mt, np.float64(bt))
     if bs > ms + reach or bt > mt + reach:   # too far above the running maxima: the block again from its own
-        A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
+        A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce, p, st)
         ms = ns
         mt = nt
         zs_b, zt_b, a_b, _, _, _ = _exps_loop(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce, False,
@@ -586,7 +610,7 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T,
                 z1_b += e
             Z1 += np.float64(z1_b)
     if ns > ms or nt > mt:
-        A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce)
+        A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce, p, st)
         ms = ns
         mt = nt
     st[_MS] = ms
@@ -615,7 +639,7 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
     gb = np.empty((1, BLOCK if C >= STREAM_FROM else 0), out.dtype)
     _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, r1, np.empty(C, np.float32), np.empty(C, np.float32), np.empty(C, np.float32),
-                     np.empty(nb), np.empty(nb), np.empty((3, nb), np.float32), np.zeros(11), gb)
+                     np.empty(nb), np.empty(nb), np.empty((3, nb), np.float32), np.zeros(18), gb)
 
 
 # Compiled without Numba's reference counting (``_nrt=False``: it allocates nothing, and its
@@ -645,7 +669,7 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows by
     the two passes above, the second (the gradient) inside the next row's first, the others by
     _row_general. es, et, e1: (C,) float32 row buffers; bms, bmt: (blocks,) float64; gc: (3, blocks)
-    float32, the pending row's coefficients; st: (11,) float64; gb: the streamed gradient's
+    float32, the pending row's coefficients; st: (18,) float64; gb: the streamed gradient's
     (1, BLOCK) scratch row, or (1, 0) for plain stores."""
     C = s.shape[1]
     nb = bms.shape[0]   # the row's blocks (_chunk_fast sized bms)
