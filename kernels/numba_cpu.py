@@ -433,7 +433,8 @@ def _sums_check(zs_b, zt_b, a_b):
 
 @njit(inline="always", fastmath=FASTMATH)
 def _block_max(s, t, i, c0, n):
-    """The block's maxima and finiteness check, alone (the first block: no reference yet)."""
+    """The maxima and finiteness check of [c0, c0 + n), alone: a short row's block (measured from its
+    maxima), and a fused row's first ANCHOR classes (where its running maxima start)."""
     bs = np.float32(-np.inf)
     bt = np.float32(-np.inf)
     chk = np.float32(0)
@@ -660,14 +661,14 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
 # are measured from the maxima of the row's first ANCHOR classes, so the reads happen in the loop
 # that computes, and the stores spread through it. Two threads, the kernel alone, median of 21
 # calls alternating in one process (2-core machine, 2026-11-28), new over old: C = 1000 0.76-0.78,
-# 400 0.82-0.97, 32000 0.93-0.96, 128256 0.96-1.02 (noisy); shorter rows (C = 100, 200) lose: their
-# fixed cost per row (the rescale's exponentials) is a large part of a row, and the with-maxima loop
-# keeps fewer values in flight; they keep the old order (1.00-1.05 of the old time).
+# 400 0.82-0.97, 32000 0.93-0.96, 128256 0.96-1.02 (noisy). Shorter rows lose by it (fused over not,
+# C = 100 1.17, 200 1.08: the fused loop carries the maxima's reductions, and a row's fixed costs are
+# a large part of a short row), so they keep the old order (C = 100 1.00-1.06 of the old time).
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, r1, es, et, e1, bms, bmt, gc, st, gb):
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows by
-    the two passes above, the second (the gradient) inside the next row's first, the others by
+    the two passes above (from C = FUSE_FROM, the second, the gradient, inside the next row's first), the others by
     _row_general. es, et, e1: (C,) float32 row buffers; bms, bmt: (blocks,) float64; gc: (3, blocks)
     float32, the pending row's coefficients; st: (18,) float64; gb: the streamed gradient's
     (1, BLOCK) scratch row, or (1, 0) for plain stores."""
