@@ -491,7 +491,10 @@ def _pending_block(out, es, et, e1, st, gc, gb, j, C):
 @njit(inline="always")
 def _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v):
     """The pending row's block j has its gradient in dst: the label's entry over it, streamed to out
-    where dst is the scratch row; block j counted as written."""
+    where dst is the scratch row; block j counted as written. (The label's entry is stored through
+    out or gb by name: stored through dst, the array chosen by a condition and passed on in the
+    inlined helpers' tuples, the store was lost (measured, with NUMBA_OPT=0 too; a print beside it
+    brought it back).)"""
     ip = np.uint64(st[_PI])
     if gb.shape[1] != 0:
         if lab:
