@@ -506,15 +506,22 @@ def _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v):
 
 
 @njit(inline="always", fastmath=FASTMATH)
+def _pending_from_buffers(out, es, et, e1, st, gc, gb, j, C):
+    """The pending row's gradient on block j from the row buffers alone (its own loop, ``_grad_block``)."""
+    c0, n, gp, cs, ct, ch, dst, di, off, lab, yy, v = _pending_block(out, es, et, e1, st, gc, gb, j, C)
+    _grad_block(dst, di, off, es, et, e1, c0, n, cs, ct, ch, gp)
+    _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v)
+
+
+@njit(fastmath=FASTMATH, _nrt=False)
 def _finish_pending(out, es, et, e1, st, gc, gb, C, nb):
     """The pending row's blocks not yet written, from the row buffers (before anything else overwrites
-    them: the end of the chunk, a row that leaves for the general path)."""
+    them: the end of the chunk, a row that leaves for the general path). Not inlined (rare; see
+    ``_pass1_block``)."""
     if np.int64(st[_PG]) == NOTHING:
         return
     for j in range(np.int64(st[_PD]), nb):
-        c0, n, gp, cs, ct, ch, dst, di, off, lab, yy, v = _pending_block(out, es, et, e1, st, gc, gb, j, C)
-        _grad_block(dst, di, off, es, et, e1, c0, n, cs, ct, ch, gp)
-        _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v)
+        _pending_from_buffers(out, es, et, e1, st, gc, gb, j, C)
     st[_PG] = NOTHING
 
 
@@ -555,8 +562,50 @@ def _set_pending(st, gc, bms, bmt, i, y, w, soft, hard_i, inv_T, p):
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard, out, gc, gb,
-                 fused):
+def _hard_sum(s, i, es, e1, c0, n, ms, l2e, zs_b, p):
+    """The block's sum of e1 = e^(s - ms) (step (d)): zs_b itself at p = 1, of es^p at p = 2..8, else of
+    a third exponential written into e1."""
+    if p == 1:
+        return np.float64(zs_b)
+    if p >= 2:
+        return np.float64(_pow_sum(es, e1, c0, n, p))
+    msx = np.float32(ms)
+    z1_b = np.float32(0)
+    for c in range(n):
+        e = exp2_fast((_ld2(s, i, c0 + c) - msx) * l2e)
+        e1[c0 + c] = e
+        z1_b += e
+    return np.float64(z1_b)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _short_pass1(s, t, i, es, et, e1, bms, bmt, st, C, kx, l2e, inv_T, kind_ce, p, has_hard, out):
+    """The first pass of a short row (C < FUSE_FROM: one block, nothing pending): its maxima first, then
+    its exponentials measured from them (exact: nothing to rescale); False where the row holds NaN
+    or +-inf."""
+    u0 = np.uint64(0)
+    n = np.uint64(C)
+    bs, bt, chk = _block_max(s, t, i, u0, n)
+    if chk != 0:
+        return False
+    zs_b, zt_b, a_b, _, _, _ = _exps_loop(s, t, i, es, et, u0, n, bs, bt, kx, kind_ce, False,
+                                          out, u0, u0, e1, bs, bs, bs, NOTHING)
+    if EXP2_PROPAGATES and _sums_check(zs_b, zt_b, a_b) != 0:
+        return False
+    bms[0] = st[_MS] = np.float64(bs)
+    bmt[0] = st[_MT] = np.float64(bt)
+    st[_ZS] = np.float64(zs_b)
+    st[_ZT] = np.float64(zt_b)
+    st[_A] = np.float64(a_b) * inv_T
+    st[_Z1] = _hard_sum(s, i, es, e1, u0, n, bs, l2e, zs_b, p) if has_hard else 0.0
+    return True
+
+
+# Not inlined: the fused loops in one function of their own compile in about half the time that they
+# take inlined into the row loop (Numba's typing of one large function; 37 -> 21 s a signature with
+# _finish_pending, 2-core machine), and a call a block costs nothing measurable from C = 256 on.
+@njit(fastmath=FASTMATH, _nrt=False)
+def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p, has_hard, out, gc, gb):
     """Block j of row i into the row buffers: steps (a)-(d) of the module doc on one block, and the
     pending row's gradient on the block, in the loop that first overwrites the block's buffers (each
     class: the pending row's gradient from the old values, then the new ones); False where the block
@@ -567,26 +616,15 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T,
     ms = st[_MS]
     mt = st[_MT]
     A, Zs, Zt, Z1 = st[_A], st[_ZS], st[_ZT], st[_Z1]
-    if j == 0 and not fused:   # a short row: its maxima first (nothing pending: see _chunk_fast_rows)
-        bs, bt, chk = _block_max(s, t, i, c0, n)
-        if chk != 0:
-            return False
-        ms = ns = np.float64(bs)
-        mt = nt = np.float64(bt)
-        zs_b, zt_b, a_b, _, _, _ = _exps_loop(s, t, i, es, et, c0, n, bs, bt, kx, kind_ce, False,
-                                              out, u0, u0, e1, bs, bs, bs, NOTHING)
-        if EXP2_PROPAGATES and _sums_check(zs_b, zt_b, a_b) != 0:
-            return False
-    else:
-        _, _, gp, cs, ct, ch, dst, di, off, lab, yy, v = _pending_block(out, es, et, e1, st, gc, gb, j, C)
-        zs_b, zt_b, a_b, bs, bt, chk = _block_exps(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce, True,
-                                                   dst, di, off, e1, cs, ct, ch, gp)
-        if gp != NOTHING:
-            _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v)
-        if chk != 0:
-            return False
-        ns = max(ms, np.float64(bs))
-        nt = max(mt, np.float64(bt))
+    _, _, gp, cs, ct, ch, dst, di, off, lab, yy, v = _pending_block(out, es, et, e1, st, gc, gb, j, C)
+    zs_b, zt_b, a_b, bs, bt, chk = _block_exps(s, t, i, es, et, c0, n, f32(ms), f32(mt), kx, kind_ce, True,
+                                               dst, di, off, e1, cs, ct, ch, gp)
+    if gp != NOTHING:
+        _pending_written(out, gb, st, j, c0, n, dst, di, off, lab, yy, v)
+    if chk != 0:
+        return False
+    ns = max(ms, np.float64(bs))
+    nt = max(mt, np.float64(bt))
     if bs > ms + reach or bt > mt + reach:   # too far above the running maxima: the block again from its own
         A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce, p, st)
         ms = ns
@@ -601,18 +639,7 @@ def _pass1_block(s, t, i, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T,
     Zt += np.float64(zt_b)
     A += np.float64(a_b) * inv_T
     if has_hard:
-        if p == 1:
-            Z1 += np.float64(zs_b)
-        elif p >= 2:
-            Z1 += np.float64(_pow_sum(es, e1, c0, n, p))
-        else:
-            msx = f32(ms)
-            z1_b = f32(0)
-            for c in range(n):
-                e = exp2_fast((_ld2(s, i, c0 + c) - msx) * l2e)
-                e1[c0 + c] = e
-                z1_b += e
-            Z1 += np.float64(z1_b)
+        Z1 += _hard_sum(s, i, es, e1, c0, n, ms, l2e, zs_b, p)
     if ns > ms or nt > mt:
         A, Zs, Zt, Z1 = _rescale(A, Zs, Zt, Z1, ms, mt, ns, nt, inv_T, kind_ce, p, st)
         ms = ns
@@ -666,7 +693,8 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
 # calls alternating in one process (2-core machine, 2026-11-28), new over old: C = 1000 0.76-0.78,
 # 400 0.82-0.97, 32000 0.93-0.96, 128256 0.96-1.02 (noisy). Shorter rows lose by it (fused over not,
 # C = 100 1.17, 200 1.08: the fused loop carries the maxima's reductions, and a row's fixed costs are
-# a large part of a short row), so they keep the old order (C = 100 1.00-1.06 of the old time).
+# a large part of a short row), so they keep the old order, in a path of their own (``_short_pass1``;
+# no pending row, no running maxima): C = 100 0.82-0.87 of the time it took inside _pass1_block.
 @njit(fastmath=FASTMATH, cache=True, _nrt=False)
 def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, r1, es, et, e1, bms, bmt, gc, st, gb):
@@ -698,12 +726,15 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
             st[_MS] = np.float64(bs)
             st[_MT] = np.float64(bt)
         st[_ZS] = st[_ZT] = st[_Z1] = st[_A] = 0.0
-        ok = True
-        for j in range(nb):
-            ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p,
-                              hard_i != 0.0, out, gc, gb, fused)
-            if not ok:
-                break
+        if fused:
+            ok = True
+            for j in range(nb):
+                ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p,
+                                  hard_i != 0.0, out, gc, gb)
+                if not ok:
+                    break
+        else:
+            ok = _short_pass1(s, t, ui, es, et, e1, bms, bmt, st, C, kx, l2e, inv_T, kind_ce, p, hard_i != 0.0, out)
         if not ok:     # NaN or +-inf somewhere in the row: the general path (it flags bad rows)
             _finish_pending(out, es, et, e1, st, gc, gb, C, nb)
             flag, a_, z_, h_, sy_ = _row_general(s[i], t[i], out[i], es, et, e1, y, w, soft, hard_i, inv_T,
@@ -717,8 +748,9 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
         hard_z[i] = Z1 if hard_i != 0.0 else 1.0
         hard_sy[i] = np.float64(_ld2(s, ui, np.uint64(y))) - ms if hard_i != 0.0 else 0.0   # before any write
         _set_pending(st, gc, bms, bmt, i, y, w, soft, hard_i, inv_T, p)
-        if not fused:
-            _finish_pending(out, es, et, e1, st, gc, gb, C, nb)
+        if not fused:   # a short row's gradient right away (one block)
+            _pending_from_buffers(out, es, et, e1, st, gc, gb, 0, C)
+            st[_PG] = NOTHING
     _finish_pending(out, es, et, e1, st, gc, gb, C, nb)
     store_fence()      # the streamed stores are visible before the chunk reports completion
 
