@@ -699,8 +699,8 @@ def _chunk_fast(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, so
 def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, out, soft_a, soft_z, hard_z, hard_sy,
                      flags, r0, r1, es, et, e1, bms, bmt, gc, st, gb):
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows by
-    the two passes above (from C = FUSE_FROM, the second, the gradient, inside the next row's first), the others by
-    _row_general. es, et, e1: (C,) float32 row buffers; bms, bmt: (blocks,) float64; gc: (3, blocks)
+    the two passes above (from C = FUSE_FROM, the second, the gradient, inside the next row's
+    first), the others by _row_general. es, et, e1: (C,) float32 row buffers; bms, bmt: (blocks,) float64; gc: (3, blocks)
     float32, the pending row's coefficients; st: (18,) float64; gb: the streamed gradient's
     (1, BLOCK) scratch row, or (1, 0) for plain stores."""
     C = s.shape[1]
@@ -725,8 +725,7 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
             bs, bt, _ = _block_max(s, t, ui, np.uint64(0), np.uint64(min(C, ANCHOR)))
             st[_MS] = np.float64(bs)
             st[_MT] = np.float64(bt)
-        st[_ZS] = st[_ZT] = st[_Z1] = st[_A] = 0.0
-        if fused:
+            st[_ZS] = st[_ZT] = st[_Z1] = st[_A] = 0.0
             ok = True
             for j in range(nb):
                 ok = _pass1_block(s, t, ui, es, et, e1, bms, bmt, st, j, C, kx, l2e, reach, inv_T, kind_ce, p,
