@@ -18,7 +18,11 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
           relative, u = 2^-24) stays within about twice exp2_fast's own error; a block that jumps
           further is recomputed from its maxima. The running maxima start from the maxima of the
           row's first ANCHOR classes (so the row's reads start in the loop that computes: see
-          Memory). Rows with C < FUSE_FROM take their maxima first (one block: exact);
+          Memory), raised toward the previous fast row's final maxima by at most the reach (rows
+          of a batch have maxima alike, and a start near the row's maxima leaves less to redo;
+          the start stays within the reach above the row's maxima, so no exponential of the row's
+          largest classes drops below e^-reach). Rows with C < FUSE_FROM take their maxima first
+          (one block: exact);
       (b) online softmax (Milakov & Gimelshein 2018): where a block raises the running maxima
           (ms, mt) -> (ns, nt), the sums so far are brought to the new maxima,
               Zs *= e^((ms - ns)/T),  Zt *= f = e^((mt - nt)/T),  Z1 *= e^(ms - ns),
@@ -713,6 +717,8 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
     fused = C >= FUSE_FROM
     st[_PI] = 0
     st[_PG] = NOTHING
+    prev_ms = -np.inf   # the last fast row's final maxima (none yet)
+    prev_mt = -np.inf
     for i in range(r0, r1):
         w = weights[i]
         y = labels[i]
@@ -721,10 +727,10 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
             _row_nowhere(out, i, soft_a, soft_z, hard_z, hard_sy)
             continue
         ui = np.uint64(i)
-        if fused:   # the running maxima start from the first classes' (see the module doc)
+        if fused:   # the running maxima start from the first classes', raised toward the previous row's
             bs, bt, _ = _block_max(s, t, ui, np.uint64(0), np.uint64(min(C, ANCHOR)))
-            st[_MS] = np.float64(bs)
-            st[_MT] = np.float64(bt)
+            st[_MS] = max(np.float64(bs), min(prev_ms, np.float64(bs) + reach))   # (see the module doc)
+            st[_MT] = max(np.float64(bt), min(prev_mt, np.float64(bt) + reach))
             st[_ZS] = st[_ZT] = st[_Z1] = st[_A] = 0.0
             ok = True
             for j in range(nb):
@@ -742,6 +748,8 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
             soft_a[i], soft_z[i], hard_z[i], hard_sy[i] = a_, z_, h_, sy_
             continue
         Zs, Zt, Z1, A, ms = st[_ZS], st[_ZT], st[_Z1], st[_A], st[_MS]
+        prev_ms = ms
+        prev_mt = st[_MT]
         soft_a[i] = A / Zt
         soft_z[i] = Zs if kind_ce else Zs / Zt
         hard_z[i] = Z1 if hard_i != 0.0 else 1.0

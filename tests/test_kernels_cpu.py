@@ -214,6 +214,25 @@ def test_float32_neg_inf_in_a_later_block_takes_the_general_path(C):
         assert abs(l32 - ref) <= 1e-5 * abs(ref) and grad_error(g32, gref) <= 1e-5
 
 
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_float32_rows_start_from_the_previous_rows_maxima_within_the_reach(T):
+    """A fast row's running maxima start from its first classes' maxima raised toward the previous
+    row's, by at most the reach: rows far below the previous one (120 logits: started from the
+    previous row's maxima, the row's e^(s - m) would all underflow), far above it (the block is
+    redone), and alike (the raised start saves the redo) all give the reference's result."""
+    rng = np.random.default_rng(21)
+    N, C = 24, 1500                          # two blocks a row (C >= FUSE_FROM: the fused rows)
+    shift = np.where(np.arange(N) % 6 < 3, 60.0, -60.0)[:, None]   # runs of 3 rows alike, then a jump
+    s = (rng.standard_normal((N, C)) * 3 + shift).astype(np.float32)
+    t = (rng.standard_normal((N, C)) * 3 + shift).astype(np.float32)
+    y = rng.integers(0, C, N)
+    for kind in ("kl", "ce"):
+        kw = dict(T=T, alpha=0.6, kind=kind)
+        l32, g32 = softmax_kl(s, t, y, backend="numba", **kw)
+        ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
+        assert abs(l32 - ref) <= 1e-5 * abs(ref) and grad_error(g32, gref) <= 1e-5, (kind, l32, ref)
+
 def test_reverse_kl_of_a_teacher_without_mass():
     """Reverse KL where the teacher has no mass on a class the student has: the reference's +inf
     loss for that row and a gradient that is not finite there, other rows untouched."""
