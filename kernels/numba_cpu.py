@@ -20,9 +20,9 @@ kl / ce, the fast rows (float32 and bfloat16 rows whose values are all finite)
           row's first ANCHOR classes (so the row's reads start in the loop that computes: see
           Memory), raised toward the previous fast row's final maxima by at most the reach (rows
           of a batch have maxima alike, and a start near the row's maxima leaves less to redo;
-          the start stays within the reach above the row's maxima, so no exponential of the row's
-          largest classes drops below e^-reach). Rows with C < FUSE_FROM take their maxima first
-          (one block: exact);
+          the start stays within the reach above the row's maxima, so the row's largest class
+          keeps es >= e^(-reach/T) >= e^-4 and e^(s - m) >= e^-reach >= e^-41: nothing of weight
+          underflows). Rows with C < FUSE_FROM take their maxima first (one block: exact);
       (b) online softmax (Milakov & Gimelshein 2018): where a block raises the running maxima
           (ms, mt) -> (ns, nt), the sums so far are brought to the new maxima,
               Zs *= e^((ms - ns)/T),  Zt *= f = e^((mt - nt)/T),  Z1 *= e^(ms - ns),

@@ -214,7 +214,6 @@ def test_float32_neg_inf_in_a_later_block_takes_the_general_path(C):
         assert abs(l32 - ref) <= 1e-5 * abs(ref) and grad_error(g32, gref) <= 1e-5
 
 
-
 @pytest.mark.parametrize("T", [1.0, 4.0])
 def test_float32_rows_start_from_the_previous_rows_maxima_within_the_reach(T):
     """A fast row's running maxima start from its first classes' maxima raised toward the previous
@@ -232,6 +231,7 @@ def test_float32_rows_start_from_the_previous_rows_maxima_within_the_reach(T):
         l32, g32 = softmax_kl(s, t, y, backend="numba", **kw)
         ref, gref = mk.kd_loss_and_grad(s.astype(np.float64), t.astype(np.float64), y, **kw)
         assert abs(l32 - ref) <= 1e-5 * abs(ref) and grad_error(g32, gref) <= 1e-5, (kind, l32, ref)
+
 
 def test_reverse_kl_of_a_teacher_without_mass():
     """Reverse KL where the teacher has no mass on a class the student has: the reference's +inf
