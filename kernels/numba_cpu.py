@@ -271,9 +271,9 @@ def _pow_sum(es, e1, c0, n, p):
 
 
 # The gradient's form on a row, gp (``_grad_form``): SOFT_ONLY (-1, no hard term), 0 with e1 from its
-# buffer, 1 with e1 = es (the caller passes cs + ch as cs), 2 and 4 with e1 = es^2, es^4; NOTHING (-2)
-# where no row's gradient is pending. Four forms, each a loop of its own in ``_grad_block`` and
-# ``_block_exps``: the other powers p = 3, 5..8 are written into e1's buffer by the first pass.
+# buffer, 1 with e1 = es (``_pending_block`` turns it into SOFT_ONLY with cs + ch as cs), 2 and 4 with
+# e1 = es^2, es^4; NOTHING (-2) where no row's gradient is pending. Four loops each in ``_grad_block``
+# and ``_block_exps``: the other powers p = 3, 5..8 are written into e1's buffer by the first pass.
 NOTHING, SOFT_ONLY = -2, -1
 
 
@@ -289,7 +289,7 @@ def _grad_form(p, has_hard):
 def _grad_at(es, et, e1, k, cs, ct, ch, gp):
     """One class of a row's gradient from the row buffers: cs es - ct et + ch e1 (gp: the form)."""
     e = es[k]
-    if gp == SOFT_ONLY or gp == 1:
+    if gp == SOFT_ONLY:
         return cs * e - ct * et[k]
     if gp == 0:
         return cs * e - ct * et[k] + ch * e1[k]
@@ -310,7 +310,7 @@ def _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, gp):
 def _grad_block(out, i, off, es, et, e1, c0, n, cs, ct, ch, gp):
     """out[i, block - off] = the gradient over the block [c0, c0 + n) (``_grad_at``; each form its own
     loop); off = 0 (into the gradient) or c0 (into a block's scratch row)."""
-    if gp == SOFT_ONLY or gp == 1:
+    if gp == SOFT_ONLY:
         _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, SOFT_ONLY)
     elif gp == 0:
         _grad_loop(out, i, off, es, et, e1, c0, n, cs, ct, ch, 0)
@@ -418,7 +418,7 @@ def _block_exps(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, 
     if gp == NOTHING:
         return _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch,
                           NOTHING)
-    if gp == SOFT_ONLY or gp == 1:
+    if gp == SOFT_ONLY:
         return _exps_loop(s, t, i, es, et, c0, n, msx, mtx, kx, kind_ce, with_max, g, gi, off, e1, cs, ct, ch,
                           SOFT_ONLY)
     if gp == 0:
@@ -470,23 +470,25 @@ def _block_span(j, C):
 @njit(inline="always")
 def _pending_block(out, es, et, e1, st, gc, gb, j, C):
     """What the pending row's gradient needs on block j: (c0, n, gp, cs, ct, ch, dst, di, off, lab, yy, v):
-    its coefficients (float32; at gp = 1, cs + ch as cs), where it goes (out[row], or gb's scratch row
-    where streamed: ``dst[di, k - off]``), and whether the row's label lies in the block, with the
-    label's entry (the hard term's - w hard rounded once with the rest), taken from the buffers
-    before the block's loop overwrites them."""
+    its coefficients (float32; form 1 comes back as SOFT_ONLY with cs + ch as cs), where it goes
+    (out[row], or gb's scratch row where streamed: ``dst[di, k - off]``), and whether the row's
+    label lies in the block, with the label's entry (the hard term's - w hard rounded once with the
+    rest), taken from the buffers before the block's loop overwrites them."""
     c0, n = _block_span(j, C)
     gp = np.int64(st[_PG])
+    hard_row = gp >= 0   # a hard term (forms 0, 1, 2, 4): the label's entry is its own
     cs = gc[0, j]
     ct = gc[1, j]
     ch = gc[2, j]
-    if gp == 1:
+    if gp == 1:          # e1 = es: the soft-only form with cs + ch as cs (the one place that folds it)
         cs = cs + ch
+        gp = SOFT_ONLY
     streamed = gb.shape[1] != 0
     dst = gb if streamed else out
     di = np.uint64(0) if streamed else np.uint64(st[_PI])
     off = c0 if streamed else np.uint64(0)
     y = st[_PY]
-    lab = gp >= 0 and c0 <= y < c0 + n
+    lab = hard_row and c0 <= y < c0 + n
     yy = np.uint64(y) if lab else np.uint64(0)
     v = _grad_at(es, et, e1, yy, cs, ct, ch, gp) - np.float32(st[_PW]) if lab else np.float32(0)
     return c0, n, gp, cs, ct, ch, dst, di, off, lab, yy, v
@@ -704,9 +706,9 @@ def _chunk_fast_rows(s, t, labels, weights, inv_T, soft, hard, kind, beta, p, ou
                      flags, r0, r1, es, et, e1, bms, bmt, gc, st, gb):
     """Rows [r0, r1) of kl / ce with float32 arithmetic (float32 and bfloat16 rows): finite rows by
     the two passes above (from C = FUSE_FROM, the second, the gradient, inside the next row's
-    first), the others by _row_general. es, et, e1: (C,) float32 row buffers; bms, bmt: (blocks,) float64; gc: (3, blocks)
-    float32, the pending row's coefficients; st: (18,) float64; gb: the streamed gradient's
-    (1, BLOCK) scratch row, or (1, 0) for plain stores."""
+    first), the others by _row_general. es, et, e1: (C,) float32 row buffers; bms, bmt: (blocks,)
+    float64; gc: (3, blocks) float32, the pending row's coefficients; st: (18,) float64; gb: the
+    streamed gradient's (1, BLOCK) scratch row, or (1, 0) for plain stores."""
     C = s.shape[1]
     nb = bms.shape[0]   # the row's blocks (_chunk_fast sized bms)
     f32 = np.float32
